@@ -1,0 +1,1 @@
+"""Dagster wiring: assets, checks, sensors and the Definitions object. No algorithms live here."""

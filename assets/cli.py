@@ -1,0 +1,123 @@
+"""``castlora`` command: register pairs and materialize them against the local Dagster instance.
+
+The runs land in the same instance the UI reads (``$DAGSTER_HOME``, default ``<data home>/dagster_home``),
+so everything the CLI does shows up in ``make ui``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from pipeline.errors import CastloraError
+from pipeline.paths import DataLayout, resolve_home
+
+SAMPLE_PAIR = Path(__file__).resolve().parent.parent / "samples" / "dog6__dog2"
+
+
+def _instance(layout: DataLayout):
+    import dagster as dg
+
+    if not os.environ.get("DAGSTER_HOME"):
+        os.environ["DAGSTER_HOME"] = str(layout.ensure(layout.home / "dagster_home"))
+    dagster_home = Path(os.environ["DAGSTER_HOME"])
+    dagster_home.mkdir(parents=True, exist_ok=True)
+    config = dagster_home / "dagster.yaml"
+    if not config.exists():
+        # Default sqlite storage; no telemetry (machines here are offline, and users should opt in).
+        config.write_text("telemetry:\n  enabled: false\n")
+    return dg.DagsterInstance.get()
+
+
+def register(folder: Path, layout: DataLayout) -> str:
+    from assets.partitions import character_pairs
+    from pipeline.registry import register_pair
+    from pipeline.spec import load_spec
+
+    spec = load_spec(folder)
+    path = register_pair(layout, spec)
+    instance = _instance(layout)
+    if not instance.has_dynamic_partition(character_pairs.name, spec.pair):
+        instance.add_dynamic_partitions(character_pairs.name, [spec.pair])
+    print(f"registered pair {spec.pair!r} ({len(spec.characters)} characters) -> {path}")
+    return spec.pair
+
+
+def materialize(pair: str, layout: DataLayout) -> bool:
+    from assets.definitions import defs
+    from assets.jobs import pair_job
+    from assets.partitions import character_pairs
+    from pipeline.paths import validate_key
+
+    validate_key(pair)
+    instance = _instance(layout)
+    if not instance.has_dynamic_partition(character_pairs.name, pair):
+        raise CastloraError(
+            f"Pair {pair!r} is not a partition of this Dagster instance ({os.environ['DAGSTER_HOME']}); "
+            "run `castlora register <folder>` first."
+        )
+    job = defs.resolve_job_def(pair_job.name)
+    # main() exported CASTLORA_HOME before assets.definitions was imported, so defs' storage points at it.
+    result = job.execute_in_process(instance=instance, partition_key=pair, raise_on_error=False)
+    if not result.success:
+        for event in result.all_events:
+            if event.is_step_failure and event.step_failure_data:
+                print(f"FAILED {event.step_key}: {event.step_failure_data.error.message}", file=sys.stderr)
+    return result.success
+
+
+def summary(pair: str, layout: DataLayout) -> None:
+    pair_dir = layout.pair_dir(pair)
+    print(f"\nOutputs for {pair}: {pair_dir}")
+    for stage in sorted(p for p in pair_dir.iterdir() if p.is_dir()):
+        print(f"  {stage.name:<14} {stage / 'manifest.parquet'}")
+    print(f"Lineage (Parquet): {layout.lineage}")
+    print(
+        f"  e.g. duckdb -c \"select asset_key, count(*) from read_parquet('{layout.lineage}/**/*.parquet') group by 1\""
+    )
+    print(f"Dagster instance: {os.environ['DAGSTER_HOME']}")
+    print("Open the UI with `make ui` (dagster dev on http://127.0.0.1:3000).")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="castlora", description=__doc__)
+    parser.add_argument("--home", help="data home (default $CASTLORA_HOME or ./castlora_data)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    reg = sub.add_parser("register", help="validate a pair folder/spec and add it as a partition")
+    reg.add_argument("folder", type=Path)
+    mat = sub.add_parser("materialize", help="materialize every asset for a registered pair")
+    mat.add_argument("pair")
+    demo = sub.add_parser("demo", help="register the bundled sample pair and materialize it")
+    demo.add_argument("--sample", type=Path, default=SAMPLE_PAIR)
+    sub.add_parser("pairs", help="list registered pairs")
+    args = parser.parse_args(argv)
+
+    layout = DataLayout(resolve_home(args.home))
+    os.environ["CASTLORA_HOME"] = str(layout.home)
+    try:
+        if args.command == "register":
+            register(args.folder, layout)
+        elif args.command == "materialize":
+            ok = materialize(args.pair, layout)
+            summary(args.pair, layout)
+            return 0 if ok else 1
+        elif args.command == "demo":
+            pair = register(args.sample, layout)
+            ok = materialize(pair, layout)
+            summary(pair, layout)
+            return 0 if ok else 1
+        elif args.command == "pairs":
+            from pipeline.registry import registered_pairs
+
+            for key in registered_pairs(layout):
+                print(key)
+    except CastloraError as exc:
+        print(f"castlora: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,56 @@
+"""Turning images and tables into Dagster metadata the UI renders."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import io
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
+import dagster as dg
+import pandas as pd
+from PIL import Image
+
+from pipeline.errors import CastloraError
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def image_md(image: Image.Image, title: str = "preview", max_side: int = 768) -> dg.MetadataValue:
+    """Inline JPEG as markdown: the UI shows it without needing access to the data home."""
+    preview = image.convert("RGB")
+    preview.thumbnail((max_side, max_side))
+    buffer = io.BytesIO()
+    preview.save(buffer, format="JPEG", quality=80)
+    encoded = base64.b64encode(buffer.getvalue()).decode()
+    return dg.MetadataValue.md(f"![{title}](data:image/jpeg;base64,{encoded})")
+
+
+def table_md(frame: pd.DataFrame, max_rows: int = 50) -> dg.MetadataValue:
+    if frame.empty:
+        return dg.MetadataValue.md("_none_")
+    shown = frame.head(max_rows)
+    header = "| " + " | ".join(map(str, shown.columns)) + " |"
+    rule = "|" + "---|" * len(shown.columns)
+    body = [
+        "| " + " | ".join(str(v).replace("|", "\\|").replace("\n", " ") for v in row) + " |"
+        for row in shown.itertuples(index=False)
+    ]
+    more = [f"\n_{len(frame) - max_rows} more rows in the Parquet manifest_"] if len(frame) > max_rows else []
+    return dg.MetadataValue.md("\n".join([header, rule, *body, *more]))
+
+
+def user_errors(fn: Callable[P, R]) -> Callable[P, R]:
+    """Turn castlora's user-facing errors into ``dg.Failure`` so the UI shows the message itself, not a
+    wrapped traceback; anything else is a bug and keeps its traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except CastloraError as exc:
+            raise dg.Failure(description=str(exc), metadata={"error_type": type(exc).__name__}) from exc
+
+    return wrapper

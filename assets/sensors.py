@@ -1,0 +1,43 @@
+"""The inbox sensor: a pair folder with a spec file becomes a partition and a run."""
+
+import dagster as dg
+
+from assets.jobs import pair_job
+from assets.partitions import character_pairs
+from pipeline.registry import register_pair, scan_inbox, spec_fingerprint
+from resources import StorageResource
+
+
+@dg.sensor(
+    job=pair_job,
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Registers pair folders dropped into <data home>/inbox/ and materializes them.",
+)
+def inbox_sensor(context: dg.SensorEvaluationContext, storage: StorageResource) -> dg.SensorResult:
+    layout = storage.layout
+    entries = scan_inbox(layout)
+    known = set(context.instance.get_dynamic_partitions(character_pairs.name))
+    new_keys: list[str] = []
+    run_requests: list[dg.RunRequest] = []
+    skipped: list[str] = []
+    for entry in entries:
+        if entry.spec is None:
+            # One bad folder must not stop the others: log it and carry on.
+            context.log.error(f"Inbox folder {entry.folder} skipped: {entry.error}")
+            skipped.append(f"{entry.folder.name}: {entry.error}")
+            continue
+        register_pair(layout, entry.spec)
+        if entry.pair_key not in known:
+            new_keys.append(entry.pair_key)
+        # The run key changes with the spec and photo list, so edits re-run the pair and repeats do not.
+        run_requests.append(
+            dg.RunRequest(
+                run_key=f"{entry.pair_key}:{spec_fingerprint(entry.spec)}", partition_key=entry.pair_key
+            )
+        )
+    return dg.SensorResult(
+        run_requests=run_requests,
+        dynamic_partitions_requests=[character_pairs.build_add_request(new_keys)] if new_keys else [],
+        skip_reason=dg.SkipReason("; ".join(skipped)) if skipped and not run_requests else None,
+    )

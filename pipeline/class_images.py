@@ -1,0 +1,126 @@
+"""Class images for DreamBooth prior preservation: generic pictures of each class noun from the base model.
+
+Image ``i`` is generated from its own generator seeded with ``seed + i``, so its content depends only on
+``seed + i``, not on the batch size or on which other images share its batch. Batched float arithmetic
+still rounds slightly differently for different batch compositions (on CPU: at most one grey level on a
+few pixels), so batches are aligned to fixed chunks ``[k*batch_size, (k+1)*batch_size)``: a resumed run
+recomputes exactly the chunks an uninterrupted run would have, and its images are bit-identical.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from pipeline.errors import CastloraError
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
+CLASS_NOUN_FIELD = "{class_noun}"
+
+
+@dataclass(frozen=True)
+class ClassImageConfig:
+    count: int = 100
+    """MuDI/DreamBooth use about 100 class images per class."""
+    resolution: int = 1024
+    """Square side in pixels; SDXL's native size. Must be a multiple of 8 (the VAE's downsampling)."""
+    steps: int = 30
+    guidance_scale: float = 5.0
+    seed: int = 0
+    prompt_template: str = "a photo of a {class_noun}"
+    negative_prompt: str = ""
+    """Empty means none: SDXL then uses zero embeddings for the unconditional branch, as it was trained."""
+    batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.count < 0:
+            problems.append(f"count must be >= 0 (got {self.count})")
+        if self.resolution <= 0 or self.resolution % 8:
+            problems.append(f"resolution must be a positive multiple of 8 (got {self.resolution})")
+        if self.steps < 1:
+            problems.append(f"steps must be >= 1 (got {self.steps})")
+        if self.batch_size < 1:
+            problems.append(f"batch_size must be >= 1 (got {self.batch_size})")
+        if CLASS_NOUN_FIELD not in self.prompt_template:
+            problems.append(f"prompt_template must contain {CLASS_NOUN_FIELD} (got {self.prompt_template!r})")
+        if problems:
+            raise CastloraError("Invalid class image settings: " + "; ".join(problems) + ".")
+
+    def prompt_for(self, class_noun: str) -> str:
+        # str.replace, not str.format: a template may legitimately contain other braces.
+        return self.prompt_template.replace(CLASS_NOUN_FIELD, class_noun)
+
+
+def image_seed(config: ClassImageConfig, index: int) -> int:
+    """The seed that alone determines class image ``index``."""
+    return config.seed + index
+
+
+def _pipeline_device(pipe: Any) -> torch.device:
+    return torch.device(getattr(pipe, "device", "cpu"))
+
+
+def generate_class_images(
+    pipe: Any,
+    class_noun: str,
+    config: ClassImageConfig,
+    skip_indices: Collection[int] = (),
+) -> Iterator[tuple[int, int, Image.Image]]:
+    """Yield ``(index, seed, image)`` for indices ``0..count-1`` not in ``skip_indices``, in index order.
+
+    Pass the indices already saved as ``skip_indices`` to resume an interrupted run. A chunk with some
+    indices done and some missing is recomputed whole (only the missing ones are yielded), which costs at
+    most ``batch_size - 1`` extra images and keeps the missing ones bit-identical to a full run.
+    """
+    if not class_noun.strip():
+        raise CastloraError("Class images need a class noun (e.g. 'dog'); got an empty string.")
+    prompt = config.prompt_for(class_noun)
+    negative_prompt = config.negative_prompt or None
+    device = _pipeline_device(pipe)
+    skipped = set(skip_indices)
+    for start in range(0, config.count, config.batch_size):
+        batch = list(range(start, min(start + config.batch_size, config.count)))
+        if skipped.issuperset(batch):
+            continue
+        seeds = [image_seed(config, index) for index in batch]
+        generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+        output = pipe(
+            prompt=[prompt] * len(batch),
+            negative_prompt=[negative_prompt] * len(batch) if negative_prompt else None,
+            height=config.resolution,
+            width=config.resolution,
+            num_inference_steps=config.steps,
+            guidance_scale=config.guidance_scale,
+            generator=generators,
+            output_type="pil",
+        )
+        for index, seed, image in zip(batch, seeds, output.images, strict=True):
+            if index not in skipped:
+                yield index, seed, image
+
+
+def list_class_image_files(folder: Path) -> list[Path]:
+    """Image files directly in ``folder`` (hidden files excluded), sorted by name; error if there are none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CastloraError(
+            f"Class image folder {folder} does not exist; generate class images first or point at a folder "
+            f"of images ({', '.join(sorted(IMAGE_SUFFIXES))})."
+        )
+    files = sorted(
+        path
+        for path in folder.iterdir()
+        if path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES
+    )
+    if not files:
+        raise CastloraError(
+            f"Class image folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
+            "generate class images first or add some."
+        )
+    return files

@@ -1,0 +1,1 @@
+"""Model presets, model loading and the locally built tiny models."""

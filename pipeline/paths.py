@@ -1,0 +1,93 @@
+"""Where castlora keeps things, and which names are safe to turn into paths.
+
+Layout under the data home (``CASTLORA_HOME``, default ``./castlora_data``)::
+
+    inbox/<pair>/pair.yaml        pair folders dropped by users, picked up by the sensor
+    pairs/<pair>/pair.json        the registered, normalised spec
+    pairs/<pair>/<stage>/...      artifacts of each asset
+    lineage/<asset>/...parquet    one lineage row per artifact
+    cache/...                     content-addressed caches (captions, tiny models)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.errors import PairKeyError
+
+DEFAULT_HOME = "castlora_data"
+HOME_ENV = "CASTLORA_HOME"
+
+_SAFE_KEY = re.compile(r"[a-z0-9][a-z0-9_-]{0,127}")
+
+
+def validate_key(key: str, what: str = "pair key") -> str:
+    """Return ``key`` if it is safe as a single path component, else raise PairKeyError.
+
+    Safe means lowercase letters, digits, ``_`` and ``-`` only, starting with a letter or digit: no path
+    separators, no dots, no spaces, so a key can never escape the data home.
+    """
+    if not isinstance(key, str) or not _SAFE_KEY.fullmatch(key):
+        raise PairKeyError(
+            f"Invalid {what} {key!r}: use 1-128 characters from [a-z0-9_-], starting with a letter or digit "
+            "(no spaces, dots or slashes), e.g. 'dog6__dog2'."
+        )
+    return key
+
+
+def resolve_home(home: str | os.PathLike[str] | None = None) -> Path:
+    """The data home: explicit argument, else $CASTLORA_HOME, else ./castlora_data (absolute)."""
+    chosen = home if home else os.environ.get(HOME_ENV) or DEFAULT_HOME
+    return Path(chosen).expanduser().resolve()
+
+
+def safe_child(root: Path, *parts: str) -> Path:
+    """Join ``parts`` under ``root`` and refuse any result that escapes ``root``."""
+    root = root.resolve()
+    candidate = root.joinpath(*parts).resolve()
+    if candidate != root and root not in candidate.parents:
+        raise PairKeyError(f"Path {'/'.join(parts)!r} escapes {root}; refusing to use it.")
+    return candidate
+
+
+@dataclass(frozen=True)
+class DataLayout:
+    """Paths of the data home. Pure path arithmetic: nothing is created until ``ensure`` is called."""
+
+    home: Path
+
+    @classmethod
+    def at(cls, home: str | os.PathLike[str] | None = None) -> DataLayout:
+        return cls(resolve_home(home))
+
+    @property
+    def inbox(self) -> Path:
+        return self.home / "inbox"
+
+    @property
+    def lineage(self) -> Path:
+        return self.home / "lineage"
+
+    @property
+    def cache(self) -> Path:
+        return self.home / "cache"
+
+    @property
+    def models(self) -> Path:
+        return self.cache / "models"
+
+    def pair_dir(self, pair_key: str) -> Path:
+        return safe_child(self.home / "pairs", validate_key(pair_key))
+
+    def stage_dir(self, pair_key: str, stage: str) -> Path:
+        return safe_child(self.pair_dir(pair_key), validate_key(stage, "stage name"))
+
+    def spec_path(self, pair_key: str) -> Path:
+        return self.pair_dir(pair_key) / "pair.json"
+
+    def ensure(self, path: Path) -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        return path

@@ -1,0 +1,74 @@
+"""Registered pairs: a validated spec snapshot at ``pairs/<pair>/pair.json`` and the inbox that feeds it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.errors import CastloraError, PairKeyError
+from pipeline.hashing import sha256_bytes
+from pipeline.paths import DataLayout, validate_key
+from pipeline.spec import PairSpec, find_spec_file, load_spec
+
+
+@dataclass(frozen=True)
+class InboxEntry:
+    folder: Path
+    spec: PairSpec | None
+    error: str | None
+
+    @property
+    def pair_key(self) -> str:
+        return self.spec.pair if self.spec else self.folder.name
+
+
+def register_pair(layout: DataLayout, spec: PairSpec) -> Path:
+    """Write the normalised spec for ``spec.pair`` (atomic); re-registering replaces it."""
+    target = layout.spec_path(spec.pair)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(".pair.json.tmp")
+    tmp.write_text(spec.to_json(), encoding="utf-8")
+    tmp.replace(target)
+    return target
+
+
+def spec_fingerprint(spec: PairSpec) -> str:
+    """Changes whenever the spec or the list of photo files changes (used as the sensor's run key)."""
+    return sha256_bytes(spec.to_json().encode())[:16]
+
+
+def load_registered(layout: DataLayout, pair_key: str) -> PairSpec:
+    validate_key(pair_key)
+    path = layout.spec_path(pair_key)
+    if not path.is_file():
+        raise PairKeyError(
+            f"Pair {pair_key!r} is not registered: {path} does not exist. Register it with "
+            f"`castlora register <folder with pair.yaml>` or drop the folder into {layout.inbox}."
+        )
+    try:
+        return PairSpec.from_json(path.read_text(encoding="utf-8"))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CastloraError(f"{path} is corrupt ({exc}); register the pair again.") from exc
+
+
+def registered_pairs(layout: DataLayout) -> list[str]:
+    root = layout.home / "pairs"
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / "pair.json").is_file())
+
+
+def scan_inbox(layout: DataLayout) -> list[InboxEntry]:
+    """Every inbox folder that holds a spec file, parsed; a malformed one carries its error instead."""
+    if not layout.inbox.is_dir():
+        return []
+    entries: list[InboxEntry] = []
+    for folder in sorted(p for p in layout.inbox.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if find_spec_file(folder) is None:
+            continue
+        try:
+            validate_key(folder.name, "inbox folder name (used as the pair key)")
+            entries.append(InboxEntry(folder, load_spec(folder, pair_key=folder.name), None))
+        except CastloraError as exc:
+            entries.append(InboxEntry(folder, None, str(exc)))
+    return entries

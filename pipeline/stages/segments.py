@@ -1,0 +1,134 @@
+"""Stage 2: subject masks and RGBA cut-outs per reference photo (user masks first, else the segmenter).
+
+Photos whose subject is not found are kept in the manifest with their status, never silently dropped:
+the asset check reports them and the user can supply a mask by hand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import pandas as pd
+from PIL import Image
+
+from pipeline.images import mask_to_image, save_png
+from pipeline.lineage import LineageRecorder
+from pipeline.manifest import prune_unlisted, write_manifest
+from pipeline.segment import SegmentConfig, Segmenter, SegmentResult
+from pipeline.segment.masks import cutout_rgba
+from pipeline.segment.user_masks import find_user_mask, user_mask_result
+
+USABLE = "ok"
+
+
+def segment_images(
+    images: Sequence[Image.Image],
+    class_noun: str,
+    load_segmenter: Callable[[], Segmenter],
+    user_masks: Sequence[Path | None],
+    config: SegmentConfig,
+    batch_size: int = 4,
+) -> list[SegmentResult]:
+    """User masks win; the rest go through the segmenter in batches.
+
+    The segmenter comes from a factory so that its models load only when some photo actually needs them.
+    """
+    results: list[SegmentResult | None] = [
+        user_mask_result(mask, image.size, config) if mask is not None else None
+        for image, mask in zip(images, user_masks, strict=True)
+    ]
+    pending = [i for i, result in enumerate(results) if result is None]
+    if pending:
+        model = load_segmenter()
+        for start in range(0, len(pending), batch_size):
+            chunk = pending[start : start + batch_size]
+            for index, result in zip(
+                chunk, model.segment([images[i] for i in chunk], class_noun), strict=True
+            ):
+                results[index] = result
+    return [r for r in results if r is not None]
+
+
+def write_segment(
+    result: SegmentResult,
+    image: Image.Image,
+    stem: Path,
+    parent_sha256: str,
+    recorder: LineageRecorder,
+    params: dict,
+    model_ids: Sequence[str],
+) -> dict:
+    """Save mask + cut-out for one photo (when a mask exists) and return its manifest columns."""
+    row: dict = {
+        "status": result.status,
+        "segmenter": result.segmenter,
+        "n_boxes": result.n_boxes,
+        "detection_score": result.detection_score,
+        "mask_score": result.mask_score,
+        "mask_fraction": result.mask_fraction,
+        "bbox": list(result.box) if result.box is not None else None,
+        "mask_path": None,
+        "mask_sha256": None,
+        "cutout_path": None,
+        "cutout_sha256": None,
+    }
+    if result.mask is None:
+        return row
+    mask_path = stem.with_name(stem.name + "_mask.png")
+    cutout_path = stem.with_name(stem.name + "_cutout.png")
+    mask_sha = save_png(mask_to_image(result.mask), mask_path)
+    cutout_sha = save_png(cutout_rgba(image, result.mask), cutout_path)
+    lineage_params = {**params, "segmenter": result.segmenter, "status": result.status}
+    recorder.record(mask_path, mask_sha, [parent_sha256], lineage_params, model_ids)
+    recorder.record(cutout_path, cutout_sha, [parent_sha256, mask_sha], lineage_params, model_ids)
+    row.update(
+        mask_path=str(mask_path), mask_sha256=mask_sha, cutout_path=str(cutout_path), cutout_sha256=cutout_sha
+    )
+    return row
+
+
+def run_segments(
+    references: pd.DataFrame,
+    masks_dirs: dict[str, str | None],
+    out_dir: Path,
+    load_segmenter: Callable[[], Segmenter],
+    config: SegmentConfig,
+    recorder: LineageRecorder,
+    model_ids: Sequence[str] = (),
+    batch_size: int = 4,
+) -> pd.DataFrame:
+    """Segment every photo of the references manifest; ``masks_dirs``: character id → user mask folder."""
+    rows: list[dict] = []
+    written: set[Path] = set()
+    params = asdict(config)
+    for (character_id, class_noun), group in references.groupby(["character_id", "class_noun"], sort=False):
+        records = group.to_dict("records")
+        images = [Image.open(r["path"]).convert("RGB") for r in records]
+        masks_dir = masks_dirs.get(character_id)
+        user_masks = [
+            find_user_mask(Path(masks_dir), Path(r["source"])) if masks_dir else None for r in records
+        ]
+        results = segment_images(images, class_noun, load_segmenter, user_masks, config, batch_size)
+        for record, image, result, user_mask in zip(records, images, results, user_masks, strict=True):
+            stem = out_dir / character_id / record["sha256"][:16]
+            ids = () if user_mask is not None else model_ids
+            row = write_segment(result, image, stem, record["sha256"], recorder, params, ids)
+            written.update(Path(row[k]) for k in ("mask_path", "cutout_path") if row[k])
+            rows.append(
+                {
+                    "character_id": character_id,
+                    "class_noun": class_noun,
+                    "token_phrase": record["token_phrase"],
+                    "reference_path": record["path"],
+                    "reference_sha256": record["sha256"],
+                    "source": record["source"],
+                    "user_mask": str(user_mask) if user_mask else None,
+                    **row,
+                }
+            )
+    manifest = pd.DataFrame(rows)
+    write_manifest(manifest, out_dir)
+    prune_unlisted(out_dir, written)
+    return manifest

@@ -1,0 +1,143 @@
+"""Stage 5: a finite, seeded bank of Seg-Mix composites per pair (instance and prior), with masks and prompts.
+
+Instance composites mix the characters' own cut-outs under their token phrases; prior composites mix
+class-image cut-outs under their class nouns, as MuDI does when prior preservation is on.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from PIL import Image
+
+from pipeline.lineage import LineageRecorder
+from pipeline.manifest import prune_unlisted, write_manifest
+from pipeline.segmix import SegMixConfig, SegMixSubject
+from pipeline.segmix_bank import plan_bank, render_bank, write_bank_entry
+from pipeline.stages.segments import USABLE
+
+
+@dataclass(frozen=True)
+class BankConfig:
+    n_instance: int = 64
+    n_prior: int = 32
+    seed: int = 0
+    segmix: SegMixConfig = field(default_factory=SegMixConfig)
+
+
+@dataclass
+class BankOutput:
+    manifest: pd.DataFrame
+    notes: list[str]
+
+
+def _load_cutout(path: str) -> Image.Image:
+    with Image.open(path) as opened:
+        return opened.convert("RGBA")
+
+
+def instance_subjects(segments: pd.DataFrame) -> dict[str, list[SegMixSubject]]:
+    subjects: dict[str, list[SegMixSubject]] = defaultdict(list)
+    for row in segments[segments["status"] == USABLE].to_dict("records"):
+        subjects[row["character_id"]].append(
+            SegMixSubject(
+                _load_cutout(row["cutout_path"]),
+                row["token_phrase"],
+                row["character_id"],
+                row["cutout_sha256"],
+            )
+        )
+    return dict(subjects)
+
+
+def prior_subjects(
+    class_images: pd.DataFrame, character_nouns: dict[str, str]
+) -> dict[str, list[SegMixSubject]]:
+    """Class cut-outs per character slot; characters sharing a class noun split its pool so that one
+    prior composite never shows the same class image twice."""
+    usable = class_images[class_images["status"] == USABLE]
+    slots: dict[str, list[SegMixSubject]] = {cid: [] for cid in character_nouns}
+    for noun in sorted(set(character_nouns.values())):
+        sharing = sorted(cid for cid, n in character_nouns.items() if n == noun)
+        rows = usable[usable["class_noun"] == noun].to_dict("records")
+        for index, row in enumerate(rows):
+            cid = sharing[index % len(sharing)]
+            slots[cid].append(
+                SegMixSubject(_load_cutout(row["cutout_path"]), f"a {noun}", cid, row["cutout_sha256"])
+            )
+    return slots
+
+
+def _render(
+    kind: str,
+    subjects: dict[str, list[SegMixSubject]],
+    n: int,
+    seed: int,
+    config: SegMixConfig,
+    out_dir: Path,
+    recorder: LineageRecorder,
+) -> list[dict]:
+    folder = out_dir / kind
+    rows = []
+    params = {"kind": kind, "bank_seed": seed, **asdict(config)}
+    for entry, composite in render_bank(plan_bank(subjects, n, config, seed), config):
+        row = write_bank_entry(entry, composite, folder, config)
+        row["image_path"] = str(folder / row["image_path"])
+        row["union_mask_path"] = str(folder / row["union_mask_path"])
+        row["mask_paths"] = [str(folder / p) for p in row["mask_paths"]]
+        parents = row["parent_sha256s"]
+        recorder.record(
+            row["image_path"],
+            row["image_sha256"],
+            parents,
+            {**params, "index": entry.index, "seed": entry.seed},
+        )
+        recorder.record(
+            row["union_mask_path"], row["union_mask_sha256"], parents, {"kind": kind, "role": "union_mask"}
+        )
+        for j, (path, sha) in enumerate(zip(row["mask_paths"], row["mask_sha256s"], strict=True)):
+            recorder.record(path, sha, parents, {"kind": kind, "role": f"visible_mask_{j}"})
+        rows.append({"kind": kind, **row})
+    return rows
+
+
+def run_segmix_bank(
+    segments: pd.DataFrame,
+    class_images: pd.DataFrame | None,
+    character_nouns: dict[str, str],
+    out_dir: Path,
+    config: BankConfig,
+    recorder: LineageRecorder,
+) -> BankOutput:
+    notes: list[str] = []
+    rows = _render(
+        "instance",
+        instance_subjects(segments),
+        config.n_instance,
+        config.seed,
+        config.segmix,
+        out_dir,
+        recorder,
+    )
+    if config.n_prior > 0:
+        prior = prior_subjects(class_images, character_nouns) if class_images is not None else {}
+        lacking = (
+            sorted(cid for cid, items in prior.items() if not items) if prior else sorted(character_nouns)
+        )
+        if lacking:
+            notes.append(
+                f"No prior composites: no usable class-image cut-outs for {lacking} "
+                "(materialize class_images, import real class photos, or use a real segmenter)."
+            )
+        else:
+            rows += _render("prior", prior, config.n_prior, config.seed + 1, config.segmix, out_dir, recorder)
+    manifest = pd.DataFrame(rows)
+    write_manifest(manifest, out_dir)
+    keep = {Path(p) for r in rows for p in [r["image_path"], r["union_mask_path"], *r["mask_paths"]]}
+    prune_unlisted(out_dir, keep, suffixes=(".png",))
+    (out_dir / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str))
+    return BankOutput(manifest=manifest, notes=notes)

@@ -1,0 +1,52 @@
+"""Captioning backends as a resource: an OpenAI-compatible API, a local VLM, or a template."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+
+from pipeline.captions import Captioner
+from pipeline.errors import CastloraError
+
+BACKENDS = ("template", "openai", "transformers")
+
+
+class CaptionerResource(dg.ConfigurableResource):
+    backend: str = "template"
+    """``template`` (deterministic, no model), ``openai`` (any OpenAI-compatible endpoint) or ``transformers``."""
+    model: str = ""
+    """openai: model name (default gpt-4o-mini); transformers: hub id, local dir or tiny:vlm (default: the preset's)."""
+    base_url: str = ""
+    """OpenAI-compatible endpoint, e.g. http://127.0.0.1:11434/v1 for Ollama; empty: api.openai.com."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """Name of the environment variable holding the key. The key itself is never stored in config."""
+    timeout_s: float = 60.0
+    max_retries: int = 4
+    template: str = "a photo of a {class_noun}"
+    device: str = "cpu"
+
+    def build(self, cache_root: Path, preset_vlm: str) -> Captioner:
+        if self.backend == "template":
+            from pipeline.captions.template import TemplateCaptioner
+
+            return TemplateCaptioner(template=self.template)
+        if self.backend == "openai":
+            from pipeline.captions.openai_backend import OpenAICaptioner, OpenAICaptionerConfig
+
+            return OpenAICaptioner(
+                OpenAICaptionerConfig(
+                    base_url=self.base_url or None,
+                    model=self.model or "gpt-4o-mini",
+                    api_key_env=self.api_key_env,
+                    timeout_s=self.timeout_s,
+                    max_retries=self.max_retries,
+                )
+            )
+        if self.backend == "transformers":
+            from pipeline.captions.transformers_backend import TransformersCaptioner
+            from pipeline.models.loading import resolve_model
+
+            source = resolve_model(self.model or preset_vlm, cache_root, "captioning VLM")
+            return TransformersCaptioner(source, device=self.device)
+        raise CastloraError(f"CaptionerResource.backend {self.backend!r} is unknown; choose one of {BACKENDS}.")

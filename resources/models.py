@@ -1,0 +1,96 @@
+"""Model choice and placement: a preset names every model; fields override single models or the device."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+from pipeline.models.loading import resolve_model
+from pipeline.models.presets import ModelPreset, get_preset
+
+
+class ModelResource(dg.ConfigurableResource):
+    """Models for every stage, chosen by ``preset`` (``tiny`` offline/CPU, ``sdxl`` real weights)."""
+
+    preset: str = "tiny"
+    detector: str = ""
+    """Override the preset's OWLv2: hub id or local directory."""
+    sam: str = ""
+    base_model: str = ""
+    vlm: str = ""
+    segmenter_backend: str = ""
+    """``owlv2_sam``, ``ultralytics`` or ``grabcut`` (labelled classical fallback); empty: the preset's."""
+    device: str = "auto"
+    """``auto`` picks CUDA when present, else CPU."""
+    dtype: str = "auto"
+    """``auto``: float16 on CUDA, float32 on CPU."""
+
+    def resolved_preset(self) -> ModelPreset:
+        return get_preset(self.preset).with_overrides(
+            detector=self.detector,
+            sam=self.sam,
+            base_model=self.base_model,
+            vlm=self.vlm,
+            segmenter_backend=self.segmenter_backend,
+        )
+
+    def torch_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def torch_dtype_name(self) -> str:
+        if self.dtype != "auto":
+            return self.dtype
+        return "float16" if self.torch_device().startswith("cuda") else "float32"
+
+    def segmenter_model_ids(self) -> list[str]:
+        preset = self.resolved_preset()
+        if preset.segmenter_backend == "owlv2_sam":
+            return [preset.detector, preset.sam]
+        if preset.segmenter_backend == "ultralytics":
+            return [preset.ultralytics_detector, preset.ultralytics_sam]
+        return []
+
+    def segmenter_factory(self, cache_root: Path, config: Any) -> Callable[[], Any]:
+        """A loader called at most once: models load only when some photo actually needs them."""
+        preset = self.resolved_preset()
+
+        def load() -> Any:
+            import torch
+
+            from pipeline.segment.factory import create_segmenter
+
+            if preset.segmenter_backend == "ultralytics":
+                detector, sam = preset.ultralytics_detector, preset.ultralytics_sam
+            elif preset.segmenter_backend == "owlv2_sam":
+                detector = resolve_model(preset.detector, cache_root, "detector (OWLv2)")
+                sam = resolve_model(preset.sam, cache_root, "segmenter (SAM)")
+            else:
+                detector = sam = ""
+            return create_segmenter(
+                preset.segmenter_backend,
+                detector_source=detector,
+                sam_source=sam,
+                device=self.torch_device(),
+                dtype=getattr(torch, self.torch_dtype_name()),
+                config=config,
+            )
+
+        return functools.cache(load)
+
+    def base_pipeline_factory(self, cache_root: Path) -> Callable[[], Any]:
+        from pipeline.models.sdxl import BaseModelSpec, load_base_pipeline
+
+        spec = BaseModelSpec(
+            source=self.resolved_preset().base_model,
+            device=self.torch_device(),
+            dtype=self.torch_dtype_name(),
+        )
+        return functools.cache(lambda: load_base_pipeline(spec, cache_root))

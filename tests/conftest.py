@@ -1,0 +1,52 @@
+"""Shared test set-up: offline model hub, and small image factories."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["DAGSTER_DISABLE_TELEMETRY"] = "1"
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE_PAIR = REPO / "samples" / "dog6__dog2"
+
+
+def subject_photo(size: tuple[int, int] = (320, 256), seed: int = 0, colour=(200, 60, 40)) -> Image.Image:
+    """A light, slightly noisy background with one dark-ish ellipse 'subject' near the centre."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    pixels = np.full((height, width, 3), 235, dtype=np.int16) + rng.integers(-8, 8, (height, width, 3))
+    yy, xx = np.mgrid[:height, :width]
+    cx, cy = width / 2 + rng.integers(-10, 10), height / 2 + rng.integers(-10, 10)
+    inside = ((xx - cx) / (width * 0.25)) ** 2 + ((yy - cy) / (height * 0.3)) ** 2 <= 1
+    pixels[inside] = np.array(colour) + rng.integers(-10, 10, (int(inside.sum()), 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+
+
+@pytest.fixture
+def make_pair(tmp_path: Path):
+    """Write a pair folder (spec + photos) and return its path; photos differ so none are duplicates."""
+
+    def build(key: str = "alpha__beta", photos_per_character: int = 3, size=(320, 256)) -> Path:
+        folder = tmp_path / key
+        characters = []
+        for index, cid in enumerate(key.split("__")):
+            photo_dir = folder / cid
+            photo_dir.mkdir(parents=True)
+            for n in range(photos_per_character):
+                colour = (40 + 80 * index, 60 + 20 * n, 150 - 40 * index)
+                subject_photo(size, seed=10 * index + n, colour=colour).save(photo_dir / f"{n:02d}.jpg", quality=92)
+            characters.append(
+                f"  - id: {cid}\n    class_noun: dog\n    token_phrase: tok{index} dog\n    photos: {cid}\n"
+            )
+        (folder / "pair.yaml").write_text(f"pair: {key}\ncharacters:\n" + "".join(characters))
+        return folder
+
+    return build

@@ -1,0 +1,119 @@
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import PairKeyError, SpecError
+from pipeline.paths import DataLayout, safe_child, validate_key
+from pipeline.registry import load_registered, register_pair, scan_inbox, spec_fingerprint
+from pipeline.spec import PairSpec, load_spec
+
+
+@pytest.mark.parametrize("key", ["../x", "a b", "dog6/dog2", "", ".hidden", "UPPER", "a" * 129, "x\n", "é"])
+def test_unsafe_pair_keys_are_rejected(key):
+    with pytest.raises(PairKeyError, match="Invalid pair key"):
+        validate_key(key)
+
+
+@pytest.mark.parametrize("key", ["dog6__dog2", "a", "pair-1_2"])
+def test_safe_pair_keys_pass(key):
+    assert validate_key(key) == key
+
+
+def test_layout_never_escapes_home(tmp_path):
+    layout = DataLayout.at(tmp_path)
+    assert layout.pair_dir("dog6__dog2") == tmp_path.resolve() / "pairs" / "dog6__dog2"
+    with pytest.raises(PairKeyError):
+        layout.pair_dir("../../etc")
+    with pytest.raises(PairKeyError, match="escapes"):
+        safe_child(tmp_path, "a", "..", "..", "b")
+
+
+def test_home_from_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("CASTLORA_HOME", str(tmp_path / "h"))
+    assert DataLayout.at().home == (tmp_path / "h").resolve()
+
+
+def test_load_spec_resolves_paths_and_round_trips(make_pair):
+    folder = make_pair("cat1__cat2")
+    spec = load_spec(folder)
+    assert spec.pair == "cat1__cat2"
+    assert [c.id for c in spec.characters] == ["cat1", "cat2"]
+    assert all(Path(p).is_absolute() and Path(p).is_file() for c in spec.characters for p in c.photos)
+    assert PairSpec.from_json(spec.to_json()) == spec
+
+
+def _write(folder: Path, text: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "pair.yaml").write_text(text)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("pair: ok\ncharacters: []\n", "at least two characters"),
+        ("pair: '../x'\ncharacters: []\n", "field 'pair'"),
+        (
+            "pair: ok\ncharacters:\n  - {id: a, class_noun: dog, token_phrase: t dog}\n"
+            "  - {id: b, class_noun: dog, token_phrase: u dog}\n",
+            r"characters\[0\]: field 'photos' is missing",
+        ),
+        ("pair: [unclosed\n", "not valid YAML"),
+        ("just a string", "top level must be a mapping"),
+    ],
+)
+def test_malformed_specs_name_the_field(tmp_path, text, message):
+    folder = _write(tmp_path / "p", text)
+    with pytest.raises(SpecError, match=message) as info:
+        load_spec(folder)
+    assert "pair.yaml" in str(info.value) or "pair spec" in str(info.value)
+
+
+def test_missing_photo_folder_is_named(tmp_path):
+    folder = _write(
+        tmp_path / "p",
+        "pair: p\ncharacters:\n"
+        "  - {id: a, class_noun: dog, token_phrase: ta dog, photos: nowhere}\n"
+        "  - {id: b, class_noun: dog, token_phrase: tb dog, photos: nowhere2}\n",
+    )
+    with pytest.raises(SpecError, match=r"characters\[0\]\.photos: .*nowhere does not exist"):
+        load_spec(folder)
+
+
+def test_duplicate_ids_and_phrases_rejected(make_pair):
+    folder = make_pair("a__b")
+    text = (folder / "pair.yaml").read_text().replace("id: b", "id: a")
+    (folder / "pair.yaml").write_text(text)
+    with pytest.raises(SpecError, match="unique"):
+        load_spec(folder)
+
+
+def test_register_and_load(tmp_path, make_pair):
+    layout = DataLayout.at(tmp_path / "home")
+    spec = load_spec(make_pair("a__b"))
+    register_pair(layout, spec)
+    assert load_registered(layout, "a__b") == spec
+    with pytest.raises(PairKeyError, match="not registered"):
+        load_registered(layout, "c__d")
+
+
+def test_scan_inbox_reports_bad_folders_and_keeps_good_ones(tmp_path, make_pair):
+    layout = DataLayout.at(tmp_path / "home")
+    good = make_pair("a__b")
+    layout.inbox.mkdir(parents=True)
+    good.rename(layout.inbox / "a__b")
+    _write(layout.inbox / "broken", "pair: broken\ncharacters: 3\n")
+    _write(layout.inbox / "Bad Name", "pair: x\n")
+    (layout.inbox / "no_spec_yet").mkdir()
+    entries = {e.folder.name: e for e in scan_inbox(layout)}
+    assert set(entries) == {"a__b", "broken", "Bad Name"}
+    assert entries["a__b"].spec is not None and entries["a__b"].error is None
+    assert "at least two characters" in entries["broken"].error
+    assert "Invalid inbox folder name" in entries["Bad Name"].error
+
+
+def test_fingerprint_changes_with_photos(make_pair):
+    folder = make_pair("a__b")
+    before = spec_fingerprint(load_spec(folder))
+    (folder / "a" / "00.jpg").rename(folder / "a" / "renamed.jpg")
+    assert spec_fingerprint(load_spec(folder)) != before
