@@ -68,7 +68,8 @@ class ModelResource(dg.ConfigurableResource):
             from pipeline.segment.factory import create_segmenter
 
             if preset.segmenter_backend == "ultralytics":
-                detector, sam = preset.ultralytics_detector, preset.ultralytics_sam
+                detector = resolve_model(preset.ultralytics_detector, cache_root, "YOLO-World", "weights.pt")
+                sam = resolve_model(preset.ultralytics_sam, cache_root, "ultralytics SAM", "weights.pt")
             elif preset.segmenter_backend == "owlv2_sam":
                 detector = resolve_model(preset.detector, cache_root, "detector (OWLv2)")
                 sam = resolve_model(preset.sam, cache_root, "segmenter (SAM)")

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 from pipeline.errors import ModelLoadError
 
 TINY_PREFIX = "tiny:"
-TINY_VERSION = "1"
+TINY_VERSION = "2"
 """Bump when a tiny builder changes, so stale cached tiny models are rebuilt."""
 
 # name -> "module:function"; the function builds the model into an empty directory.
@@ -23,6 +23,8 @@ TINY_BUILDERS: dict[str, str] = {
     "sdxl": "pipeline.models.tiny_sdxl:build_tiny_sdxl",
     "vlm": "pipeline.models.tiny_vlm:build_tiny_vlm",
     "vlm-chat": "pipeline.models.tiny_vlm:build_tiny_chat_vlm",
+    "yolo-world": "pipeline.models.tiny_ultralytics:build_tiny_yolo_world",
+    "ultralytics-sam": "pipeline.models.tiny_ultralytics:build_tiny_ultralytics_sam",
 }
 
 T = TypeVar("T")

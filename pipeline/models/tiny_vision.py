@@ -7,11 +7,12 @@ meaningless; shapes, coordinate conventions and the loading code path are the re
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
 import torch
+
+from pipeline.models.tokenizers import write_tiny_clip_tokenizer
 
 SEED = 0
 OWLV2_IMAGE_SIZE = 64
@@ -20,39 +21,7 @@ OWLV2_TEXT_POSITIONS = 16  # same as the real OWLv2 text tower: queries are shor
 SAM_IMAGE_SIZE = 128
 SAM_PATCH_SIZE = 16
 
-BOS_TOKEN = "<|startoftext|>"
-EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "!"  # OWLv2's tokenizer pads with "!" (id 0), not with the end-of-text token
-
-
-def _byte_unicode_characters() -> list[str]:
-    """The 256 printable characters GPT-2/CLIP byte-level BPE uses to stand for raw bytes, in byte order."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    mapping = {byte: byte for byte in printable}
-    extra = 0
-    for byte in range(256):
-        if byte not in mapping:
-            mapping[byte] = 256 + extra
-            extra += 1
-    return [chr(mapping[byte]) for byte in range(256)]
-
-
-def write_byte_level_vocab(target_dir: Path) -> tuple[int, int, int]:
-    """Write a merge-free CLIP vocabulary; returns (vocab size, bos id, eos id).
-
-    The end-of-text token gets the highest id on purpose: OWLv2's text tower pools at ``input_ids.argmax()``.
-    """
-    characters = _byte_unicode_characters()
-    tokens = [*characters, *(f"{char}</w>" for char in characters), BOS_TOKEN, EOS_TOKEN]
-    vocab = {token: index for index, token in enumerate(tokens)}
-    target_dir.mkdir(parents=True, exist_ok=True)
-    (target_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (target_dir / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
-    return len(vocab), vocab[BOS_TOKEN], vocab[EOS_TOKEN]
 
 
 def build_tiny_owlv2(target_dir: Path) -> None:
@@ -67,12 +36,10 @@ def build_tiny_owlv2(target_dir: Path) -> None:
 
     target_dir = Path(target_dir)
     with tempfile.TemporaryDirectory(prefix="tiny-clip-vocab-") as vocab_dir:
-        vocab_size, bos_id, eos_id = write_byte_level_vocab(Path(vocab_dir))
-        tokenizer = CLIPTokenizer.from_pretrained(
-            vocab_dir,
-            pad_token=PAD_TOKEN,
-            model_max_length=OWLV2_TEXT_POSITIONS,
-        )
+        # The end-of-text token has the highest id on purpose: OWLv2's text tower pools at input_ids.argmax().
+        write_tiny_clip_tokenizer(Path(vocab_dir), model_max_length=OWLV2_TEXT_POSITIONS, pad_token=PAD_TOKEN)
+        tokenizer = CLIPTokenizer.from_pretrained(vocab_dir)
+    vocab_size, bos_id, eos_id = len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id
 
     config = Owlv2Config(
         text_config={

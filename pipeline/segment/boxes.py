@@ -5,39 +5,22 @@ from __future__ import annotations
 import numpy as np
 
 
-def box_iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pairwise IoU of xyxy boxes, shape (len(a), len(b)); degenerate boxes have IoU 0."""
-    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
-    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
-    area_a = np.clip(a[:, 2] - a[:, 0], 0, None) * np.clip(a[:, 3] - a[:, 1], 0, None)
-    area_b = np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
-    top_left = np.maximum(a[:, None, :2], b[None, :, :2])
-    bottom_right = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    wh = np.clip(bottom_right - top_left, 0, None)
-    intersection = wh[..., 0] * wh[..., 1]
-    union = area_a[:, None] + area_b[None, :] - intersection
-    return np.divide(intersection, union, out=np.zeros_like(intersection), where=union > 0)
-
-
 def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
     """Greedy class-agnostic NMS; indices of kept boxes, highest score first.
 
     A box is suppressed when its IoU with an already kept, higher-scored box is strictly above ``iou``.
+    Runs torchvision's C++ kernel: a low threshold on OWLv2 leaves thousands of boxes (3600 patches at
+    960 px), where a pure-numpy IoU matrix took ~2 s per image.
     """
+    import torch
+    from torchvision.ops import nms as torchvision_nms
+
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     if len(boxes) != len(scores):
         raise ValueError(f"nms: {len(boxes)} boxes but {len(scores)} scores")
-    order = np.argsort(-scores, kind="stable")
-    overlaps = box_iou_matrix(boxes, boxes)
-    suppressed = np.zeros(len(boxes), dtype=bool)
-    kept: list[int] = []
-    for index in order:
-        if suppressed[index]:
-            continue
-        kept.append(int(index))
-        suppressed |= overlaps[index] > iou
-    return np.asarray(kept, dtype=np.int64)
+    kept = torchvision_nms(torch.from_numpy(boxes), torch.from_numpy(scores), float(iou))
+    return kept.numpy().astype(np.int64)
 
 
 def owlv2_target_size(width: int, height: int) -> tuple[int, int]:
