@@ -49,9 +49,7 @@ def segments_found(context: dg.AssetCheckExecutionContext, storage: StorageResou
     description="Each character keeps at least one usable cut-out, or Seg-Mix has nothing to compose.",
 )
 @user_errors
-def every_character_segmented(
-    context: dg.AssetCheckExecutionContext, storage: StorageResource
-) -> dg.AssetCheckResult:
+def every_character_segmented(context: dg.AssetCheckExecutionContext, storage: StorageResource) -> dg.AssetCheckResult:
     manifest = _segments_manifest(context, storage)
     usable = manifest[manifest["status"] == USABLE].groupby("character_id").size()
     counts = {cid: int(usable.get(cid, 0)) for cid in manifest["character_id"].unique()}

@@ -52,6 +52,9 @@ def materialize(pair: str, layout: DataLayout) -> bool:
     from pipeline.paths import validate_key
 
     validate_key(pair)
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()
     instance = _instance(layout)
     if not instance.has_dynamic_partition(character_pairs.name, pair):
         raise CastloraError(
@@ -60,11 +63,22 @@ def materialize(pair: str, layout: DataLayout) -> bool:
         )
     job = defs.resolve_job_def(pair_job.name)
     # main() exported CASTLORA_HOME before assets.definitions was imported, so defs' storage points at it.
-    result = job.execute_in_process(instance=instance, partition_key=pair, raise_on_error=False)
-    if not result.success:
-        for event in result.all_events:
-            if event.is_step_failure and event.step_failure_data:
-                print(f"FAILED {event.step_key}: {event.step_failure_data.error.message}", file=sys.stderr)
+    result = job.execute_in_process(
+        run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
+        instance=instance,
+        partition_key=pair,
+        raise_on_error=False,
+    )
+    for event in result.get_asset_materialization_events():
+        print(f"  materialized {event.asset_key.to_user_string():<14} [{pair}]")
+    for evaluation in result.get_asset_check_evaluations():
+        verdict = "passed" if evaluation.passed else f"FAILED ({evaluation.severity.value})"
+        print(f"  check {evaluation.asset_check_key.name:<27} {verdict}")
+    for event in result.all_events:
+        if event.is_step_failure and event.step_failure_data:
+            error = event.step_failure_data.user_failure_data or event.step_failure_data.error
+            message = getattr(error, "description", None) or getattr(error, "message", "")
+            print(f"  FAILED {event.step_key}: {message}", file=sys.stderr)
     return result.success
 
 
@@ -74,9 +88,8 @@ def summary(pair: str, layout: DataLayout) -> None:
     for stage in sorted(p for p in pair_dir.iterdir() if p.is_dir()):
         print(f"  {stage.name:<14} {stage / 'manifest.parquet'}")
     print(f"Lineage (Parquet): {layout.lineage}")
-    print(
-        f"  e.g. duckdb -c \"select asset_key, count(*) from read_parquet('{layout.lineage}/**/*.parquet') group by 1\""
-    )
+    query = f"select asset_key, count(*) from read_parquet('{layout.lineage}/**/*.parquet') group by 1"
+    print(f"  e.g. .venv/bin/python -c \"import duckdb; print(duckdb.sql(\\\"{query}\\\"))\"")
     print(f"Dagster instance: {os.environ['DAGSTER_HOME']}")
     print("Open the UI with `make ui` (dagster dev on http://127.0.0.1:3000).")
 
@@ -96,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
 
     layout = DataLayout(resolve_home(args.home))
     os.environ["CASTLORA_HOME"] = str(layout.home)
+    # Progress bars from model loading drown the run summary; Dagster's own log carries progress.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         if args.command == "register":
             register(args.folder, layout)

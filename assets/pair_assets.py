@@ -267,9 +267,7 @@ def class_images(
         metadata={
             "images": len(manifest),
             "usable_cutouts": len(usable),
-            "origins": dg.MetadataValue.json(
-                manifest["origin"].str.split(":").str[0].value_counts().to_dict()
-            ),
+            "origins": dg.MetadataValue.json(manifest["origin"].str.split(":").str[0].value_counts().to_dict()),
             "base_model": preset.base_model,
             "preview": image_md(image_grid(_load_images(manifest["path"].tolist()[:16]), columns=8)),
         }
@@ -322,7 +320,5 @@ def segmix_bank(
         "notes": dg.MetadataValue.md("\n".join(f"- {n}" for n in out.notes) or "_none_"),
     }
     if len(prior_rows):
-        metadata["prior_samples"] = image_md(
-            image_grid(_load_images(prior_rows["image_path"].head(6).tolist()), 6)
-        )
+        metadata["prior_samples"] = image_md(image_grid(_load_images(prior_rows["image_path"].head(6).tolist()), 6))
     return dg.MaterializeResult(metadata=metadata)

@@ -32,9 +32,7 @@ def inbox_sensor(context: dg.SensorEvaluationContext, storage: StorageResource) 
             new_keys.append(entry.pair_key)
         # The run key changes with the spec and photo list, so edits re-run the pair and repeats do not.
         run_requests.append(
-            dg.RunRequest(
-                run_key=f"{entry.pair_key}:{spec_fingerprint(entry.spec)}", partition_key=entry.pair_key
-            )
+            dg.RunRequest(run_key=f"{entry.pair_key}:{spec_fingerprint(entry.spec)}", partition_key=entry.pair_key)
         )
     return dg.SensorResult(
         run_requests=run_requests,

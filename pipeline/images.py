@@ -83,9 +83,7 @@ def decode_photo(data: bytes, config: IntakeConfig) -> tuple[Image.Image, tuple[
     except (OSError, SyntaxError, ValueError) as exc:
         raise ValueError(f"corrupt or truncated image: {exc}") from exc
     if min(image.size) < config.min_side:
-        raise ValueError(
-            f"too small: {image.width}x{image.height}, shorter side must be at least {config.min_side}px"
-        )
+        raise ValueError(f"too small: {image.width}x{image.height}, shorter side must be at least {config.min_side}px")
     if max(image.size) > config.max_side:
         image.thumbnail((config.max_side, config.max_side), Image.Resampling.LANCZOS)
     return image, original_size

@@ -22,9 +22,7 @@ def write_manifest(frame: pd.DataFrame, stage_dir: Path, name: str = MANIFEST_NA
 def read_manifest(stage_dir: Path, stage: str, name: str = MANIFEST_NAME) -> pd.DataFrame:
     path = stage_dir / name
     if not path.is_file():
-        raise CastloraError(
-            f"{path} does not exist: materialize the '{stage}' asset for this pair first."
-        )
+        raise CastloraError(f"{path} does not exist: materialize the '{stage}' asset for this pair first.")
     return pd.read_parquet(path)
 
 

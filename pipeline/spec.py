@@ -68,9 +68,7 @@ class PairSpec:
     @classmethod
     def from_json(cls, text: str) -> PairSpec:
         raw = json.loads(text)
-        characters = tuple(
-            CharacterSpec(**{**c, "photos": tuple(c["photos"])}) for c in raw.pop("characters")
-        )
+        characters = tuple(CharacterSpec(**{**c, "photos": tuple(c["photos"])}) for c in raw.pop("characters"))
         return cls(characters=characters, **raw)
 
 
@@ -101,9 +99,7 @@ def load_spec(path: str | Path, pair_key: str | None = None) -> PairSpec:
     return parse_spec(raw, base_dir=path.parent, source=str(path.resolve()), pair_key=pair_key)
 
 
-def parse_spec(
-    raw: Any, base_dir: Path, source: str | None = None, pair_key: str | None = None
-) -> PairSpec:
+def parse_spec(raw: Any, base_dir: Path, source: str | None = None, pair_key: str | None = None) -> PairSpec:
     where = source or "pair spec"
     if not isinstance(raw, dict):
         raise SpecError(f"{where}: the top level must be a mapping with 'pair' and 'characters'.")
@@ -183,9 +179,7 @@ def _collect_photos(value: Any, base_dir: Path, field_at: str) -> tuple[str, ...
     for item in items:
         path = _resolve(item, base_dir, field_at)
         if path.is_dir():
-            photos.extend(
-                str(p) for p in sorted(path.iterdir()) if p.is_file() and not p.name.startswith(".")
-            )
+            photos.extend(str(p) for p in sorted(path.iterdir()) if p.is_file() and not p.name.startswith("."))
         elif path.is_file():
             photos.append(str(path))
         else:

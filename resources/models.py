@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -59,7 +58,7 @@ class ModelResource(dg.ConfigurableResource):
         return []
 
     def segmenter_factory(self, cache_root: Path, config: Any) -> Callable[[], Any]:
-        """A loader called at most once: models load only when some photo actually needs them."""
+        """A loader for the stages to call when some photo actually needs the models."""
         preset = self.resolved_preset()
 
         def load() -> Any:
@@ -84,7 +83,7 @@ class ModelResource(dg.ConfigurableResource):
                 config=config,
             )
 
-        return functools.cache(load)
+        return load
 
     def base_pipeline_factory(self, cache_root: Path) -> Callable[[], Any]:
         from pipeline.models.sdxl import BaseModelSpec, load_base_pipeline
@@ -94,4 +93,4 @@ class ModelResource(dg.ConfigurableResource):
             device=self.torch_device(),
             dtype=self.torch_dtype_name(),
         )
-        return functools.cache(lambda: load_base_pipeline(spec, cache_root))
+        return lambda: load_base_pipeline(spec, cache_root)

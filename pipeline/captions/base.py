@@ -126,9 +126,7 @@ def caption_image(
             },
         )
         log.debug("captioned %s with %s:%s", image_sha256[:12], captioner.backend, captioner.model)
-    return CaptionResult(
-        text=apply_token_phrase(raw, class_noun, token_phrase), raw=raw, cached=cached, cache_key=key
-    )
+    return CaptionResult(text=apply_token_phrase(raw, class_noun, token_phrase), raw=raw, cached=cached, cache_key=key)
 
 
 # --- token phrase substitution -------------------------------------------------------------------

@@ -127,9 +127,7 @@ class OpenAICaptioner:
                 )
             key = self._api_key()
             self._redact = _Redactor(key)
-            self._client = openai.OpenAI(
-                base_url=base_url, api_key=key, timeout=self.config.timeout_s, max_retries=0
-            )
+            self._client = openai.OpenAI(base_url=base_url, api_key=key, timeout=self.config.timeout_s, max_retries=0)
         return self._client
 
     @property
@@ -216,9 +214,7 @@ class OpenAICaptioner:
         status = exc.status_code
         where = f"Caption request to {self.endpoint} (model {self.config.model!r}) failed with HTTP {status}"
         server_hint = (
-            f" and that base_url {self.shown_base_url} is the server you meant"
-            if self.config.base_url
-            else ""
+            f" and that base_url {self.shown_base_url} is the server you meant" if self.config.base_url else ""
         )
         if status == 401:
             # The server's message often quotes part of the key, so it is not repeated here.
@@ -240,9 +236,7 @@ class OpenAICaptioner:
         elif status == 400:
             hint = f"check that model {self.config.model!r} accepts image input"
         elif self._is_retryable_status(status):
-            hint = (
-                f"gave up after {attempts} attempt(s); the server is overloaded or failing, try again later"
-            )
+            hint = f"gave up after {attempts} attempt(s); the server is overloaded or failing, try again later"
         else:
             hint = "check base_url and model"
         return CaptionError(f"{where}: {detail}; {hint}.")

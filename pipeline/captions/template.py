@@ -29,9 +29,7 @@ class TemplateCaptioner:
         self.template = template
         self.model = ""
         # The template text decides the caption, so it is part of the version (and thus of the cache key).
-        self.prompt_version = (
-            PROMPT_VERSION if template == DEFAULT_TEMPLATE else f"{PROMPT_VERSION}:{template}"
-        )
+        self.prompt_version = PROMPT_VERSION if template == DEFAULT_TEMPLATE else f"{PROMPT_VERSION}:{template}"
 
     def caption(self, image: Image.Image, class_noun: str) -> str:
         return self.template.format(class_noun=" ".join(class_noun.split()))

@@ -30,7 +30,6 @@ TINY_BUILDERS: dict[str, str] = {
 T = TypeVar("T")
 
 
-
 def ensure_tiny(name: str, cache_root: Path) -> Path:
     """Directory of tiny model ``name``, building it on first use (atomic: build in a temp dir, rename)."""
     if name not in TINY_BUILDERS:

@@ -42,9 +42,7 @@ def torch_dtype(name: str) -> torch.dtype:
     try:
         return DTYPES[name]
     except KeyError:
-        raise CastloraError(
-            f"Unknown dtype {name!r} for the base model; choose one of {sorted(DTYPES)}."
-        ) from None
+        raise CastloraError(f"Unknown dtype {name!r} for the base model; choose one of {sorted(DTYPES)}.") from None
 
 
 def _check_pipeline_class(source: str, expected_prefix: str, what: str) -> None:
@@ -108,7 +106,5 @@ def load_base_pipeline(spec: BaseModelSpec, cache_root: Path) -> DiffusionPipeli
     try:
         loader = FAMILIES[spec.family]
     except KeyError:
-        raise CastloraError(
-            f"Unknown base model family {spec.family!r}; known families: {sorted(FAMILIES)}."
-        ) from None
+        raise CastloraError(f"Unknown base model family {spec.family!r}; known families: {sorted(FAMILIES)}.") from None
     return loader(spec, Path(cache_root))

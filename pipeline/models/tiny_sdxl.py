@@ -118,9 +118,7 @@ def build_tiny_sdxl(target_dir: Path) -> None:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
         text_encoder = CLIPTextModel(_text_config(len(tokenizer), TEXT_HIDDEN_1, "quick_gelu", tokenizer))
-        text_encoder_2 = CLIPTextModelWithProjection(
-            _text_config(len(tokenizer_2), TEXT_HIDDEN_2, "gelu", tokenizer_2)
-        )
+        text_encoder_2 = CLIPTextModelWithProjection(_text_config(len(tokenizer_2), TEXT_HIDDEN_2, "gelu", tokenizer_2))
         unet = _unet()
         vae = _vae()
 

@@ -65,9 +65,7 @@ def tiny_clip_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
     return {token: index for index, token in enumerate(dict.fromkeys(tokens))}
 
 
-def write_tiny_clip_tokenizer(
-    target_dir: Path, model_max_length: int = 77, pad_token: str = EOS_TOKEN
-) -> None:
+def write_tiny_clip_tokenizer(target_dir: Path, model_max_length: int = 77, pad_token: str = EOS_TOKEN) -> None:
     """Write a loadable byte-level BPE CLIP tokenizer to ``target_dir``.
 
     ``pad_token`` defaults to CLIP's end token; SDXL's second tokenizer pads with ``"!"``, which the

@@ -80,3 +80,27 @@ def no_detection(segmenter: str, n_boxes: int = 0) -> SegmentResult:
         segmenter=segmenter,
         status=STATUS_NO_DETECTION,
     )
+
+
+@dataclass(frozen=True)
+class Detection:
+    """The detector's best box for one photo (pixels of that photo) and how many boxes survived NMS."""
+
+    box: tuple[float, float, float, float]
+    score: float
+    n_boxes: int
+
+
+def detected(
+    detection: Detection, mask: np.ndarray, mask_score: float | None, segmenter: str, config: SegmentConfig
+) -> SegmentResult:
+    """The result for a photo whose box was found and segmented."""
+    return SegmentResult(
+        mask=mask,
+        box=detection.box,
+        detection_score=detection.score,
+        mask_score=mask_score,
+        n_boxes=detection.n_boxes,
+        segmenter=segmenter,
+        status=mask_status(mask, config),
+    )

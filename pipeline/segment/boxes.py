@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.segment.base import Detection, SegmentConfig
+
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
     """Greedy class-agnostic NMS; indices of kept boxes, highest score first.
@@ -49,3 +51,19 @@ def clip_boxes(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
     boxes[:, [0, 2]] = np.clip(boxes[:, [0, 2]], 0, width)
     boxes[:, [1, 3]] = np.clip(boxes[:, [1, 3]], 0, height)
     return boxes
+
+
+def best_detection(
+    boxes: np.ndarray, scores: np.ndarray, width: int, height: int, config: SegmentConfig
+) -> Detection | None:
+    """Clip thresholded boxes to the image, run class-agnostic NMS, keep the highest-scored survivor."""
+    boxes = clip_boxes(boxes, width, height)
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    has_area = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    boxes, scores = boxes[has_area], scores[has_area]
+    if len(boxes) == 0:
+        return None
+    kept = nms(boxes, scores, config.nms_iou)
+    best = kept[0]
+    x0, y0, x1, y1 = (float(v) for v in boxes[best])
+    return Detection(box=(x0, y0, x1, y1), score=float(scores[best]), n_boxes=len(kept))

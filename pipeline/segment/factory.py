@@ -39,9 +39,7 @@ def create_segmenter(
     )
 
 
-def _create_ultralytics(
-    detector_source: str, sam_source: str, device: str, config: SegmentConfig
-) -> Segmenter:
+def _create_ultralytics(detector_source: str, sam_source: str, device: str, config: SegmentConfig) -> Segmenter:
     """Imported lazily: the module and the ``ultralytics`` package are optional."""
     try:
         module = importlib.import_module("pipeline.segment.ultra")
@@ -52,9 +50,7 @@ def _create_ultralytics(
             "Install the extra with `pip install castlora[ultralytics]`, or choose backend "
             "'owlv2_sam' or 'grabcut'."
         ) from exc
-    factory = getattr(module, "create_ultralytics_segmenter", None) or getattr(
-        module, "UltralyticsSegmenter", None
-    )
+    factory = getattr(module, "create_ultralytics_segmenter", None) or getattr(module, "UltralyticsSegmenter", None)
     if factory is None:
         raise CastloraError(
             "Segmentation backend 'ultralytics': pipeline.segment.ultra defines neither "

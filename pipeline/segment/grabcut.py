@@ -72,9 +72,7 @@ class GrabCutSegmenter:
         bgr = np.ascontiguousarray(rgb[..., ::-1])
         cv2.setRNGSeed(0)  # GrabCut's GMM init uses OpenCV's RNG: fix it for reproducible masks
         try:
-            cv2.grabCut(
-                bgr, labels, rect, background_model, foreground_model, self.iterations, cv2.GC_INIT_WITH_RECT
-            )
+            cv2.grabCut(bgr, labels, rect, background_model, foreground_model, self.iterations, cv2.GC_INIT_WITH_RECT)
         except cv2.error:
             # Degenerate inputs (e.g. a single flat colour) leave GrabCut without two GMMs: no subject found.
             return np.zeros((height, width), dtype=bool)

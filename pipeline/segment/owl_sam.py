@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +13,8 @@ from PIL import Image
 from pipeline.errors import ModelLoadError
 from pipeline.images import to_rgb
 from pipeline.models.loading import load_pretrained
-from pipeline.segment.base import SegmentConfig, SegmentResult, mask_status, no_detection
-from pipeline.segment.boxes import clip_boxes, nms, scale_normalized_boxes
+from pipeline.segment.base import Detection, SegmentConfig, SegmentResult, detected, no_detection
+from pipeline.segment.boxes import best_detection, scale_normalized_boxes
 from pipeline.segment.masks import clean_mask
 
 LABEL = "owlv2+sam"
@@ -24,29 +23,6 @@ LABEL = "owlv2+sam"
 def detection_query(class_noun: str) -> str:
     """OWLv2 text query for a subject's class noun (CLIP-style prompt)."""
     return f"a photo of a {class_noun.strip()}"
-
-
-@dataclass(frozen=True)
-class Detection:
-    box: tuple[float, float, float, float]
-    score: float
-    n_boxes: int
-
-
-def best_detection(
-    boxes: np.ndarray, scores: np.ndarray, width: int, height: int, config: SegmentConfig
-) -> Detection | None:
-    """Clip thresholded boxes to the image, run class-agnostic NMS, keep the highest-scored survivor."""
-    boxes = clip_boxes(boxes, width, height)
-    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
-    has_area = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-    boxes, scores = boxes[has_area], scores[has_area]
-    if len(boxes) == 0:
-        return None
-    kept = nms(boxes, scores, config.nms_iou)
-    best = kept[0]
-    x0, y0, x1, y1 = (float(v) for v in boxes[best])
-    return Detection(box=(x0, y0, x1, y1), score=float(scores[best]), n_boxes=len(kept))
 
 
 def _chunks(count: int, size: int) -> list[range]:
@@ -80,9 +56,7 @@ class OwlSamSegmenter:
         _require_existing_dir(sam_source, what_sam)
         _require_model_type(detector_source, "owlv2", what_detector)
         _require_model_type(sam_source, "sam", what_sam)
-        self.detector_processor = load_pretrained(
-            Owlv2Processor.from_pretrained, detector_source, what_detector
-        )
+        self.detector_processor = load_pretrained(Owlv2Processor.from_pretrained, detector_source, what_detector)
         self.detector = load_pretrained(
             Owlv2ForObjectDetection.from_pretrained, detector_source, what_detector, dtype=dtype
         )
@@ -103,15 +77,7 @@ class OwlSamSegmenter:
             chunk = [found[i] for i in batch]
             masks = self.masks_for_boxes([rgb_images[i] for i, _ in chunk], [d.box for _, d in chunk])
             for (index, detection), (mask, mask_score) in zip(chunk, masks, strict=True):
-                results[index] = SegmentResult(
-                    mask=mask,
-                    box=detection.box,
-                    detection_score=detection.score,
-                    mask_score=mask_score,
-                    n_boxes=detection.n_boxes,
-                    segmenter=self.label,
-                    status=mask_status(mask, self.config),
-                )
+                results[index] = detected(detection, mask, mask_score, self.label, self.config)
         return results
 
     @torch.inference_mode()
@@ -132,9 +98,7 @@ class OwlSamSegmenter:
         for image, image_scores, image_boxes in zip(images, scores, boxes, strict=True):
             keep = image_scores > self.config.detection_threshold
             pixel_boxes = scale_normalized_boxes(image_boxes[keep], image.width, image.height)
-            detections.append(
-                best_detection(pixel_boxes, image_scores[keep], image.width, image.height, self.config)
-            )
+            detections.append(best_detection(pixel_boxes, image_scores[keep], image.width, image.height, self.config))
         return detections
 
     @torch.inference_mode()
@@ -168,9 +132,7 @@ class OwlSamSegmenter:
         moved: dict[str, torch.Tensor] = {}
         for key, value in inputs.items():
             if isinstance(value, torch.Tensor):
-                value = (
-                    value.to(self.device, self.dtype) if value.is_floating_point() else value.to(self.device)
-                )
+                value = value.to(self.device, self.dtype) if value.is_floating_point() else value.to(self.device)
             moved[key] = value
         return moved
 

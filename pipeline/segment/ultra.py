@@ -28,9 +28,9 @@ from PIL import Image
 from pipeline.errors import CastloraError, ModelLoadError
 from pipeline.images import to_rgb
 from pipeline.models.loading import load_pretrained
-from pipeline.segment.base import SegmentConfig, SegmentResult, mask_status, no_detection
+from pipeline.segment.base import Detection, SegmentConfig, SegmentResult, detected, no_detection
+from pipeline.segment.boxes import best_detection
 from pipeline.segment.masks import clean_mask
-from pipeline.segment.owl_sam import Detection, best_detection
 
 LABEL = "yolo-world+sam (ultralytics)"
 WEIGHTS_FILE = "weights.pt"
@@ -245,17 +245,7 @@ class UltralyticsSegmenter:
                 results.append(no_detection(self.label))
                 continue
             mask, mask_score = self.mask_for_box(image, detection.box)
-            results.append(
-                SegmentResult(
-                    mask=mask,
-                    box=detection.box,
-                    detection_score=detection.score,
-                    mask_score=mask_score,
-                    n_boxes=detection.n_boxes,
-                    segmenter=self.label,
-                    status=mask_status(mask, self.config),
-                )
-            )
+            results.append(detected(detection, mask, mask_score, self.label, self.config))
         return results
 
     def detect(self, images: Sequence[Image.Image], class_noun: str) -> list[Detection | None]:

@@ -29,9 +29,7 @@ def run_captions(
     for record in references.to_dict("records"):
         with Image.open(record["path"]) as opened:
             image = opened.convert("RGB")
-        result = caption_image(
-            captioner, cache, image, record["sha256"], record["class_noun"], record["token_phrase"]
-        )
+        result = caption_image(captioner, cache, image, record["sha256"], record["class_noun"], record["token_phrase"])
         path = out_dir / record["character_id"] / f"{record['sha256'][:16]}.txt"
         path.parent.mkdir(parents=True, exist_ok=True)
         data = result.text.encode("utf-8")

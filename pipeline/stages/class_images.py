@@ -6,6 +6,7 @@ so an interrupted run resumes where it stopped and a settings change never mixes
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -41,9 +42,7 @@ def _generate(
     folder.mkdir(parents=True, exist_ok=True)
     done = {i for i in range(config.count) if (folder / f"{i:04d}.png").is_file()}
     if len(done) < config.count:
-        for index, _seed, image in generate_class_images(
-            load_pipeline(), class_noun, config, skip_indices=done
-        ):
+        for index, _seed, image in generate_class_images(load_pipeline(), class_noun, config, skip_indices=done):
             save_png(image, folder / f"{index:04d}.png")
     rows = []
     for index in range(config.count):
@@ -79,6 +78,8 @@ def run_class_images(
 ) -> pd.DataFrame:
     rows: list[dict] = []
     written: set[Path] = set()
+    load_segmenter = functools.cache(load_segmenter)
+    load_pipeline = functools.cache(load_pipeline)
     settings_hash = sha256_json({**asdict(config), "base_model": base_model_id})[:10]
     for class_noun in spec.class_nouns:
         slug_dir = out_dir / noun_slug(class_noun)

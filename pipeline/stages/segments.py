@@ -6,6 +6,7 @@ the asset check reports them and the user can supply a mask by hand.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -44,9 +45,7 @@ def segment_images(
         model = load_segmenter()
         for start in range(0, len(pending), batch_size):
             chunk = pending[start : start + batch_size]
-            for index, result in zip(
-                chunk, model.segment([images[i] for i in chunk], class_noun), strict=True
-            ):
+            for index, result in zip(chunk, model.segment([images[i] for i in chunk], class_noun), strict=True):
                 results[index] = result
     return [r for r in results if r is not None]
 
@@ -83,9 +82,7 @@ def write_segment(
     lineage_params = {**params, "segmenter": result.segmenter, "status": result.status}
     recorder.record(mask_path, mask_sha, [parent_sha256], lineage_params, model_ids)
     recorder.record(cutout_path, cutout_sha, [parent_sha256, mask_sha], lineage_params, model_ids)
-    row.update(
-        mask_path=str(mask_path), mask_sha256=mask_sha, cutout_path=str(cutout_path), cutout_sha256=cutout_sha
-    )
+    row.update(mask_path=str(mask_path), mask_sha256=mask_sha, cutout_path=str(cutout_path), cutout_sha256=cutout_sha)
     return row
 
 
@@ -103,13 +100,12 @@ def run_segments(
     rows: list[dict] = []
     written: set[Path] = set()
     params = asdict(config)
+    load_segmenter = functools.cache(load_segmenter)  # load at most once, and only if a photo needs it
     for (character_id, class_noun), group in references.groupby(["character_id", "class_noun"], sort=False):
         records = group.to_dict("records")
         images = [Image.open(r["path"]).convert("RGB") for r in records]
         masks_dir = masks_dirs.get(character_id)
-        user_masks = [
-            find_user_mask(Path(masks_dir), Path(r["source"])) if masks_dir else None for r in records
-        ]
+        user_masks = [find_user_mask(Path(masks_dir), Path(r["source"])) if masks_dir else None for r in records]
         results = segment_images(images, class_noun, load_segmenter, user_masks, config, batch_size)
         for record, image, result, user_mask in zip(records, images, results, user_masks, strict=True):
             stem = out_dir / character_id / record["sha256"][:16]

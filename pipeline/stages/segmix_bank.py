@@ -54,9 +54,7 @@ def instance_subjects(segments: pd.DataFrame) -> dict[str, list[SegMixSubject]]:
     return dict(subjects)
 
 
-def prior_subjects(
-    class_images: pd.DataFrame, character_nouns: dict[str, str]
-) -> dict[str, list[SegMixSubject]]:
+def prior_subjects(class_images: pd.DataFrame, character_nouns: dict[str, str]) -> dict[str, list[SegMixSubject]]:
     """Class cut-outs per character slot; characters sharing a class noun split its pool so that one
     prior composite never shows the same class image twice."""
     usable = class_images[class_images["status"] == USABLE]
@@ -66,9 +64,7 @@ def prior_subjects(
         rows = usable[usable["class_noun"] == noun].to_dict("records")
         for index, row in enumerate(rows):
             cid = sharing[index % len(sharing)]
-            slots[cid].append(
-                SegMixSubject(_load_cutout(row["cutout_path"]), f"a {noun}", cid, row["cutout_sha256"])
-            )
+            slots[cid].append(SegMixSubject(_load_cutout(row["cutout_path"]), f"a {noun}", cid, row["cutout_sha256"]))
     return slots
 
 
@@ -96,9 +92,7 @@ def _render(
             parents,
             {**params, "index": entry.index, "seed": entry.seed},
         )
-        recorder.record(
-            row["union_mask_path"], row["union_mask_sha256"], parents, {"kind": kind, "role": "union_mask"}
-        )
+        recorder.record(row["union_mask_path"], row["union_mask_sha256"], parents, {"kind": kind, "role": "union_mask"})
         for j, (path, sha) in enumerate(zip(row["mask_paths"], row["mask_sha256s"], strict=True)):
             recorder.record(path, sha, parents, {"kind": kind, "role": f"visible_mask_{j}"})
         rows.append({"kind": kind, **row})
@@ -125,9 +119,7 @@ def run_segmix_bank(
     )
     if config.n_prior > 0:
         prior = prior_subjects(class_images, character_nouns) if class_images is not None else {}
-        lacking = (
-            sorted(cid for cid, items in prior.items() if not items) if prior else sorted(character_nouns)
-        )
+        lacking = sorted(cid for cid, items in prior.items() if not items) if prior else sorted(character_nouns)
         if lacking:
             notes.append(
                 f"No prior composites: no usable class-image cut-outs for {lacking} "

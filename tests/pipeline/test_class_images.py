@@ -27,16 +27,11 @@ def tiny_pipe(tmp_path_factory: pytest.TempPathFactory) -> Any:
 @pytest.fixture(scope="module")
 def reference_run(tiny_pipe: Any) -> list[tuple[int, int, np.ndarray]]:
     """One batched run of TINY that the other tests compare against."""
-    return [
-        (index, seed, np.asarray(image))
-        for index, seed, image in generate_class_images(tiny_pipe, "dog", TINY)
-    ]
+    return [(index, seed, np.asarray(image)) for index, seed, image in generate_class_images(tiny_pipe, "dog", TINY)]
 
 
 def pixels_by_index(pipe: Any, config: ClassImageConfig, **kwargs: Any) -> dict[int, np.ndarray]:
-    return {
-        index: np.asarray(image) for index, _, image in generate_class_images(pipe, "dog", config, **kwargs)
-    }
+    return {index: np.asarray(image) for index, _, image in generate_class_images(pipe, "dog", config, **kwargs)}
 
 
 def test_count_indices_seeds_and_size(reference_run: list[tuple[int, int, np.ndarray]]) -> None:

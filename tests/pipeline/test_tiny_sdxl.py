@@ -151,9 +151,7 @@ def test_missing_model_dir_names_the_path_and_the_expected_file(tmp_path: Path, 
     assert str(missing) in str(caught.value)
 
 
-def test_dir_without_model_index_names_the_path_and_the_expected_file(
-    tmp_path: Path, cache_root: Path
-) -> None:
+def test_dir_without_model_index_names_the_path_and_the_expected_file(tmp_path: Path, cache_root: Path) -> None:
     not_a_model = tmp_path / "just-weights"
     not_a_model.mkdir()
     (not_a_model / "model.safetensors").write_bytes(b"")

@@ -147,9 +147,7 @@ def test_success_sends_model_instruction_and_downscaled_image(server: FakeServer
     assert "the dog" in text and "background" in text
 
 
-def test_caption_image_caches_and_applies_token_phrase(
-    server: FakeServer, photo: Image.Image, tmp_path
-) -> None:
+def test_caption_image_caches_and_applies_token_phrase(server: FakeServer, photo: Image.Image, tmp_path) -> None:
     server.reply_with((200, completion("A dog on a lawn."), 0))
     captioner, cache = captioner_for(server), CaptionCache(tmp_path)
     first = caption_image(captioner, cache, photo, "c" * 64, "dog", "olis dog")
@@ -194,9 +192,7 @@ def test_unauthorized_fails_at_once_without_leaking_key(server: FakeServer, phot
 
 
 @pytest.mark.parametrize("status", [400, 403, 404])
-def test_client_errors_are_not_retried_and_redacted(
-    server: FakeServer, photo: Image.Image, status: int
-) -> None:
+def test_client_errors_are_not_retried_and_redacted(server: FakeServer, photo: Image.Image, status: int) -> None:
     server.reply_with((status, error_body(f"model {MODEL} not usable with key {SECRET}"), 0))
     with pytest.raises(CaptionError) as info:
         captioner_for(server).caption(photo, "dog")
@@ -211,9 +207,7 @@ def test_connection_refused_names_base_url(photo: Image.Image) -> None:
         port = probe.getsockname()[1]
     base_url = f"http://127.0.0.1:{port}/v1"
     captioner = OpenAICaptioner(
-        OpenAICaptionerConfig(
-            base_url=base_url, model=MODEL, api_key_env=KEY_ENV, max_retries=2, backoff_s=0.001
-        )
+        OpenAICaptionerConfig(base_url=base_url, model=MODEL, api_key_env=KEY_ENV, max_retries=2, backoff_s=0.001)
     )
     with pytest.raises(CaptionError) as info:
         captioner.caption(photo, "dog")

@@ -143,8 +143,7 @@ class RecordingSegmenter:
     def segment(self, images, class_noun):
         self.seen.extend(image.size for image in images)
         return [
-            SegmentResult(np.ones((im.height, im.width), bool), None, None, None, 1, self.label, "ok")
-            for im in images
+            SegmentResult(np.ones((im.height, im.width), bool), None, None, None, 1, self.label, "ok") for im in images
         ]
 
 

@@ -30,9 +30,7 @@ def tiny_models(tmp_path_factory) -> SimpleNamespace:
 @pytest.fixture(scope="module")
 def segmenter(tiny_models) -> OwlSamSegmenter:
     # Threshold 0: the random detector's scores are meaningless, but every box must then count as found.
-    return OwlSamSegmenter(
-        str(tiny_models.owlv2), str(tiny_models.sam), config=SegmentConfig(detection_threshold=0.0)
-    )
+    return OwlSamSegmenter(str(tiny_models.owlv2), str(tiny_models.sam), config=SegmentConfig(detection_threshold=0.0))
 
 
 def _photos() -> list[Image.Image]:
