@@ -89,7 +89,7 @@ def summary(pair: str, layout: DataLayout) -> None:
         print(f"  {stage.name:<14} {stage / 'manifest.parquet'}")
     print(f"Lineage (Parquet): {layout.lineage}")
     query = f"select asset_key, count(*) from read_parquet('{layout.lineage}/**/*.parquet') group by 1"
-    print(f"  e.g. .venv/bin/python -c \"import duckdb; print(duckdb.sql(\\\"{query}\\\"))\"")
+    print(f'  e.g. .venv/bin/python -c "import duckdb; print(duckdb.sql(\\"{query}\\"))"')
     print(f"Dagster instance: {os.environ['DAGSTER_HOME']}")
     print("Open the UI with `make ui` (dagster dev on http://127.0.0.1:3000).")
 
