@@ -37,7 +37,6 @@ class SegmentsConfig(dg.Config):
     detection_threshold: float = 0.1
     nms_iou: float = 0.5
     min_mask_fraction: float = 0.01
-    batch_size: int = 4
 
     def segment_config(self) -> SegmentConfig:
         return SegmentConfig(
@@ -164,7 +163,6 @@ def segments(
         seg_config,
         recorder,
         model_ids=models.segmenter_model_ids(),
-        batch_size=config.batch_size,
     )
     recorder.flush()
     flagged = manifest[manifest["status"] != USABLE]

@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 
 from pipeline.errors import CastloraError
+from pipeline.images import IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
 CLASS_NOUN_FIELD = "{class_noun}"
 
 

@@ -18,6 +18,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from pipeline.errors import NotEnoughReferencesError
 from pipeline.hashing import sha256_bytes, sha256_file
 
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
+"""File types castlora treats as images when scanning a folder (class images, user masks)."""
+
 
 @dataclass(frozen=True)
 class IntakeConfig:

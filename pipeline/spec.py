@@ -31,7 +31,6 @@ from pipeline.errors import SpecError
 from pipeline.paths import validate_key
 
 SPEC_FILENAMES = ("pair.yaml", "pair.yml", "pair.json")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".heic")
 
 
 @dataclass(frozen=True)

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from pipeline.errors import SegmentationError
+from pipeline.images import IMAGE_SUFFIXES
 from pipeline.segment.base import SegmentConfig, Segmenter, SegmentResult, mask_status
 from pipeline.segment.masks import mask_bbox
 
 LABEL = "user mask"
-MASK_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 ASPECT_TOLERANCE = 0.01
 """Relative aspect-ratio difference above which a mask cannot belong to the photo (a resize is fine)."""
 
@@ -31,7 +31,7 @@ def find_user_mask(masks_dir: Path, photo_path: Path) -> Path | None:
         return None
     by_stem: dict[str, list[Path]] = {}
     for candidate in sorted(masks_dir.iterdir()):
-        if candidate.is_file() and candidate.suffix.lower() in MASK_EXTENSIONS:
+        if candidate.is_file() and candidate.suffix.lower() in IMAGE_SUFFIXES:
             by_stem.setdefault(candidate.stem, []).append(candidate)
     for stem in user_mask_candidates(photo_path.stem):
         for candidate in by_stem.get(stem, []):
@@ -76,24 +76,23 @@ def user_mask_result(
 
 
 def segment_with_user_masks(
-    segmenter: Segmenter,
+    load_segmenter: Callable[[], Segmenter],
     images: Sequence[Image.Image],
-    photo_paths: Sequence[Path],
+    user_masks: Sequence[Path | None],
     class_noun: str,
-    masks_dir: Path | None,
     config: SegmentConfig | None = None,
 ) -> list[SegmentResult]:
-    """Segment photos, taking the user's mask wherever one exists; only the rest go through ``segmenter``."""
-    if len(images) != len(photo_paths):
-        raise ValueError(f"{len(images)} images but {len(photo_paths)} photo paths")
-    user_masks = [find_user_mask(masks_dir, path) if masks_dir else None for path in photo_paths]
+    """Photo i takes ``user_masks[i]`` when it is a file (see ``find_user_mask``); the rest go through the
+    segmenter, which is loaded only when at least one photo needs it."""
+    if len(images) != len(user_masks):
+        raise ValueError(f"{len(images)} images but {len(user_masks)} user-mask entries")
     results: list[SegmentResult | None] = [
         user_mask_result(mask_path, image.size, config) if mask_path else None
         for image, mask_path in zip(images, user_masks, strict=True)
     ]
     pending = [index for index, result in enumerate(results) if result is None]
     if pending:
-        segmented = segmenter.segment([images[index] for index in pending], class_noun)
+        segmented = load_segmenter().segment([images[index] for index in pending], class_noun)
         for index, result in zip(pending, segmented, strict=True):
             results[index] = result
     return [result for result in results if result is not None]

@@ -22,8 +22,9 @@ from pipeline.images import IntakeConfig, intake_photos, save_png
 from pipeline.lineage import LineageRecorder
 from pipeline.manifest import prune_unlisted, write_manifest
 from pipeline.segment import SegmentConfig, Segmenter
+from pipeline.segment.user_masks import segment_with_user_masks
 from pipeline.spec import PairSpec
-from pipeline.stages.segments import segment_images, write_segment
+from pipeline.stages.segments import write_segment
 
 
 def noun_slug(class_noun: str) -> str:
@@ -89,7 +90,7 @@ def run_class_images(
             gen_dir = slug_dir / f"gen-{settings_hash}"
             images = _generate(class_noun, gen_dir, config, load_pipeline, base_model_id, recorder)
         pictures = [Image.open(r["path"]).convert("RGB") for r in images]
-        results = segment_images(pictures, class_noun, load_segmenter, [None] * len(pictures), segment_config)
+        results = segment_with_user_masks(load_segmenter, pictures, [None] * len(pictures), class_noun, segment_config)
         for record, picture, result in zip(images, pictures, results, strict=True):
             written.add(Path(record["path"]))
             stem = Path(record["path"]).with_suffix("")

@@ -19,35 +19,9 @@ from pipeline.lineage import LineageRecorder
 from pipeline.manifest import prune_unlisted, write_manifest
 from pipeline.segment import SegmentConfig, Segmenter, SegmentResult
 from pipeline.segment.masks import cutout_rgba
-from pipeline.segment.user_masks import find_user_mask, user_mask_result
+from pipeline.segment.user_masks import find_user_mask, segment_with_user_masks
 
 USABLE = "ok"
-
-
-def segment_images(
-    images: Sequence[Image.Image],
-    class_noun: str,
-    load_segmenter: Callable[[], Segmenter],
-    user_masks: Sequence[Path | None],
-    config: SegmentConfig,
-    batch_size: int = 4,
-) -> list[SegmentResult]:
-    """User masks win; the rest go through the segmenter in batches.
-
-    The segmenter comes from a factory so that its models load only when some photo actually needs them.
-    """
-    results: list[SegmentResult | None] = [
-        user_mask_result(mask, image.size, config) if mask is not None else None
-        for image, mask in zip(images, user_masks, strict=True)
-    ]
-    pending = [i for i, result in enumerate(results) if result is None]
-    if pending:
-        model = load_segmenter()
-        for start in range(0, len(pending), batch_size):
-            chunk = pending[start : start + batch_size]
-            for index, result in zip(chunk, model.segment([images[i] for i in chunk], class_noun), strict=True):
-                results[index] = result
-    return [r for r in results if r is not None]
 
 
 def write_segment(
@@ -94,7 +68,6 @@ def run_segments(
     config: SegmentConfig,
     recorder: LineageRecorder,
     model_ids: Sequence[str] = (),
-    batch_size: int = 4,
 ) -> pd.DataFrame:
     """Segment every photo of the references manifest; ``masks_dirs``: character id → user mask folder."""
     rows: list[dict] = []
@@ -106,7 +79,7 @@ def run_segments(
         images = [Image.open(r["path"]).convert("RGB") for r in records]
         masks_dir = masks_dirs.get(character_id)
         user_masks = [find_user_mask(Path(masks_dir), Path(r["source"])) if masks_dir else None for r in records]
-        results = segment_images(images, class_noun, load_segmenter, user_masks, config, batch_size)
+        results = segment_with_user_masks(load_segmenter, images, user_masks, class_noun, config)
         for record, image, result, user_mask in zip(records, images, results, user_masks, strict=True):
             stem = out_dir / character_id / record["sha256"][:16]
             ids = () if user_mask is not None else model_ids

@@ -157,17 +157,18 @@ def test_user_masks_override_the_segmenter(tmp_path):
     Image.fromarray(values).save(masks / "b_mask.png")
 
     segmenter = RecordingSegmenter()
-    results = segment_with_user_masks(segmenter, photos, paths, "dog", masks)
+    user_masks = [find_user_mask(masks, path) for path in paths]
+    results = segment_with_user_masks(lambda: segmenter, photos, user_masks, "dog")
     assert [r.segmenter for r in results] == ["recording", "user mask", "recording"]
     assert segmenter.seen == [(40, 30), (60, 30)]  # photo b never reached the segmenter
     assert results[1].mask.sum() == 30 * 10
     assert [r.mask.shape for r in results] == [(30, 40), (30, 50), (30, 60)]
 
 
-def test_without_masks_dir_everything_is_segmented(tmp_path):
+def test_without_user_masks_everything_is_segmented():
     segmenter = RecordingSegmenter()
-    photos, paths = [Image.new("RGB", (8, 8))], [tmp_path / "x.jpg"]
-    results = segment_with_user_masks(segmenter, photos, paths, "dog", None)
+    photos = [Image.new("RGB", (8, 8))]
+    results = segment_with_user_masks(lambda: segmenter, photos, [None], "dog")
     assert [r.segmenter for r in results] == ["recording"]
 
 
