@@ -23,11 +23,15 @@ class InboxEntry:
 
 
 def register_pair(layout: DataLayout, spec: PairSpec) -> Path:
-    """Write the normalised spec for ``spec.pair`` (atomic); re-registering replaces it."""
+    """Write the normalised spec for ``spec.pair`` (atomic); re-registering replaces it, and an unchanged
+    spec is not rewritten (the sensor registers every inbox folder on every tick)."""
     target = layout.spec_path(spec.pair)
+    text = spec.to_json()
+    if target.is_file() and target.read_text(encoding="utf-8") == text:
+        return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(".pair.json.tmp")
-    tmp.write_text(spec.to_json(), encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     tmp.replace(target)
     return target
 

@@ -91,8 +91,11 @@ def test_duplicate_ids_and_phrases_rejected(make_pair):
 def test_register_and_load(tmp_path, make_pair):
     layout = DataLayout.at(tmp_path / "home")
     spec = load_spec(make_pair("a__b"))
-    register_pair(layout, spec)
+    path = register_pair(layout, spec)
     assert load_registered(layout, "a__b") == spec
+    written_at = path.stat().st_mtime_ns
+    register_pair(layout, spec)
+    assert path.stat().st_mtime_ns == written_at  # unchanged spec: not rewritten
     with pytest.raises(PairKeyError, match="not registered"):
         load_registered(layout, "c__d")
 
