@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 
 from pipeline.errors import CastloraError
@@ -40,20 +38,9 @@ def create_segmenter(
 
 
 def _create_ultralytics(detector_source: str, sam_source: str, device: str, config: SegmentConfig) -> Segmenter:
-    """Imported lazily: the module and the ``ultralytics`` package are optional."""
-    try:
-        module = importlib.import_module("pipeline.segment.ultra")
-    except ModuleNotFoundError as exc:
-        missing = exc.name or "pipeline.segment.ultra"
-        raise CastloraError(
-            f"Segmentation backend 'ultralytics' is not available: module {missing!r} could not be imported. "
-            "Install the extra with `pip install castlora[ultralytics]`, or choose backend "
-            "'owlv2_sam' or 'grabcut'."
-        ) from exc
-    factory = getattr(module, "create_ultralytics_segmenter", None) or getattr(module, "UltralyticsSegmenter", None)
-    if factory is None:
-        raise CastloraError(
-            "Segmentation backend 'ultralytics': pipeline.segment.ultra defines neither "
-            "create_ultralytics_segmenter nor UltralyticsSegmenter; choose backend 'owlv2_sam' or 'grabcut'."
-        )
-    return factory(detector_source=detector_source, sam_source=sam_source, device=device, config=config)
+    # Imported here: ultralytics is heavy, and pipeline.segment.ultra explains a missing install itself.
+    from pipeline.segment.ultra import create_ultralytics_segmenter
+
+    return create_ultralytics_segmenter(
+        detector_source=detector_source, sam_source=sam_source, device=device, config=config
+    )

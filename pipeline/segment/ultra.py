@@ -64,8 +64,8 @@ def import_ultralytics_offline() -> Any:
         import ultralytics
     except ModuleNotFoundError as exc:
         raise CastloraError(
-            "Segmentation backend 'ultralytics' needs the ultralytics package: install the extra with "
-            "`pip install castlora[ultralytics]`, or choose backend 'owlv2_sam' or 'grabcut'."
+            "Segmentation backend 'ultralytics' needs the ultralytics package (a castlora dependency): "
+            "`pip install 'ultralytics>=8.4'`, or choose backend 'owlv2_sam' or 'grabcut'."
         ) from exc
     import ultralytics.utils as ultralytics_utils
     from ultralytics.utils import checks, events

@@ -183,7 +183,7 @@ def test_factory_rejects_unknown_backends_listing_the_valid_ones():
         create_segmenter("mask-rcnn", detector_source="x", sam_source="y")
 
 
-def test_factory_explains_a_missing_ultralytics_backend(monkeypatch):
-    monkeypatch.setitem(sys.modules, "pipeline.segment.ultra", None)  # import now fails as if absent
-    with pytest.raises(CastloraError, match="ultralytics"):
-        create_segmenter("ultralytics", detector_source="x", sam_source="y")
+def test_factory_explains_a_missing_ultralytics_package(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "ultralytics", None)  # import now fails as if not installed
+    with pytest.raises(CastloraError, match=r"needs the ultralytics package .*pip install 'ultralytics>=8.4'"):
+        create_segmenter("ultralytics", detector_source=str(tmp_path), sam_source=str(tmp_path))
