@@ -118,7 +118,7 @@ def references(
 ) -> dg.MaterializeResult:
     pair = _pair(context)
     spec = storage.spec(pair)
-    recorder = storage.recorder(context, "references-v1")
+    recorder = storage.recorder(context)
     intake = IntakeConfig(min_side=config.min_side, max_side=config.max_side, min_photos=config.min_photos)
     out = run_references(spec, storage.stage_dir(pair, "references"), intake, recorder)
     recorder.flush()
@@ -154,7 +154,7 @@ def segments(
     spec = storage.spec(pair)
     refs = read_manifest(storage.stage_dir(pair, "references"), "references")
     seg_config = config.segment_config()
-    recorder = storage.recorder(context, "segments-v1")
+    recorder = storage.recorder(context)
     manifest = run_segments(
         refs,
         {c.id: c.masks_dir for c in spec.characters},
@@ -200,7 +200,7 @@ def captions(
     pair = _pair(context)
     refs = read_manifest(storage.stage_dir(pair, "references"), "references")
     backend = captioner.build(storage.layout.models, models.resolved_preset().vlm)
-    recorder = storage.recorder(context, "captions-v1")
+    recorder = storage.recorder(context)
     manifest = run_captions(
         refs,
         storage.stage_dir(pair, "captions"),
@@ -247,7 +247,7 @@ def class_images(
         prompt_template=config.prompt_template,
     )
     seg_config = SegmentConfig(detection_threshold=config.detection_threshold)
-    recorder = storage.recorder(context, "class-images-v1")
+    recorder = storage.recorder(context)
     manifest = run_class_images(
         spec,
         storage.stage_dir(pair, "class_images"),
@@ -292,7 +292,7 @@ def segmix_bank(
     segs = read_manifest(storage.stage_dir(pair, "segments"), "segments")
     bank = config.bank_config(models.resolved_preset().resolution)
     prior = read_manifest(storage.stage_dir(pair, "class_images"), "class_images") if bank.n_prior else None
-    recorder = storage.recorder(context, "segmix-bank-v1")
+    recorder = storage.recorder(context)
     out = run_segmix_bank(
         segs,
         prior,

@@ -28,7 +28,9 @@ class StorageResource(dg.ConfigurableResource):
     def spec(self, pair_key: str) -> PairSpec:
         return load_registered(self.layout, pair_key)
 
-    def recorder(self, context: dg.AssetExecutionContext, code_version: str) -> LineageRecorder:
+    def recorder(self, context: dg.AssetExecutionContext) -> LineageRecorder:
+        """Lineage for the running asset; its code version is the one declared on the asset."""
+        code_version = context.assets_def.code_versions_by_key.get(context.asset_key) or "unversioned"
         return LineageRecorder(
             root=self.layout.lineage,
             run_id=context.run.run_id,

@@ -107,6 +107,8 @@ def test_lineage_rows_have_run_and_partition(materialized):
     assert set(frame["partition_key"]) == {"red__blue"}
     assert set(frame["asset_key"]) == {"references", "segments", "captions", "class_images", "segmix_bank"}
     assert (frame["finished_at"] >= frame["started_at"]).all()
+    versions = frame.groupby("asset_key")["code_version"].unique().to_dict()
+    assert [str(v) for v in versions["segmix_bank"]] == ["castlora-0.1.0/segmix-bank-v1"]
 
 
 def test_unregistered_partition_fails_with_clear_message(tmp_path):
