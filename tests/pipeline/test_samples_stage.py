@@ -1,0 +1,141 @@
+"""The samples stage: images, manifest and lineage for every (prompt, seed), with Seg-Mix layouts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from diffusers import StableDiffusionXLPipeline
+from PIL import Image
+
+from pipeline.errors import CastloraError
+from pipeline.hashing import sha256_file
+from pipeline.infer import DEFAULT_NEGATIVE, Layout, layout_from_composite
+from pipeline.lineage import LineageRecorder, ancestors, read_lineage
+from pipeline.models.tiny_sdxl import build_tiny_sdxl
+from pipeline.segmix import SegMixConfig, SegMixSubject, compose
+from pipeline.stages.samples import run_samples
+
+SIDE = 64
+LORA_SHA = "ab" * 32
+PROMPTS = ["olis dog and vrin dog in a park", "olis dog and vrin dog on a sofa"]
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory: pytest.TempPathFactory) -> StableDiffusionXLPipeline:
+    folder = tmp_path_factory.mktemp("sdxl")
+    build_tiny_sdxl(folder)
+    loaded = StableDiffusionXLPipeline.from_pretrained(folder)
+    loaded.set_progress_bar_config(disable=True)
+    return loaded
+
+
+def block_cutout(colour: tuple[int, int, int], width: int, height: int) -> Image.Image:
+    rgba = np.zeros((height, width, 4), dtype=np.uint8)
+    rgba[...] = (*colour, 255)
+    return Image.fromarray(rgba)
+
+
+class SegMixLayouts:
+    """The caller's layout factory: a fresh Seg-Mix composite per seed; counts its calls."""
+
+    def __init__(self) -> None:
+        self.subjects = [
+            SegMixSubject(block_cutout((220, 30, 30), 40, 60), "olis dog", "dog6"),
+            SegMixSubject(block_cutout((30, 40, 210), 50, 40), "vrin dog", "dog2"),
+        ]
+        self.config = SegMixConfig(canvas=(SIDE, SIDE), max_occlusion=1.0)
+        self.calls: list[int] = []
+
+    def __call__(self, seed: int) -> Layout:
+        self.calls.append(seed)
+        return layout_from_composite(compose(self.subjects, self.config, seed))
+
+
+def recorder(root: Path, run_id: str) -> LineageRecorder:
+    return LineageRecorder(root=root, run_id=run_id, asset_key="samples", partition_key="dog6__dog2", code_version="1")
+
+
+def run(pipe: StableDiffusionXLPipeline, out_dir: Path, rec: LineageRecorder, **overrides) -> pd.DataFrame:
+    kwargs = dict(
+        prompts=PROMPTS,
+        seeds=[5, 9, 13],
+        images_per_prompt=2,
+        layout_factory=SegMixLayouts(),
+        gamma=1.0,
+        lora_version="v0001",
+        out_dir=out_dir,
+        recorder=rec,
+        height=SIDE,
+        width=SIDE,
+        steps=2,
+        guidance=5.0,
+        negative=DEFAULT_NEGATIVE,
+        lora_sha256=LORA_SHA,
+        model_ids=["tiny:sdxl"],
+    )
+    kwargs.update(overrides)
+    return run_samples(pipe, **kwargs)
+
+
+def test_every_image_carries_prompt_seed_gamma_layout_and_lora(pipe, tmp_path: Path) -> None:
+    layouts = SegMixLayouts()
+    rec = recorder(tmp_path / "lineage", "run1")
+    manifest = run(pipe, tmp_path / "samples", rec, layout_factory=layouts)
+    rec.flush()
+
+    assert len(manifest) == len(PROMPTS) * 2
+    assert sorted(layouts.calls) == [5, 9]  # one layout per seed, shared by the prompts, seeds[:2] only
+    assert set(zip(manifest["prompt"], manifest["seed"], strict=True)) == {(p, s) for p in PROMPTS for s in (5, 9)}
+    assert (manifest["gamma"] == 1.0).all() and (manifest["lora_version"] == "v0001").all()
+    assert (manifest["negative_prompt"] == DEFAULT_NEGATIVE).all() and (manifest["lora_sha256"] == LORA_SHA).all()
+    for row in manifest.to_dict("records"):
+        assert Path(row["path"]).is_file() and sha256_file(row["path"]) == row["sha256"]
+        with Image.open(row["path"]) as image:
+            assert image.size == (SIDE, SIDE)
+        assert row["layout_source"] == f"segmix:{row['seed']}"
+        boxes = json.loads(row["layout_boxes_json"])
+        assert len(boxes) == 2 and all(len(box) == 4 for box in boxes)
+        assert sha256_file(row["layout_path"]) == row["layout_sha256"] and Path(row["layout_mask_path"]).is_file()
+    # Same seed, same layout under every prompt; different seeds, different Seg-Mix draws.
+    per_seed = manifest.groupby("seed")["layout_sha256"].nunique()
+    assert (per_seed == 1).all() and manifest["layout_sha256"].nunique() == 2
+
+    lineage = read_lineage(tmp_path / "lineage").to_pylist()
+    by_sha = {row["artifact_sha256"]: row for row in lineage}
+    for row in manifest.to_dict("records"):
+        entry = by_sha[row["sha256"]]
+        assert entry["artifact_uri"] == row["path"] and entry["model_ids"] == ["tiny:sdxl"]
+        assert entry["parent_sha256s"] == [row["layout_sha256"], LORA_SHA]
+        params = json.loads(entry["params_json"])
+        assert (params["prompt"], params["seed"], params["gamma"]) == (row["prompt"], row["seed"], 1.0)
+        assert params["lora_version"] == "v0001" and params["layout_source"] == row["layout_source"]
+    layout_row = ancestors(read_lineage(tmp_path / "lineage"), manifest["sha256"][0])[0]
+    assert json.loads(layout_row["params_json"])["source"].startswith("segmix:")
+
+
+def test_plain_noise_needs_no_layout_and_reruns_are_identical(pipe, tmp_path: Path) -> None:
+    out_dir = tmp_path / "samples"
+    first = run(pipe, out_dir, recorder(tmp_path / "lineage", "a"), gamma=None, layout_factory=None, lora_sha256=None)
+    assert first["layout_source"].isna().all() and first["gamma"].isna().all()
+    assert not (out_dir / "layouts").exists()
+    rec = recorder(tmp_path / "lineage", "b")
+    second = run(pipe, out_dir, rec, gamma=None, layout_factory=None, lora_sha256=None, images_per_prompt=1)
+    assert set(second["sha256"]) < set(first["sha256"])  # seed 5 again: same pixels, same hash
+    assert all(entry["parent_sha256s"] == [] for entry in rec.rows)
+    # Files of the earlier, larger run that the new manifest no longer lists are gone.
+    assert sorted(p.name for p in (out_dir / "images").iterdir()) == ["p000_s5.png", "p001_s5.png"]
+
+
+def test_invalid_settings_are_refused(pipe, tmp_path: Path) -> None:
+    rec = recorder(tmp_path / "lineage", "c")
+    with pytest.raises(CastloraError, match="layout_factory"):
+        run(pipe, tmp_path, rec, layout_factory=None)
+    with pytest.raises(CastloraError, match="seed"):
+        run(pipe, tmp_path, rec, images_per_prompt=4)
+    with pytest.raises(CastloraError, match="prompts"):
+        run(pipe, tmp_path, rec, prompts=[])
+    assert rec.rows == []
