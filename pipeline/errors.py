@@ -27,3 +27,7 @@ class CaptionError(CastloraError):
 
 class SegmentationError(CastloraError):
     """Segmentation could not run or its inputs (e.g. user masks) are invalid."""
+
+
+class CheckpointError(CastloraError):
+    """A training checkpoint is corrupt, incomplete or was written by a different configuration."""

@@ -1,0 +1,264 @@
+"""Content-addressed caches of VAE latents and SDXL text embeddings, built once before training.
+
+Every entry is keyed by *what it was computed from* (image bytes' SHA-256 + resolution + VAE identity;
+prompt text + text-encoder identity), never by a dataloader index or step: diffusers' ``--cache_latents``
+pairs latents with the wrong captions once the data is shuffled (diffusers #14430, #12124). Each file also
+records its own key, checked on read, so a misplaced file is recomputed instead of trusted.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from pipeline.errors import CastloraError
+from pipeline.hashing import sha256_bytes, sha256_file, sha256_json
+from pipeline.images import load_mask, to_rgb
+from pipeline.train.data import TrainingSample
+
+ENCODE_BATCH = 8
+
+
+def module_identity(*modules: torch.nn.Module) -> str:
+    """A cheap identity of frozen modules: class, config and the bytes of their first and last parameter.
+
+    Hashing every weight of SDXL's text encoders would cost seconds per run; the probe tensors change with
+    any retraining or different checkpoint, and the config catches architecture changes.
+    """
+    parts = []
+    for module in modules:
+        params = list(module.parameters())
+        probes = [params[0], params[-1]] if params else []
+        config = getattr(module, "config", None)
+        config_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
+        config_dict = {k: v for k, v in config_dict.items() if not k.startswith("_")}  # drops name_or_path, version
+        parts.append(
+            {
+                "class": type(module).__name__,
+                "config": config_dict,
+                "probes": [sha256_bytes(p.detach().float().cpu().numpy().tobytes()) for p in probes],
+            }
+        )
+    return sha256_json(parts)
+
+
+def center_crop_resize(image: Image.Image, resolution: int, resample: int = Image.Resampling.BICUBIC) -> Image.Image:
+    """Resize the shorter side to ``resolution`` and crop the centre square (the fixed-size policy)."""
+    width, height = image.size
+    scale = resolution / min(width, height)
+    new_w, new_h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
+    resized = image.resize((new_w, new_h), resample)
+    left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
+    return resized.crop((left, top, left + resolution, top + resolution))
+
+
+def load_training_image(path: str | Path, resolution: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Pixels in [-1, 1] as (3, H, W) and the original (height, width), which SDXL conditions on."""
+    with Image.open(path) as opened:
+        image = to_rgb(opened.copy())  # copy: to_rgb may return the lazily-loaded file itself
+    original = (image.height, image.width)
+    pixels = np.asarray(center_crop_resize(image, resolution), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous(), original
+
+
+def load_training_mask(path: str | Path, resolution: int, latent_side: int) -> torch.Tensor:
+    """The subject mask cropped like its image and averaged down to the latent grid, as (1, h, w) in [0, 1]."""
+    mask = Image.fromarray((load_mask(path) * 255).astype(np.uint8))
+    cropped = np.asarray(center_crop_resize(mask, resolution, Image.Resampling.NEAREST), dtype=np.float32) / 255.0
+    tensor = torch.from_numpy(cropped)[None, None]
+    return torch.nn.functional.adaptive_avg_pool2d(tensor, latent_side)[0]
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, key: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(temp), metadata={"key": key})
+    os.replace(temp, path)  # concurrent writers (DDP ranks) each replace with identical content
+
+
+def _read_entry(path: Path, key: str) -> dict[str, torch.Tensor] | None:
+    """The entry's tensors if the file exists, is readable and records ``key``; else None (recompute)."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            if (handle.metadata() or {}).get("key") != key:
+                return None
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError):
+        return None
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+
+
+@dataclass(frozen=True)
+class CachedLatent:
+    latent: torch.Tensor
+    """(4, h, w) float32, already multiplied by the VAE scaling factor."""
+    original_size: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class CachedText:
+    prompt_embeds: torch.Tensor
+    """(77, D1 + D2): penultimate hidden states of both text encoders, concatenated."""
+    pooled: torch.Tensor
+    """(D2,): text encoder 2's projected pooled output."""
+
+
+@dataclass
+class LatentCache:
+    root: Path
+    vae_id: str
+    resolution: int
+    stats: CacheStats = field(default_factory=CacheStats)
+
+    def key(self, image_sha256: str) -> str:
+        return sha256_json({"image": image_sha256, "resolution": self.resolution, "vae": self.vae_id})
+
+    def path(self, image_sha256: str) -> Path:
+        return self.root / "latents" / f"{self.resolution}px-{self.vae_id[:12]}" / f"{image_sha256}.safetensors"
+
+    def get(self, image_sha256: str) -> CachedLatent | None:
+        entry = _read_entry(self.path(image_sha256), self.key(image_sha256))
+        if entry is None:
+            return None
+        return CachedLatent(entry["latent"], (int(entry["original_size"][0]), int(entry["original_size"][1])))
+
+    def put(self, image_sha256: str, value: CachedLatent) -> None:
+        tensors = {"latent": value.latent.float().cpu(), "original_size": torch.tensor(value.original_size)}
+        _atomic_save(tensors, self.path(image_sha256), self.key(image_sha256))
+
+
+@dataclass
+class TextCache:
+    root: Path
+    encoders_id: str
+    stats: CacheStats = field(default_factory=CacheStats)
+
+    def key(self, prompt: str) -> str:
+        return sha256_json({"prompt": prompt, "text_encoders": self.encoders_id})
+
+    def path(self, prompt: str) -> Path:
+        return self.root / "text" / self.encoders_id[:12] / f"{self.key(prompt)}.safetensors"
+
+    def get(self, prompt: str) -> CachedText | None:
+        entry = _read_entry(self.path(prompt), self.key(prompt))
+        return None if entry is None else CachedText(entry["prompt_embeds"], entry["pooled"])
+
+    def put(self, prompt: str, value: CachedText) -> None:
+        tensors = {"prompt_embeds": value.prompt_embeds.float().cpu(), "pooled": value.pooled.float().cpu()}
+        _atomic_save(tensors, self.path(prompt), self.key(prompt))
+
+
+def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def vae_latent_scale(vae: torch.nn.Module, latent: torch.Tensor) -> torch.Tensor:
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (latent - shift) * vae.config.scaling_factor
+
+
+@torch.no_grad()
+def encode_images(vae: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """Scaled latents (distribution mean) of ``pixels`` (N, 3, H, W) in [-1, 1], computed in float32:
+    SDXL's VAE overflows in fp16 (SPEC §5)."""
+    original_dtype = vae.dtype
+    if original_dtype != torch.float32:
+        vae.to(torch.float32)
+    try:
+        latent = vae.encode(pixels.to(vae.device, torch.float32)).latent_dist.mean
+    finally:
+        if original_dtype != torch.float32:
+            vae.to(original_dtype)
+    return vae_latent_scale(vae, latent).float().cpu()
+
+
+def build_latent_cache(
+    vae: torch.nn.Module, samples: Sequence[TrainingSample], resolution: int, cache_dir: Path
+) -> tuple[dict[str, CachedLatent], CacheStats]:
+    """Latents for every distinct image of ``samples``, by sample id; encodes only what the cache lacks."""
+    cache = LatentCache(Path(cache_dir), module_identity(vae), resolution)
+    by_id = {s.sample_id: s for s in samples}
+    result: dict[str, CachedLatent] = {}
+    missing = []
+    for sample_id in sorted(by_id):
+        cached = cache.get(sample_id)
+        if cached is None:
+            missing.append(by_id[sample_id])
+        else:
+            result[sample_id] = cached
+    cache.stats.hits = len(result)
+    cache.stats.misses = len(missing)
+    for chunk in _batches(missing, ENCODE_BATCH):
+        loaded = []
+        for sample in chunk:
+            actual = sha256_file(sample.image_path)
+            if actual != sample.sample_id:
+                raise CastloraError(
+                    f"{sample.image_path} changed since its manifest was written (sha256 {actual[:12]}…, manifest "
+                    f"says {sample.sample_id[:12]}…): re-materialize the stage that wrote it."
+                )
+            loaded.append(load_training_image(sample.image_path, resolution))
+        latents = encode_images(vae, torch.stack([pixels for pixels, _ in loaded]))
+        for sample, latent, (_, original) in zip(chunk, latents, loaded, strict=True):
+            entry = CachedLatent(latent.clone(), original)
+            cache.put(sample.sample_id, entry)
+            result[sample.sample_id] = entry
+    return result, cache.stats
+
+
+def encode_prompts(pipe, prompts: Sequence[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL conditioning for ``prompts`` exactly as the pipeline computes it at inference (no CFG)."""
+    prompt_embeds, _, pooled, _ = pipe.encode_prompt(
+        prompt=list(prompts), device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+    )
+    return prompt_embeds, pooled
+
+
+def text_encoders_identity(pipe) -> str:
+    tokenizers = [pipe.tokenizer, pipe.tokenizer_2]
+    vocab = [sha256_json(sorted(t.get_vocab().items())) for t in tokenizers if t is not None]
+    return sha256_json({"modules": module_identity(pipe.text_encoder, pipe.text_encoder_2), "tokenizers": vocab})
+
+
+def build_text_cache(pipe, prompts: Iterable[str], cache_dir: Path) -> tuple[dict[str, CachedText], CacheStats]:
+    """Embeddings of every distinct prompt, by prompt text; encodes only what the cache lacks."""
+    cache = TextCache(Path(cache_dir), text_encoders_identity(pipe))
+    result: dict[str, CachedText] = {}
+    missing = []
+    for prompt in sorted(set(prompts)):
+        cached = cache.get(prompt)
+        if cached is None:
+            missing.append(prompt)
+        else:
+            result[prompt] = cached
+    cache.stats.hits, cache.stats.misses = len(result), len(missing)
+    device = pipe.text_encoder_2.device
+    for chunk in _batches(missing, ENCODE_BATCH):
+        with torch.no_grad():
+            embeds, pooled = encode_prompts(pipe, chunk, device)
+        for prompt, e, p in zip(chunk, embeds, pooled, strict=True):
+            entry = CachedText(e.float().cpu().clone(), p.float().cpu().clone())
+            cache.put(prompt, entry)
+            result[prompt] = entry
+    return result, cache.stats
+
+
+def load_masks(samples: Sequence[TrainingSample], resolution: int, latent_side: int) -> dict[str, torch.Tensor]:
+    """Latent-grid masks by sample id (only samples that have one); small enough to keep in memory."""
+    return {s.sample_id: load_training_mask(s.mask_path, resolution, latent_side) for s in samples if s.mask_path}

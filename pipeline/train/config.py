@@ -1,0 +1,99 @@
+"""Training settings for the DreamBooth-LoRA loop, and the fingerprint that ties a checkpoint to them."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from pipeline.errors import CastloraError
+from pipeline.lora.adapters import UNET_TARGETS
+
+LR_SCHEDULERS = ("constant", "cosine")
+MASK_NORMALIZATIONS = ("mean", "mask_mean")
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+
+# Fields that never change the trained weights: they may differ between a run and its resume.
+_RESULT_NEUTRAL = frozenset({"checkpoint_every", "keep_checkpoints", "log_every", "gradient_checkpointing"})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 500
+    batch_size: int = 1
+    """Instance images per step and process; with prior preservation each step also sees as many prior images."""
+    lr: float = 1e-4
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    rank: int = 32
+    alpha: float = 32.0
+    targets: tuple[str, ...] = UNET_TARGETS
+    train_text_encoder: bool = False
+    """Also train LoRA on both text encoders (then text embeddings are computed every step, not cached)."""
+    text_encoder_lr: float | None = None
+    """Learning rate of the text-encoder LoRA; None = ``lr``."""
+    segmix_p: float = 0.3
+    """Probability that an instance (and prior) slot is a Seg-Mix composite rather than a single photo."""
+    prior_weight: float = 1.0
+    """Weight of the prior-preservation loss; 0 disables prior preservation."""
+    dco_beta: float = 0.0
+    """>0 replaces the instance MSE by the DCO loss against the same U-Net with LoRA scale 0 (MuDI uses 1000)."""
+    masked_loss: bool = False
+    mask_normalization: str = "mean"
+    """``mean``: mean of mask * error over all pixels; ``mask_mean``: that divided by the mask's mean."""
+    resolution: int = 1024
+    """Fixed square size: images are resized (shorter side) and centre-cropped to it; no bucketing."""
+    mixed_precision: str = "no"
+    """Frozen weights in fp16/bf16 on GPU with autocast; LoRA parameters always stay fp32."""
+    gradient_checkpointing: bool = False
+    use_8bit_adam: bool = False
+    adam_weight_decay: float = 1e-2
+    seed: int = 0
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.steps < 1:
+            problems.append(f"steps={self.steps} must be >= 1")
+        if self.batch_size < 1:
+            problems.append(f"batch_size={self.batch_size} must be >= 1")
+        if self.lr <= 0:
+            problems.append(f"lr={self.lr} must be > 0")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            problems.append(f"lr_scheduler={self.lr_scheduler!r} must be one of {LR_SCHEDULERS}")
+        if self.rank < 1:
+            problems.append(f"rank={self.rank} must be >= 1")
+        if not 0.0 <= self.segmix_p <= 1.0:
+            problems.append(f"segmix_p={self.segmix_p} must be in [0, 1]")
+        if self.prior_weight < 0 or self.dco_beta < 0:
+            problems.append("prior_weight and dco_beta must be >= 0")
+        if self.mask_normalization not in MASK_NORMALIZATIONS:
+            problems.append(f"mask_normalization={self.mask_normalization!r} must be one of {MASK_NORMALIZATIONS}")
+        if self.mixed_precision not in MIXED_PRECISIONS:
+            problems.append(f"mixed_precision={self.mixed_precision!r} must be one of {MIXED_PRECISIONS}")
+        if self.resolution < 8 or self.resolution % 8:
+            problems.append(f"resolution={self.resolution} must be a positive multiple of 8")
+        if self.checkpoint_every < 1 or self.keep_checkpoints < 1 or self.log_every < 1:
+            problems.append("checkpoint_every, keep_checkpoints and log_every must be >= 1")
+        if not self.targets:
+            problems.append("targets must name at least one module")
+        if problems:
+            raise CastloraError("Invalid training config: " + "; ".join(problems) + ".")
+
+    @property
+    def prior_preservation(self) -> bool:
+        return self.prior_weight > 0
+
+    def result_fields(self) -> dict[str, Any]:
+        """The fields that change the trained weights, JSON-ready (what a checkpoint fingerprint hashes).
+
+        ``steps`` matters only through the cosine schedule: with a constant schedule a finished run can be
+        extended by resuming with more steps.
+        """
+        fields = {k: v for k, v in asdict(self).items() if k not in _RESULT_NEUTRAL}
+        fields["targets"] = list(self.targets)
+        if self.lr_scheduler == "constant":
+            fields.pop("steps")
+        return fields
