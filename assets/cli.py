@@ -86,7 +86,8 @@ def summary(pair: str, layout: DataLayout) -> None:
     pair_dir = layout.pair_dir(pair)
     print(f"\nOutputs for {pair}: {pair_dir}")
     for stage in sorted(p for p in pair_dir.iterdir() if p.is_dir()):
-        print(f"  {stage.name:<14} {stage / 'manifest.parquet'}")
+        manifest = stage / "manifest.parquet"
+        print(f"  {stage.name:<14} {manifest if manifest.is_file() else stage}")
     print(f"Lineage (Parquet): {layout.lineage}")
     query = f"select asset_key, count(*) from read_parquet('{layout.lineage}/**/*.parquet') group by 1"
     print(f'  e.g. .venv/bin/python -c "import duckdb; print(duckdb.sql(\\"{query}\\"))"')

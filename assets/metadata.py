@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import functools
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import ParamSpec, TypeVar
 
 import dagster as dg
@@ -54,3 +54,25 @@ def user_errors(fn: Callable[P, R]) -> Callable[P, R]:
             raise dg.Failure(description=str(exc), metadata={"error_type": type(exc).__name__}) from exc
 
     return wrapper
+
+
+def loss_curve_md(losses: Sequence[tuple[int, float, float]], title: str = "training loss") -> dg.MetadataValue:
+    """Loss (and learning rate) per step as an inline PNG plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 3), dpi=100)
+    steps = [s for s, _, _ in losses]
+    axis.plot(steps, [loss for _, loss, _ in losses], linewidth=1, label="loss")
+    axis.set_xlabel("step")
+    axis.set_ylabel("loss")
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    encoded = base64.b64encode(buffer.getvalue()).decode()
+    return dg.MetadataValue.md(f"![{title}](data:image/png;base64,{encoded})")

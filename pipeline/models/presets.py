@@ -30,6 +30,9 @@ class ModelPreset:
     """Native training/generation resolution: the Seg-Mix canvas and class images default to it."""
     class_image_steps: int = 30
     class_images_per_noun: int = 100
+    train_steps: int = 800
+    """LoRA steps when a run does not set them (MuDI trains SDXL for ~1000-2000 steps at rank 32)."""
+    inference_steps: int = 30
     ultralytics_detector: str = "yolov8s-worldv2.pt"
     ultralytics_sam: str = "sam2.1_b.pt"
 
@@ -50,6 +53,8 @@ PRESETS: dict[str, ModelPreset] = {
         resolution=256,
         class_image_steps=2,
         class_images_per_noun=4,
+        train_steps=30,
+        inference_steps=3,
         ultralytics_detector="tiny:yolo-world",
         ultralytics_sam="tiny:ultralytics-sam",
     ),

@@ -4,7 +4,7 @@ import dagster as dg
 import pandas as pd
 import pytest
 
-from assets import pair_assets
+from assets import pair_assets, training_assets
 from assets.definitions import build_resources, defs
 from assets.jobs import pair_job
 from assets.partitions import character_pairs
@@ -18,8 +18,15 @@ RUN_CONFIG = {
         "references": {"config": {"min_side": 128}},
         "class_images": {"config": {"count": 2, "resolution": 64, "steps": 1}},
         "segmix_bank": {"config": {"n_instance": 6, "n_prior": 0, "canvas_width": 256, "canvas_height": 192}},
+        "lora": {
+            "config": {"steps": 4, "rank": 4, "alpha": 4.0, "resolution": 64, "checkpoint_every": 2, "log_every": 2}
+        },
+        "samples": {
+            "config": {"prompts": ["zorp ball and quix ball on a beach"], "seeds": [0], "steps": 2, "resolution": 64}
+        },
     }
 }
+TRAINED = {"references", "segments", "captions", "class_images", "segmix_bank", "lora", "samples"}
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +68,7 @@ def materialized(tmp_path_factory):
 def test_every_asset_materializes(materialized):
     _, result, materializations, checks = materialized
     assert result.success
-    assert set(materializations) == {"references", "segments", "captions", "class_images", "segmix_bank"}
+    assert set(materializations) == TRAINED
     assert checks["every_character_segmented"].passed
     assert checks["segments_found"].passed
 
@@ -105,7 +112,7 @@ def test_lineage_rows_have_run_and_partition(materialized):
     frame = read_lineage(layout.lineage).to_pandas()
     assert set(frame["run_id"]) == {result.run_id}
     assert set(frame["partition_key"]) == {"red__blue"}
-    assert set(frame["asset_key"]) == {"references", "segments", "captions", "class_images", "segmix_bank"}
+    assert set(frame["asset_key"]) == TRAINED
     assert (frame["finished_at"] >= frame["started_at"]).all()
     versions = frame.groupby("asset_key")["code_version"].unique().to_dict()
     assert [str(v) for v in versions["segmix_bank"]] == ["castlora-0.1.0/segmix-bank-v1"]
@@ -124,3 +131,38 @@ def test_unregistered_partition_fails_with_clear_message(tmp_path):
     assert not result.success
     (failure,) = [e for e in result.all_events if e.is_step_failure]
     assert "not registered" in failure.step_failure_data.error.message
+
+
+def test_lora_files_samples_and_their_lineage(materialized):
+    layout, _, materializations, _ = materialized
+    meta = materializations["lora"].metadata
+    assert meta["steps"].value == 4
+    assert "data:image/png;base64" in meta["loss_curve"].value
+    assert "data:image/jpeg;base64" in meta["validation_images"].value
+    lora_dir = layout.stage_dir("red__blue", "lora") / meta["version"].value
+    assert (lora_dir / "pytorch_lora_weights.safetensors").is_file()
+    assert (lora_dir / "lora_kohya_sgm.safetensors").is_file()
+    samples = pd.read_parquet(layout.stage_dir("red__blue", "samples") / "manifest.parquet")
+    assert len(samples) == 1 and samples["lora_version"].iloc[0] == meta["version"].value
+    assert samples["gamma"].iloc[0] == 1.0 and samples["layout_source"].iloc[0].startswith("segmix:")
+    lineage = read_lineage(layout.lineage)
+    chain = {row["asset_key"] for row in ancestors(lineage, samples["sha256"].iloc[0])}
+    assert "lora" in chain
+
+
+def test_rematerializing_lora_resumes_from_its_checkpoints(materialized):
+    """A longer run of the same setup continues in the same version folder from the last checkpoint."""
+    layout, _, materializations, _ = materialized
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(character_pairs.name, ["red__blue"])
+        config = {"ops": {"lora": {"config": {**RUN_CONFIG["ops"]["lora"]["config"], "steps": 6}}}}
+        result = dg.materialize(
+            [training_assets.lora],
+            instance=instance,
+            partition_key="red__blue",
+            run_config=config,
+            resources=build_resources({"CASTLORA_HOME": str(layout.home)}),
+        )
+    meta = result.get_asset_materialization_events()[0].materialization.metadata
+    assert meta["version"].value == materializations["lora"].metadata["version"].value
+    assert meta["resumed_from_step"].value == 4 and meta["steps"].value == 6

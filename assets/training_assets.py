@@ -1,0 +1,208 @@
+"""Training and generation assets: lora (DreamBooth-LoRA with Seg-Mix and prior preservation) → samples."""
+
+import dagster as dg
+from pydantic import Field
+
+from assets.metadata import image_md, loss_curve_md, table_md, user_errors
+from assets.pair_assets import GROUP, _load_images, _pair, captions, class_images, segments, segmix_bank
+from assets.partitions import character_pairs
+from pipeline.images import image_grid
+from pipeline.infer import DEFAULT_NEGATIVE, layout_from_composite, scene_prompts
+from pipeline.manifest import read_manifest
+from pipeline.segmix import SegMixConfig, compose
+from pipeline.stages.lora import current_lora, run_lora
+from pipeline.stages.samples import run_samples
+from pipeline.stages.segmix_bank import instance_subjects
+from pipeline.train import TrainConfig, load_samples
+from resources import ModelResource, StorageResource
+
+
+class LoraTrainingConfig(dg.Config):
+    steps: int = 0
+    """0 uses the preset's default (30 for tiny, 800 for sdxl)."""
+    rank: int = 32
+    alpha: float = 32.0
+    lr: float = 1e-4
+    lr_scheduler: str = "constant"
+    batch_size: int = 1
+    segmix_p: float = 0.3
+    prior_weight: float = 1.0
+    """0 disables prior preservation."""
+    dco_beta: float = 0.0
+    masked_loss: bool = False
+    mask_normalization: str = "mean"
+    train_text_encoder: bool = False
+    mixed_precision: str = "auto"
+    """auto: bf16 on CUDA, fp32 (no) on CPU."""
+    gradient_checkpointing: bool = False
+    use_8bit_adam: bool = False
+    checkpoint_every: int = 50
+    log_every: int = 10
+    seed: int = 0
+    resolution: int = 0
+    """0 uses the preset's resolution."""
+    validation_prompts: list[str] = Field(default_factory=list)
+    """Empty: two of the default scene prompts with the characters' token phrases."""
+
+
+class SamplesConfig(dg.Config):
+    prompts: list[str] = Field(default_factory=list)
+    """Empty: the default scene prompts filled with the token phrases."""
+    seeds: list[int] = Field(default_factory=lambda: [0, 1])
+    """Image k of every prompt uses seeds[k]."""
+    gamma: float = 1.0
+    """MuDI init weight; negative disables the layout init (plain noise)."""
+    layout_seed_offset: int = 0
+    lora_scale: float = 1.0
+    use_default_negative: bool = True
+    """Negative prompt "sticker, collage" against Seg-Mix sticker artefacts."""
+    steps: int = 0
+    guidance_scale: float = 5.0
+    resolution: int = 0
+
+
+@dg.asset(
+    partitions_def=character_pairs,
+    group_name=GROUP,
+    deps=[captions, segments, segmix_bank, class_images],
+    code_version="lora-v1",
+    kinds={"pytorch", "safetensors"},
+    pool="gpu",
+    description="DreamBooth-LoRA on the U-Net with Seg-Mix and prior preservation; resumable; diffusers + kohya files.",
+)
+@user_errors
+def lora(
+    context: dg.AssetExecutionContext, config: LoraTrainingConfig, storage: StorageResource, models: ModelResource
+) -> dg.MaterializeResult:
+    pair = _pair(context)
+    spec = storage.spec(pair)
+    preset = models.resolved_preset()
+    device = models.torch_device()
+    mixed = config.mixed_precision if config.mixed_precision != "auto" else ("bf16" if device == "cuda" else "no")
+    train_config = TrainConfig(
+        steps=config.steps or preset.train_steps,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        lr_scheduler=config.lr_scheduler,
+        rank=config.rank,
+        alpha=config.alpha,
+        train_text_encoder=config.train_text_encoder,
+        segmix_p=config.segmix_p,
+        prior_weight=config.prior_weight,
+        dco_beta=config.dco_beta,
+        masked_loss=config.masked_loss,
+        mask_normalization=config.mask_normalization,
+        resolution=config.resolution or preset.resolution,
+        mixed_precision=mixed,
+        gradient_checkpointing=config.gradient_checkpointing,
+        use_8bit_adam=config.use_8bit_adam,
+        seed=config.seed,
+        checkpoint_every=config.checkpoint_every,
+        log_every=config.log_every,
+    )
+    samples = load_samples(storage.layout.pair_dir(pair), with_prior=train_config.prior_preservation)
+    pipe = models.base_pipeline_factory(storage.layout.models)()
+    phrases = [c.token_phrase for c in spec.characters]
+    prompts = config.validation_prompts or scene_prompts(phrases)[:2]
+    recorder = storage.recorder(context)
+
+    def log_progress(step: int, metrics: dict) -> None:
+        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+        context.log.info(f"step {step}/{train_config.steps}: {shown}")
+
+    out = run_lora(
+        pipe,
+        samples,
+        train_config,
+        storage.stage_dir(pair, "lora"),
+        storage.layout.cache / "train",
+        recorder,
+        preset.base_model,
+        on_log=log_progress,
+        validation_prompts=prompts,
+        validation_steps=preset.inference_steps,
+    )
+    recorder.flush()
+    result = out.result
+    kinds = {kind: sum(s.kind == kind for s in samples) for kind in sorted({s.kind for s in samples})}
+    metadata = {
+        "version": out.version,
+        "steps": result.steps_done,
+        "resumed_from_step": result.resumed_from if result.resumed_from is not None else -1,
+        "final_loss": float(result.final_loss) if result.final_loss is not None else float("nan"),
+        "training_samples": dg.MetadataValue.json(kinds),
+        "metrics": dg.MetadataValue.json({k: v for k, v in result.metrics.items() if isinstance(v, int | float | str)}),
+        "diffusers_file": dg.MetadataValue.path(str(out.files["diffusers"])),
+        "kohya_file": dg.MetadataValue.path(str(out.files["kohya"])),
+        "validation_prompts": dg.MetadataValue.md("\n".join(f"- {p}" for p, _ in out.validation) or "_none_"),
+    }
+    if result.losses:
+        metadata["loss_curve"] = loss_curve_md(result.losses)
+    if out.validation:
+        metadata["validation_images"] = image_md(image_grid([image for _, image in out.validation], columns=4))
+    return dg.MaterializeResult(metadata=metadata)
+
+
+@dg.asset(
+    partitions_def=character_pairs,
+    group_name=GROUP,
+    deps=[lora],
+    code_version="samples-v1",
+    kinds={"pytorch", "parquet"},
+    pool="gpu",
+    description="The characters rendered together with the pair's LoRA, from MuDI's mean-shifted initialization.",
+)
+@user_errors
+def samples(
+    context: dg.AssetExecutionContext, config: SamplesConfig, storage: StorageResource, models: ModelResource
+) -> dg.MaterializeResult:
+    pair = _pair(context)
+    spec = storage.spec(pair)
+    preset = models.resolved_preset()
+    lora_root = storage.stage_dir(pair, "lora")
+    current = current_lora(lora_root)
+    pipe = models.base_pipeline_factory(storage.layout.models)()
+    pipe.load_lora_weights(current["diffusers"])
+    resolution = config.resolution or preset.resolution
+    prompts = config.prompts or scene_prompts([c.token_phrase for c in spec.characters])
+    gamma = config.gamma if config.gamma >= 0 else None
+    layout_factory = None
+    if gamma is not None:
+        subjects = list(instance_subjects(read_manifest(storage.stage_dir(pair, "segments"), "segments")).values())
+        layout_config = SegMixConfig(canvas=(resolution, resolution), k=len(subjects))
+
+        def layout_factory(seed: int):
+            # One fresh Seg-Mix composite per seed: the i-th cut-out of each character, cycling with the seed.
+            chosen = [group[(seed + config.layout_seed_offset) % len(group)] for group in subjects]
+            return layout_from_composite(compose(chosen, layout_config, seed + config.layout_seed_offset))
+
+    recorder = storage.recorder(context)
+    manifest = run_samples(
+        pipe,
+        prompts,
+        list(config.seeds),
+        len(config.seeds),
+        layout_factory,
+        gamma,
+        current["version"],
+        storage.stage_dir(pair, "samples"),
+        recorder,
+        resolution,
+        resolution,
+        config.steps or preset.inference_steps,
+        config.guidance_scale,
+        DEFAULT_NEGATIVE if config.use_default_negative else None,
+        lora_sha256=current["sha256"]["diffusers"],
+        lora_scale=config.lora_scale,
+        model_ids=[preset.base_model],
+    )
+    recorder.flush()
+    return dg.MaterializeResult(
+        metadata={
+            "images": len(manifest),
+            "lora_version": current["version"],
+            "gamma": gamma if gamma is not None else "plain noise",
+            "prompts": table_md(manifest[["prompt", "seed", "layout_source"]].drop_duplicates().head(20)),
+            "samples": image_md(image_grid(_load_images(manifest["path"].head(16).tolist()), columns=4)),
+        }
+    )
