@@ -152,7 +152,9 @@ def _make_optimizer(param_groups: list[dict[str, Any]], config: TrainConfig) -> 
                 "install it or set use_8bit_adam=False."
             ) from exc
         return bnb.optim.AdamW8bit(param_groups, lr=config.lr, weight_decay=config.adam_weight_decay)
-    return torch.optim.AdamW(param_groups, lr=config.lr, weight_decay=config.adam_weight_decay)
+    # One multi-tensor kernel over all LoRA tensors instead of a Python loop over ~1000 small ones
+    # (the per-tensor path was ~10% of a tiny-model CPU step).
+    return torch.optim.AdamW(param_groups, lr=config.lr, weight_decay=config.adam_weight_decay, foreach=True)
 
 
 def _make_lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
