@@ -33,7 +33,7 @@ class LoraTrainingConfig(dg.Config):
     mask_normalization: str = "mean"
     train_text_encoder: bool = False
     mixed_precision: str = "auto"
-    """auto: bf16 on CUDA, fp32 (no) on CPU."""
+    """auto: the dtype the models resource loads the base model in (fp16 on CUDA by default, no on CPU)."""
     gradient_checkpointing: bool = False
     use_8bit_adam: bool = False
     checkpoint_every: int = 50
@@ -77,8 +77,9 @@ def lora(
     pair = _pair(context)
     spec = storage.spec(pair)
     preset = models.resolved_preset()
-    device = models.torch_device()
-    mixed = config.mixed_precision if config.mixed_precision != "auto" else ("bf16" if device == "cuda" else "no")
+    # auto: train in the precision the frozen base model is loaded in (the resource's dtype).
+    autocast = {"float16": "fp16", "bfloat16": "bf16"}.get(models.torch_dtype_name(), "no")
+    mixed = config.mixed_precision if config.mixed_precision != "auto" else autocast
     train_config = TrainConfig(
         steps=config.steps or preset.train_steps,
         batch_size=config.batch_size,

@@ -20,6 +20,11 @@ class ModelResource(dg.ConfigurableResource):
     """Override the preset's OWLv2: hub id or local directory."""
     sam: str = ""
     base_model: str = ""
+    vae: str = ""
+    """Optional VAE override for the base model, e.g. the fp16-fix SDXL VAE (madebyollin/sdxl-vae-fp16-fix) as a
+    hub id or local directory; the stock SDXL VAE overflows in fp16."""
+    family: str = "sdxl"
+    """Base-model family (a loader in pipeline.models.sdxl.FAMILIES); new families plug in there."""
     vlm: str = ""
     segmenter_backend: str = ""
     """``owlv2_sam``, ``ultralytics`` or ``grabcut`` (labelled classical fallback); empty: the preset's."""
@@ -90,6 +95,8 @@ class ModelResource(dg.ConfigurableResource):
 
         spec = BaseModelSpec(
             source=self.resolved_preset().base_model,
+            family=self.family,
+            vae_source=self.vae or None,
             device=self.torch_device(),
             dtype=self.torch_dtype_name(),
         )
