@@ -1,5 +1,7 @@
 """Training and generation assets: lora (DreamBooth-LoRA with Seg-Mix and prior preservation) → samples."""
 
+import dataclasses
+
 import dagster as dg
 from pydantic import Field
 
@@ -80,26 +82,15 @@ def lora(
     # auto: train in the precision the frozen base model is loaded in (the resource's dtype).
     autocast = {"float16": "fp16", "bfloat16": "bf16"}.get(models.torch_dtype_name(), "no")
     mixed = config.mixed_precision if config.mixed_precision != "auto" else autocast
+    # The launchpad fields mirror TrainConfig; only the preset-dependent defaults are resolved here.
+    shared = {k: v for k, v in config.model_dump().items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
     train_config = TrainConfig(
-        steps=config.steps or preset.train_steps,
-        batch_size=config.batch_size,
-        lr=config.lr,
-        lr_scheduler=config.lr_scheduler,
-        rank=config.rank,
-        alpha=config.alpha,
-        train_text_encoder=config.train_text_encoder,
-        segmix_p=config.segmix_p,
-        prior_weight=config.prior_weight,
-        dco_beta=config.dco_beta,
-        masked_loss=config.masked_loss,
-        mask_normalization=config.mask_normalization,
-        resolution=config.resolution or preset.resolution,
-        mixed_precision=mixed,
-        gradient_checkpointing=config.gradient_checkpointing,
-        use_8bit_adam=config.use_8bit_adam,
-        seed=config.seed,
-        checkpoint_every=config.checkpoint_every,
-        log_every=config.log_every,
+        **{
+            **shared,
+            "steps": config.steps or preset.train_steps,
+            "resolution": config.resolution or preset.resolution,
+            "mixed_precision": mixed,
+        }
     )
     samples = load_samples(storage.layout.pair_dir(pair), with_prior=train_config.prior_preservation)
     pipe = models.base_pipeline_factory(storage.layout.models)()
