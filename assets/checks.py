@@ -6,7 +6,7 @@ import dagster as dg
 
 from assets.metadata import table_md, user_errors
 from assets.pair_assets import segments
-from assets.partitions import character_pairs
+from assets.partitions import character_pairs, pair_key
 from pipeline.manifest import read_manifest
 from pipeline.stages.segments import USABLE
 from resources import StorageResource
@@ -16,10 +16,7 @@ warnings.filterwarnings("ignore", category=dg.PreviewWarning)
 
 
 def _segments_manifest(context: dg.AssetCheckExecutionContext, storage: StorageResource):
-    pair = context.partition_key if context.has_partition_key else None
-    if pair is None:
-        raise dg.Failure("segments checks run per pair; select a partition.")
-    return read_manifest(storage.stage_dir(pair, "segments"), "segments")
+    return read_manifest(storage.stage_dir(pair_key(context), "segments"), "segments")
 
 
 @dg.asset_check(asset=segments, partitions_def=character_pairs, description="Every photo has a usable mask.")

@@ -13,6 +13,7 @@ import pandas as pd
 from PIL import Image
 
 from pipeline.errors import CastloraError
+from pipeline.images import image_grid
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -26,6 +27,17 @@ def image_md(image: Image.Image, title: str = "preview", max_side: int = 768) ->
     preview.save(buffer, format="JPEG", quality=80)
     encoded = base64.b64encode(buffer.getvalue()).decode()
     return dg.MetadataValue.md(f"![{title}](data:image/jpeg;base64,{encoded})")
+
+
+def grid_md(paths: Sequence[str], columns: int, title: str = "preview") -> dg.MetadataValue:
+    """A contact sheet of the image files at ``paths`` (``_none_`` when there are none)."""
+    if not paths:
+        return dg.MetadataValue.md("_none_")
+    images = []
+    for path in paths:
+        with Image.open(path) as opened:
+            images.append(opened.copy())
+    return image_md(image_grid(images, columns=columns), title)
 
 
 def table_md(frame: pd.DataFrame, max_rows: int = 50) -> dg.MetadataValue:

@@ -5,16 +5,14 @@ result into metadata (counts, tables, preview grids) and lineage rows.
 """
 
 import dagster as dg
-from PIL import Image
 from pydantic import Field
 
-from assets.metadata import image_md, table_md, user_errors
-from assets.partitions import character_pairs
+from assets.metadata import grid_md, table_md, user_errors
+from assets.partitions import character_pairs, pair_key
 from pipeline.captions import CaptionCache
 from pipeline.class_images import ClassImageConfig
-from pipeline.images import IntakeConfig, image_grid
+from pipeline.images import IntakeConfig
 from pipeline.manifest import read_manifest
-from pipeline.paths import validate_key
 from pipeline.segment import SegmentConfig
 from pipeline.segmix import SegMixConfig
 from pipeline.stages.captions import run_captions
@@ -93,18 +91,6 @@ class ClassImagesConfig(dg.Config):
     detection_threshold: float = 0.1
 
 
-def _pair(context: dg.AssetExecutionContext) -> str:
-    return validate_key(context.partition_key)
-
-
-def _load_images(paths: list[str]) -> list[Image.Image]:
-    images = []
-    for path in paths:
-        with Image.open(path) as opened:
-            images.append(opened.copy())
-    return images
-
-
 @dg.asset(
     partitions_def=character_pairs,
     group_name=GROUP,
@@ -116,7 +102,7 @@ def _load_images(paths: list[str]) -> list[Image.Image]:
 def references(
     context: dg.AssetExecutionContext, config: ReferencesConfig, storage: StorageResource
 ) -> dg.MaterializeResult:
-    pair = _pair(context)
+    pair = pair_key(context)
     spec = storage.spec(pair)
     recorder = storage.recorder(context)
     intake = IntakeConfig(min_side=config.min_side, max_side=config.max_side, min_photos=config.min_photos)
@@ -132,7 +118,7 @@ def references(
             "per_character": dg.MetadataValue.json(counts),
             "rejected_files": table_md(out.rejected),
             "manifest": dg.MetadataValue.path(str(out.manifest_path)),
-            "preview": image_md(image_grid(_load_images(out.manifest["path"].tolist()), columns=5)),
+            "preview": grid_md(out.manifest["path"].tolist(), columns=5),
         }
     )
 
@@ -150,7 +136,7 @@ def references(
 def segments(
     context: dg.AssetExecutionContext, config: SegmentsConfig, storage: StorageResource, models: ModelResource
 ) -> dg.MaterializeResult:
-    pair = _pair(context)
+    pair = pair_key(context)
     spec = storage.spec(pair)
     refs = read_manifest(storage.stage_dir(pair, "references"), "references")
     seg_config = config.segment_config()
@@ -169,7 +155,6 @@ def segments(
     for row in flagged.itertuples():
         context.log.warning(f"{row.source}: {row.status} — supply a mask in the spec's 'masks' folder")
     usable = manifest[manifest["status"] == USABLE]
-    cutouts = _load_images(usable["cutout_path"].tolist())
     return dg.MaterializeResult(
         metadata={
             "segmenters": dg.MetadataValue.json(manifest["segmenter"].value_counts().to_dict()),
@@ -177,7 +162,7 @@ def segments(
             "flagged": len(flagged),
             "flagged_photos": table_md(flagged[["character_id", "source", "status", "n_boxes"]]),
             "mean_mask_fraction": float(usable["mask_fraction"].mean()) if len(usable) else 0.0,
-            "cutouts": image_md(image_grid(cutouts, columns=5)) if cutouts else dg.MetadataValue.md("_none_"),
+            "cutouts": grid_md(usable["cutout_path"].tolist(), columns=5),
         }
     )
 
@@ -197,7 +182,7 @@ def captions(
     captioner: CaptionerResource,
     models: ModelResource,
 ) -> dg.MaterializeResult:
-    pair = _pair(context)
+    pair = pair_key(context)
     refs = read_manifest(storage.stage_dir(pair, "references"), "references")
     backend = captioner.build(storage.layout.models, models.resolved_preset().vlm)
     recorder = storage.recorder(context)
@@ -235,7 +220,7 @@ def class_images(
     storage: StorageResource,
     models: ModelResource,
 ) -> dg.MaterializeResult:
-    pair = _pair(context)
+    pair = pair_key(context)
     spec = storage.spec(pair)
     preset = models.resolved_preset()
     generation = ClassImageConfig(
@@ -267,7 +252,7 @@ def class_images(
             "usable_cutouts": len(usable),
             "origins": dg.MetadataValue.json(manifest["origin"].str.split(":").str[0].value_counts().to_dict()),
             "base_model": preset.base_model,
-            "preview": image_md(image_grid(_load_images(manifest["path"].tolist()[:16]), columns=8)),
+            "preview": grid_md(manifest["path"].tolist()[:16], columns=8),
         }
     )
 
@@ -287,7 +272,7 @@ def segmix_bank(
     storage: StorageResource,
     models: ModelResource,
 ) -> dg.MaterializeResult:
-    pair = _pair(context)
+    pair = pair_key(context)
     spec = storage.spec(pair)
     segs = read_manifest(storage.stage_dir(pair, "segments"), "segments")
     bank = config.bank_config(models.resolved_preset().resolution)
@@ -314,9 +299,9 @@ def segmix_bank(
         "overlapping_fraction": float(sum(o > 0 for o in occlusion) / max(len(occlusion), 1)),
         "max_occlusion_seen": float(max(occlusion, default=0.0)),
         "example_prompts": table_md(instance[["index", "prompt"]].head(6)),
-        "instance_samples": image_md(image_grid(_load_images(instance["image_path"].head(12).tolist()), 6)),
+        "instance_samples": grid_md(instance["image_path"].head(12).tolist(), columns=6),
         "notes": dg.MetadataValue.md("\n".join(f"- {n}" for n in out.notes) or "_none_"),
     }
     if len(prior_rows):
-        metadata["prior_samples"] = image_md(image_grid(_load_images(prior_rows["image_path"].head(6).tolist()), 6))
+        metadata["prior_samples"] = grid_md(prior_rows["image_path"].head(6).tolist(), columns=6)
     return dg.MaterializeResult(metadata=metadata)

@@ -1,3 +1,12 @@
 import dagster as dg
 
+from pipeline.paths import validate_key
+
 character_pairs = dg.DynamicPartitionsDefinition(name="character_pairs")
+
+
+def pair_key(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext) -> str:
+    """The run's character-pair key, refused (with the rule) if it could not be a safe folder name."""
+    if not context.has_partition_key:
+        raise dg.Failure("castlora assets and checks run per character pair: select a partition.")
+    return validate_key(context.partition_key)

@@ -5,9 +5,9 @@ import dataclasses
 import dagster as dg
 from pydantic import Field
 
-from assets.metadata import image_md, loss_curve_md, table_md, user_errors
-from assets.pair_assets import GROUP, _load_images, _pair, captions, class_images, segments, segmix_bank
-from assets.partitions import character_pairs
+from assets.metadata import grid_md, image_md, loss_curve_md, table_md, user_errors
+from assets.pair_assets import GROUP, captions, class_images, segments, segmix_bank
+from assets.partitions import character_pairs, pair_key
 from pipeline.images import image_grid
 from pipeline.infer import DEFAULT_NEGATIVE, layout_from_composite, scene_prompts
 from pipeline.manifest import read_manifest
@@ -76,7 +76,7 @@ class SamplesConfig(dg.Config):
 def lora(
     context: dg.AssetExecutionContext, config: LoraTrainingConfig, storage: StorageResource, models: ModelResource
 ) -> dg.MaterializeResult:
-    pair = _pair(context)
+    pair = pair_key(context)
     spec = storage.spec(pair)
     preset = models.resolved_preset()
     # auto: train in the precision the frozen base model is loaded in (the resource's dtype).
@@ -148,7 +148,7 @@ def lora(
 def samples(
     context: dg.AssetExecutionContext, config: SamplesConfig, storage: StorageResource, models: ModelResource
 ) -> dg.MaterializeResult:
-    pair = _pair(context)
+    pair = pair_key(context)
     spec = storage.spec(pair)
     preset = models.resolved_preset()
     lora_root = storage.stage_dir(pair, "lora")
@@ -195,6 +195,6 @@ def samples(
             "lora_version": current["version"],
             "gamma": gamma if gamma is not None else "plain noise",
             "prompts": table_md(manifest[["prompt", "seed", "layout_source"]].drop_duplicates().head(20)),
-            "samples": image_md(image_grid(_load_images(manifest["path"].head(16).tolist()), columns=4)),
+            "samples": grid_md(manifest["path"].head(16).tolist(), columns=4),
         }
     )

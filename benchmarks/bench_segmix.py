@@ -34,6 +34,7 @@ _REPO = Path(__file__).resolve().parents[1]
 if str(_REPO) not in sys.path:  # `python benchmarks/bench_segmix.py` puts benchmarks/ first on sys.path
     sys.path.insert(0, str(_REPO))
 
+from benchmarks.machine import cpu_name  # noqa: E402
 from benchmarks.mudi_naive_segmix import naive_seg_mix  # noqa: E402
 from pipeline.segment.masks import cutout_rgba  # noqa: E402
 from pipeline.segmix import SegMixConfig, SegMixSubject, compose, prepare_subjects  # noqa: E402
@@ -173,22 +174,12 @@ def machine() -> dict:
 
     return {
         "platform": platform.platform(),
-        "processor": _cpu_name(),
+        "processor": cpu_name(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "numpy": np.__version__,
         "pillow": PIL.__version__,
     }
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def print_table(rows: Sequence[dict]) -> None:

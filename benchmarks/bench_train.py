@@ -30,6 +30,8 @@ _REPO = Path(__file__).resolve().parents[1]
 if str(_REPO) not in sys.path:  # `python benchmarks/bench_train.py` puts benchmarks/ first on sys.path
     sys.path.insert(0, str(_REPO))
 
+from benchmarks.machine import cpu_name  # noqa: E402
+
 IMAGES = _REPO / "samples/dog6__dog2/dog6"
 RESULTS = _REPO / "benchmarks/results/train_cpu.json"
 PROMPT = "a photo of olis dog"
@@ -219,7 +221,7 @@ def machine(threads: int) -> dict:
 
     return {
         "platform": platform.platform(),
-        "processor": _cpu_name(),
+        "processor": cpu_name(),
         "cpu_count": os.cpu_count(),
         "load_average": os.getloadavg(),
         "python": platform.python_version(),
@@ -228,16 +230,6 @@ def machine(threads: int) -> dict:
         "torch_threads": threads,
         "date": time.strftime("%Y-%m-%d"),
     }
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def print_table(rows: list[dict]) -> None:

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipeline.errors import NotEnoughReferencesError
 from pipeline.hashing import sha256_bytes, sha256_file
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
@@ -123,17 +122,6 @@ def intake_photos(sources: Iterable[str | Path], config: IntakeConfig) -> Intake
             )
         )
     return result
-
-
-def require_enough(character_id: str, result: IntakeResult, config: IntakeConfig) -> None:
-    if len(result.accepted) >= config.min_photos:
-        return
-    rejected = "; ".join(f"{Path(r.source).name}: {r.reason}" for r in result.rejected) or "none"
-    raise NotEnoughReferencesError(
-        f"Character {character_id!r} has {len(result.accepted)} usable reference photo(s), "
-        f"at least {config.min_photos} needed. Rejected: {rejected}. "
-        "Add or fix photos in the spec's folder, or lower IntakeConfig.min_photos."
-    )
 
 
 def save_png(image: Image.Image, path: Path) -> str:
