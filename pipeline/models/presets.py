@@ -33,6 +33,17 @@ class ModelPreset:
     train_steps: int = 800
     """LoRA steps when a run does not set them (MuDI trains SDXL for ~1000-2000 steps at rank 32)."""
     inference_steps: int = 30
+    dino: str = "facebook/dinov2-base"
+    """DINOv2 image embedder for Detect-and-Compare and DINO similarity (mean of last_hidden_state, as MuDI)."""
+    clip: str = "openai/clip-vit-large-patch14"
+    """CLIP (image and text towers) for CLIP-I and CLIP-T."""
+    image_reward: str = ""
+    """ImageReward weights (file or directory); empty = the metric is reported as unavailable."""
+    dnc_detector: str = "owlv2"
+    """Who finds the characters for D&C: ``owlv2`` (the detector above) or ``layout`` (the generation layout's
+    boxes: a labelled fallback for random-init models, whose detections mean nothing)."""
+    dnc_threshold: float = 0.4
+    """OWLv2 score threshold for D&C (MuDI's demo uses 0.4)."""
     ultralytics_detector: str = "yolov8s-worldv2.pt"
     ultralytics_sam: str = "sam2.1_b.pt"
 
@@ -55,6 +66,9 @@ PRESETS: dict[str, ModelPreset] = {
         class_images_per_noun=4,
         train_steps=30,
         inference_steps=3,
+        dino="tiny:dinov2",
+        clip="tiny:clip",
+        dnc_detector="layout",
         ultralytics_detector="tiny:yolo-world",
         ultralytics_sam="tiny:ultralytics-sam",
     ),

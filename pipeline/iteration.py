@@ -1,0 +1,198 @@
+"""Iterative self-generation (MuDI §5.5 / App. D.2 and The Chosen One; SPEC §9): what to keep, when to stop.
+
+A round renders many images with the current LoRA, scores each with Detect-and-Compare, keeps the best ones
+that show every character (count gate) and clear a threshold, and fine-tunes the next LoRA on them with a KL
+term towards the current model. The loop stops when the kept set has become consistent (its mean pairwise
+embedding distance fell below a fraction of round 0's, as in The Chosen One), when the median D&C of a round
+stops improving on the best before it, or after ``max_rounds``. These rules are pure functions of the rounds'
+summaries, so they are tested without any model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline.dnc.scoring import MODES, l2_normalize
+from pipeline.errors import CastloraError
+
+STOP_DISTANCE = "distance"
+STOP_NO_IMPROVEMENT = "no_improvement"
+STOP_MAX_ROUNDS = "max_rounds"
+STOP_NOTHING_KEPT = "nothing_kept"
+
+
+@dataclass(frozen=True)
+class IterationConfig:
+    images_per_round: int = 200
+    """Images rendered per round (MuDI: 200), spread over the prompts."""
+    keep_top: int = 50
+    """Images kept per round for the next fine-tune (MuDI: top 50 by D&C)."""
+    min_dnc: float | None = None
+    """Kept images must also score at least this; None = only the count gate."""
+    train_steps: int = 1000
+    kl_weight: float = 1.0
+    """Weight of the KL term towards the previous round's model (MuDI ≈ 1.0; prevents over-saturation)."""
+    max_rounds: int = 5
+    """Rounds of generate → score → keep; every round but the last also trains the next LoRA."""
+    distance_fraction: float = 0.8
+    """Converged when the kept set's mean pairwise distance < this × round 0's (The Chosen One: 0.6-0.8)."""
+    min_improvement: float = 0.0
+    """A round whose median D&C is not above the best earlier round's by more than this stops the loop."""
+    gamma: float = 1.0
+    """MuDI init weight for the generated images."""
+    dnc_mode: str = "default"
+    dnc_embedder: str = "dinov2"
+    """Embedder whose D&C ranks the images; the kept set's distance uses the same embedder."""
+    preference: bool = False
+    """IdGlow-style step: Diffusion-DPO on (best, worst) D&C pairs of the same prompt after the KL fine-tune."""
+    dpo_beta: float = 2500.0
+    dpo_steps: int = 200
+    preference_margin: float = 0.05
+    """A (winner, loser) pair needs at least this D&C gap, so near-ties do not teach noise."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.images_per_round < 1 or self.keep_top < 1:
+            problems.append("images_per_round and keep_top must be >= 1")
+        if self.keep_top > self.images_per_round:
+            problems.append(f"keep_top={self.keep_top} cannot exceed images_per_round={self.images_per_round}")
+        if self.max_rounds < 1:
+            problems.append(f"max_rounds={self.max_rounds} must be >= 1")
+        if not 0.0 < self.distance_fraction <= 1.0:
+            problems.append(f"distance_fraction={self.distance_fraction} must be in (0, 1]")
+        if self.train_steps < 1 or self.dpo_steps < 1:
+            problems.append("train_steps and dpo_steps must be >= 1")
+        if self.kl_weight < 0 or self.dpo_beta <= 0 or self.preference_margin < 0:
+            problems.append("kl_weight and preference_margin must be >= 0, dpo_beta > 0")
+        if self.dnc_mode not in MODES:
+            problems.append(f"dnc_mode={self.dnc_mode!r} must be one of {sorted(MODES)}")
+        if problems:
+            raise CastloraError("Invalid iteration config: " + "; ".join(problems) + ".")
+
+    def as_record(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class RoundSummary:
+    round: int
+    n_generated: int
+    n_kept: int
+    dnc_median: float
+    """Median D&C over every image of the round (count-gate failures count as 0, as D&C defines them)."""
+    dnc_median_kept: float
+    kept_distance: float
+    """Mean pairwise cosine distance between the kept images' embeddings (NaN with fewer than two)."""
+    distance_ratio: float
+    """kept_distance / round 0's kept_distance."""
+    count_fail_rate: float
+    stop_reason: str | None = None
+
+    @property
+    def converged(self) -> bool:
+        return self.stop_reason == STOP_DISTANCE
+
+
+def select_kept(scores: pd.DataFrame, keep_top: int, min_dnc: float | None) -> pd.DataFrame:
+    """The best ``keep_top`` images that pass the count gate (``reason`` is null) and ``min_dnc``.
+
+    ``scores`` has one row per image with ``image_path``, ``score`` and ``reason``. Ties break on the path, so
+    the choice does not depend on row order.
+    """
+    missing = {"image_path", "score", "reason"} - set(scores.columns)
+    if missing:
+        raise CastloraError(f"select_kept: the scores table lacks columns {sorted(missing)}.")
+    passing = scores[scores["reason"].isna()]
+    if min_dnc is not None:
+        passing = passing[passing["score"] >= min_dnc]
+    ranked = passing.sort_values(["score", "image_path"], ascending=[False, True], kind="stable")
+    return ranked.head(keep_top).reset_index(drop=True)
+
+
+def mean_pairwise_distance(embeddings: np.ndarray) -> float:
+    """Mean cosine distance (1 − cos) over all unordered pairs; NaN with fewer than two embeddings."""
+    embeddings = np.asarray(embeddings, dtype=np.float64)
+    if embeddings.ndim != 2 or len(embeddings) < 2:
+        return float("nan")
+    unit = l2_normalize(embeddings, "kept-set embeddings")
+    cosine = unit @ unit.T
+    upper = np.triu_indices(len(unit), k=1)
+    return float(np.mean(1.0 - cosine[upper]))
+
+
+def summarize_round(
+    round_index: int,
+    scores: pd.DataFrame,
+    kept: pd.DataFrame,
+    kept_distance: float,
+    round0_distance: float | None,
+) -> RoundSummary:
+    """A round's numbers; ``round0_distance`` None means this is round 0."""
+    reference = kept_distance if round0_distance is None else round0_distance
+    ratio = kept_distance / reference if reference and np.isfinite(reference) and reference > 0 else float("nan")
+    return RoundSummary(
+        round=round_index,
+        n_generated=len(scores),
+        n_kept=len(kept),
+        dnc_median=float(scores["score"].median()) if len(scores) else float("nan"),
+        dnc_median_kept=float(kept["score"].median()) if len(kept) else float("nan"),
+        kept_distance=float(kept_distance),
+        distance_ratio=float(ratio),
+        count_fail_rate=float(scores["reason"].notna().mean()) if len(scores) else float("nan"),
+    )
+
+
+def stop_reason(history: Sequence[RoundSummary], config: IterationConfig) -> str | None:
+    """Why the loop stops after the last round of ``history``, or None to train another round.
+
+    Checked in order: nothing kept (no data to train on), identities converged (distance), D&C stopped
+    improving, the round budget is spent.
+    """
+    if not history:
+        raise CastloraError("stop_reason needs at least one finished round.")
+    last = history[-1]
+    if last.n_kept == 0:
+        return STOP_NOTHING_KEPT
+    if len(history) > 1:
+        if np.isfinite(last.distance_ratio) and last.distance_ratio < config.distance_fraction:
+            return STOP_DISTANCE
+        best_before = max(r.dnc_median for r in history[:-1])
+        if not last.dnc_median > best_before + config.min_improvement:
+            return STOP_NO_IMPROVEMENT
+    if len(history) >= config.max_rounds:
+        return STOP_MAX_ROUNDS
+    return None
+
+
+def best_round(history: Sequence[RoundSummary]) -> int:
+    """The round whose model scored the highest median D&C (the earliest on a tie): the loop's result."""
+    if not history:
+        raise CastloraError("best_round needs at least one finished round.")
+    medians = [r.dnc_median if np.isfinite(r.dnc_median) else -np.inf for r in history]
+    return int(history[int(np.argmax(medians))].round)
+
+
+def preference_pairs(scores: pd.DataFrame, margin: float) -> list[tuple[str, str]]:
+    """(winner, loser) image paths: per prompt, the best-scoring image against the worst one.
+
+    Images of one prompt share the text and differ only by seed (and layout), so the pair isolates what D&C
+    measures: whether each character keeps its identity. Count-gate failures are valid losers. Pairs with a
+    gap below ``margin`` are dropped.
+    """
+    missing = {"image_path", "score", "prompt"} - set(scores.columns)
+    if missing:
+        raise CastloraError(f"preference_pairs: the scores table lacks columns {sorted(missing)}.")
+    pairs = []
+    for _, group in scores.groupby("prompt", sort=True):
+        if len(group) < 2:
+            continue
+        ranked = group.sort_values(["score", "image_path"], ascending=[False, True], kind="stable")
+        winner, loser = ranked.iloc[0], ranked.iloc[-1]
+        if winner["score"] - loser["score"] >= margin:
+            pairs.append((str(winner["image_path"]), str(loser["image_path"])))
+    return pairs
