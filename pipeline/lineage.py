@@ -8,8 +8,6 @@ Rows of one (asset, partition, run) are written together as one Parquet file und
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -19,6 +17,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.atomic import atomic_path
 from pipeline.paths import validate_key
 
 LINEAGE_SCHEMA = pa.schema(
@@ -93,16 +92,8 @@ class LineageRecorder:
 
 
 def write_parquet_atomic(table: pa.Table, target: Path) -> None:
-    """Write to a temporary file beside ``target`` and rename: readers never see a half-written file."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".parquet", dir=target.parent)
-    os.close(handle)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(target) as temporary:
+        pq.write_table(table, temporary)
 
 
 def read_lineage(root: Path) -> pa.Table:

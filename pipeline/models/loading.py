@@ -25,6 +25,8 @@ TINY_BUILDERS: dict[str, str] = {
     "vlm-chat": "pipeline.models.tiny_vlm:build_tiny_chat_vlm",
     "yolo-world": "pipeline.models.tiny_ultralytics:build_tiny_yolo_world",
     "ultralytics-sam": "pipeline.models.tiny_ultralytics:build_tiny_ultralytics_sam",
+    "dinov2": "pipeline.models.tiny_embedders:build_tiny_dinov2",
+    "clip": "pipeline.models.tiny_embedders:build_tiny_clip",
 }
 
 T = TypeVar("T")
