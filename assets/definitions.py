@@ -11,7 +11,7 @@ import os
 
 import dagster as dg
 
-from assets import checks, pair_assets, sensors, training_assets
+from assets import checks, pair_assets, quality_assets, sensors, training_assets
 from assets.jobs import pair_job
 from resources import CaptionerResource, ModelResource, StorageResource
 
@@ -34,7 +34,7 @@ def build_resources(env: dict[str, str] | None = None) -> dict[str, dg.Configura
 
 
 defs = dg.Definitions(
-    assets=dg.load_assets_from_modules([pair_assets, training_assets]),
+    assets=dg.load_assets_from_modules([pair_assets, training_assets, quality_assets]),
     asset_checks=dg.load_asset_checks_from_modules([checks]),
     sensors=[sensors.inbox_sensor],
     jobs=[pair_job],

@@ -9,12 +9,10 @@ from assets.metadata import grid_md, image_md, loss_curve_md, table_md, user_err
 from assets.pair_assets import GROUP, captions, class_images, segments, segmix_bank
 from assets.partitions import character_pairs, pair_key
 from pipeline.images import image_grid
-from pipeline.infer import DEFAULT_NEGATIVE, layout_from_composite, scene_prompts
+from pipeline.infer import DEFAULT_NEGATIVE, scene_prompts
 from pipeline.manifest import read_manifest
-from pipeline.segmix import SegMixConfig, compose
 from pipeline.stages.lora import current_lora, run_lora
-from pipeline.stages.samples import run_samples
-from pipeline.stages.segmix_bank import instance_subjects
+from pipeline.stages.samples import run_samples, segmix_layout_factory
 from pipeline.train import TrainConfig, load_samples
 from resources import ModelResource, StorageResource
 
@@ -160,13 +158,8 @@ def samples(
     gamma = config.gamma if config.gamma >= 0 else None
     layout_factory = None
     if gamma is not None:
-        subjects = list(instance_subjects(read_manifest(storage.stage_dir(pair, "segments"), "segments")).values())
-        layout_config = SegMixConfig(canvas=(resolution, resolution), k=len(subjects))
-
-        def layout_factory(seed: int):
-            # One fresh Seg-Mix composite per seed: the i-th cut-out of each character, cycling with the seed.
-            chosen = [group[(seed + config.layout_seed_offset) % len(group)] for group in subjects]
-            return layout_from_composite(compose(chosen, layout_config, seed + config.layout_seed_offset))
+        segments_manifest = read_manifest(storage.stage_dir(pair, "segments"), "segments")
+        layout_factory = segmix_layout_factory(segments_manifest, resolution, config.layout_seed_offset)
 
     recorder = storage.recorder(context)
     manifest = run_samples(

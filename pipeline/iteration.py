@@ -50,7 +50,7 @@ class IterationConfig:
     """Embedder whose D&C ranks the images; the kept set's distance uses the same embedder."""
     preference: bool = False
     """IdGlow-style step: Diffusion-DPO on (best, worst) D&C pairs of the same prompt after the KL fine-tune."""
-    dpo_beta: float = 2500.0
+    dpo_beta: float = 5000.0
     dpo_steps: int = 200
     preference_margin: float = 0.05
     """A (winner, loser) pair needs at least this D&C gap, so near-ties do not teach noise."""

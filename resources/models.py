@@ -26,6 +26,13 @@ class ModelResource(dg.ConfigurableResource):
     family: str = "sdxl"
     """Base-model family (a loader in pipeline.models.sdxl.FAMILIES); new families plug in there."""
     vlm: str = ""
+    dino: str = ""
+    """Override the preset's DINOv2 embedder (D&C, DINO similarity)."""
+    clip: str = ""
+    """Override the preset's CLIP (CLIP-I, CLIP-T, the DreamSim-style ensemble)."""
+    image_reward: str = ""
+    dnc_detector: str = ""
+    """``owlv2`` or ``layout`` (labelled fallback for random-init models); empty: the preset's."""
     segmenter_backend: str = ""
     """``owlv2_sam``, ``ultralytics`` or ``grabcut`` (labelled classical fallback); empty: the preset's."""
     device: str = "auto"
@@ -39,6 +46,10 @@ class ModelResource(dg.ConfigurableResource):
             sam=self.sam,
             base_model=self.base_model,
             vlm=self.vlm,
+            dino=self.dino,
+            clip=self.clip,
+            image_reward=self.image_reward,
+            dnc_detector=self.dnc_detector,
             segmenter_backend=self.segmenter_backend,
         )
 
@@ -101,3 +112,38 @@ class ModelResource(dg.ConfigurableResource):
             dtype=self.torch_dtype_name(),
         )
         return lambda: load_base_pipeline(spec, cache_root)
+
+    def dnc_scorer(self, subjects: Any, cache_root: Path) -> Any:
+        """D&C for a pair's characters (``pipeline.dnc.scorer.DncScorer``): detector and every embedder the preset
+        can load; the others are listed as unavailable."""
+        import torch
+
+        from pipeline.dnc.scorer import load_dnc_scorer
+
+        preset = self.resolved_preset()
+        return load_dnc_scorer(
+            subjects,
+            detector=preset.dnc_detector,
+            detector_source=preset.detector,
+            threshold=preset.dnc_threshold,
+            embedder_sources={"dinov2": preset.dino, "clip": preset.clip},
+            cache_root=cache_root,
+            device=self.torch_device(),
+            dtype=getattr(torch, self.torch_dtype_name()),
+        )
+
+    def clip_t_scorer(self, cache_root: Path, scorer: Any = None) -> tuple[Any, str]:
+        """``(images, texts) -> similarities`` for CLIP-T, or ``(None, why unavailable)``; reuses the scorer's CLIP."""
+        import torch
+
+        from pipeline.dnc.embed import load_clip_text_scorer
+
+        shared = getattr(scorer, "embedders", {}).get("clip") if scorer is not None else None
+        loaded, reason = load_clip_text_scorer(
+            self.resolved_preset().clip,
+            cache_root,
+            device=self.torch_device(),
+            dtype=getattr(torch, self.torch_dtype_name()),
+            shared=shared,
+        )
+        return (loaded.paired_similarity if loaded is not None else None), (reason or "")

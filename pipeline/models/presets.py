@@ -33,6 +33,18 @@ class ModelPreset:
     train_steps: int = 800
     """LoRA steps when a run does not set them (MuDI trains SDXL for ~1000-2000 steps at rank 32)."""
     inference_steps: int = 30
+    iteration_images: int = 200
+    """Images per round of iterative self-generation (MuDI: 200) ..."""
+    iteration_keep: int = 50
+    """... of which the best this many are kept (MuDI: 50) ..."""
+    iteration_steps: int = 1000
+    """... and fine-tuned on for this many steps (MuDI: ~1000)."""
+    iteration_rounds: int = 5
+    """Most rounds of generate → score → keep (The Chosen One: ≤ 5)."""
+    eval_prompts: int = 8
+    """Prompts of the evaluation grid (the first default scene prompts) ..."""
+    eval_seeds: int = 4
+    """... times this many fixed seeds."""
     dino: str = "facebook/dinov2-base"
     """DINOv2 image embedder for Detect-and-Compare and DINO similarity (mean of last_hidden_state, as MuDI)."""
     clip: str = "openai/clip-vit-large-patch14"
@@ -66,6 +78,12 @@ PRESETS: dict[str, ModelPreset] = {
         class_images_per_noun=4,
         train_steps=30,
         inference_steps=3,
+        iteration_images=4,
+        iteration_keep=2,
+        iteration_steps=10,
+        iteration_rounds=2,
+        eval_prompts=2,
+        eval_seeds=2,
         dino="tiny:dinov2",
         clip="tiny:clip",
         dnc_detector="layout",

@@ -7,20 +7,24 @@ setting or photo set starts a new version next to the old one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image
 
+from pipeline.atomic import write_json_atomic
 from pipeline.errors import CastloraError
 from pipeline.hashing import sha256_file, sha256_json
 from pipeline.infer import SampleRequest, generate
 from pipeline.lineage import LineageRecorder
 from pipeline.lora import LoraSpec, export_lora
-from pipeline.train import TrainConfig, TrainingSample, TrainResult, train_lora
+from pipeline.train import TrainConfig, TrainingSample, TrainResult, train_lora, train_preference
+from pipeline.train.loop import lora_state_hash
 
 CURRENT_FILE = "current.json"
 
@@ -32,30 +36,56 @@ class LoraOutput:
     files: dict[str, Path]
     sha256s: dict[str, str]
     result: TrainResult
-    validation: list[tuple[str, Image.Image]]
+    config: TrainConfig
+    validation: list[tuple[str, Image.Image]] = field(default_factory=list)
+
+    def as_current(self) -> dict[str, Any]:
+        """What ``current.json`` records: version, file path per format, their hashes, the training settings."""
+        return {
+            "version": self.version,
+            "steps": self.result.steps_done,
+            **{kind: str(path) for kind, path in self.files.items()},
+            "sha256": self.sha256s,
+            "train_config": self.config.result_fields(),
+        }
 
 
-def lora_version(config: TrainConfig, samples: Sequence[TrainingSample], base_model_id: str) -> str:
-    sample_ids = sorted(s.sample_id for s in samples)
-    return "lora-" + sha256_json([config.result_fields(), sample_ids, base_model_id])[:12]
+def train_config_of(current: dict[str, Any]) -> TrainConfig:
+    """The settings a ``current.json`` LoRA was trained with (to continue training it with the same shape)."""
+    fields = current.get("train_config")
+    if not isinstance(fields, dict):
+        raise CastloraError(
+            f"LoRA {current.get('version')} records no training settings (exported by an older castlora): "
+            "re-materialize 'lora'."
+        )
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: tuple(v) if k == "targets" else v for k, v in fields.items() if k in known})
 
 
-def run_lora(
-    pipe: Any,
-    samples: Sequence[TrainingSample],
+def lora_version(
     config: TrainConfig,
-    lora_root: Path,
-    cache_dir: Path,
-    recorder: LineageRecorder,
+    samples: Sequence[TrainingSample],
     base_model_id: str,
-    on_log: Callable[[int, dict], None] | None = None,
-    validation_prompts: Sequence[str] = (),
-    validation_steps: int = 20,
-    validation_seed: int = 0,
-) -> LoraOutput:
-    version = lora_version(config, samples, base_model_id)
-    folder = lora_root / version
-    result = train_lora(pipe, samples, config, folder, cache_dir, on_log=on_log, base_model_id=base_model_id)
+    init_lora: dict[str, torch.Tensor] | None = None,
+) -> str:
+    sample_ids = sorted(s.sample_id for s in samples)
+    identity: list[Any] = [config.result_fields(), sample_ids, base_model_id]
+    if init_lora is not None:  # a fine-tune of another LoRA is another model
+        identity.append(lora_state_hash(init_lora))
+    return "lora-" + sha256_json(identity)[:12]
+
+
+def _export(
+    pipe: Any,
+    config: TrainConfig,
+    folder: Path,
+    version: str,
+    base_model_id: str,
+    result: TrainResult,
+    parents: Sequence[str],
+    recorder: LineageRecorder,
+) -> tuple[dict[str, Path], dict[str, str]]:
+    """Write both LoRA formats from ``pipe``'s trained adapter and record them in lineage."""
     spec = LoraSpec(
         rank=config.rank,
         alpha=config.alpha,
@@ -71,7 +101,6 @@ def run_lora(
         metadata={"castlora_version": version, "base_model": base_model_id},
     )
     sha256s = {kind: sha256_file(path) for kind, path in files.items()}
-    parents = sorted({s.sample_id for s in samples})
     params = {
         "version": version,
         "steps": result.steps_done,
@@ -81,22 +110,72 @@ def run_lora(
         **{k: v for k, v in result.metrics.items() if isinstance(v, int | float | str)},
     }
     for kind, path in files.items():
-        recorder.record(path, sha256s[kind], parents, {**params, "format": kind}, [base_model_id])
-    current = {
-        "version": version,
-        "steps": result.steps_done,
-        **{k: str(p) for k, p in files.items()},
-        "sha256": sha256s,
-    }
-    (lora_root / CURRENT_FILE).write_text(json.dumps(current, indent=2))
+        recorder.record(path, sha256s[kind], sorted(set(parents)), {**params, "format": kind}, [base_model_id])
+    return files, sha256s
+
+
+def run_lora(
+    pipe: Any,
+    samples: Sequence[TrainingSample],
+    config: TrainConfig,
+    lora_root: Path,
+    cache_dir: Path,
+    recorder: LineageRecorder,
+    base_model_id: str,
+    on_log: Callable[[int, dict], None] | None = None,
+    validation_prompts: Sequence[str] = (),
+    validation_steps: int = 20,
+    validation_seed: int = 0,
+    init_lora: dict[str, torch.Tensor] | None = None,
+) -> LoraOutput:
+    """Train (resuming if possible), export both formats, point ``current.json`` at them, render checks.
+
+    ``init_lora`` (a U-Net LoRA state) starts from another LoRA, as the iterative rounds do; with
+    ``config.kl_weight`` > 0 it is also the frozen reference of the KL term.
+    """
+    version = lora_version(config, samples, base_model_id, init_lora)
+    folder = lora_root / version
+    result = train_lora(
+        pipe, samples, config, folder, cache_dir, on_log=on_log, base_model_id=base_model_id, init_lora=init_lora
+    )
+    parents = [s.sample_id for s in samples]
+    files, sha256s = _export(pipe, config, folder, version, base_model_id, result, parents, recorder)
+    output = LoraOutput(version, folder, files, sha256s, result, config)
+    write_json_atomic(output.as_current(), lora_root / CURRENT_FILE)
 
     resolution = config.resolution
     requests = [SampleRequest(prompt=p, seed=validation_seed) for p in validation_prompts]
-    validation = [
+    output.validation = [
         (request.prompt, image)
         for request, image in generate(pipe, requests, None, resolution, resolution, validation_steps, 5.0)
     ]
-    return LoraOutput(version, folder, files, sha256s, result, validation)
+    return output
+
+
+def run_preference(
+    pipe: Any,
+    pairs: Sequence[tuple[TrainingSample, TrainingSample]],
+    config: TrainConfig,
+    lora_root: Path,
+    cache_dir: Path,
+    recorder: LineageRecorder,
+    base_model_id: str,
+    init_lora: dict[str, torch.Tensor],
+    on_log: Callable[[int, dict], None] | None = None,
+) -> LoraOutput:
+    """Diffusion-DPO on (winner, loser) pairs, starting from and regularised towards ``init_lora``; exported
+    and versioned like ``run_lora``."""
+    samples = [sample for pair in pairs for sample in pair]
+    version = "dpo-" + lora_version(config, samples, base_model_id, init_lora).removeprefix("lora-")
+    folder = lora_root / version
+    result = train_preference(
+        pipe, pairs, config, folder, cache_dir, init_lora=init_lora, on_log=on_log, base_model_id=base_model_id
+    )
+    files, sha256s = _export(pipe, config, folder, version, base_model_id, result, [s.sample_id for s in samples],
+                             recorder)  # fmt: skip
+    output = LoraOutput(version, folder, files, sha256s, result, config)
+    write_json_atomic(output.as_current(), lora_root / CURRENT_FILE)
+    return output
 
 
 def current_lora(lora_root: Path) -> dict[str, Any]:

@@ -147,3 +147,22 @@ def run_samples(
     write_manifest(manifest, out_dir)
     prune_unlisted(out_dir, written, suffixes=(".png",))
     return manifest
+
+
+def segmix_layout_factory(segments: pd.DataFrame, resolution: int, seed_offset: int = 0) -> Callable[[int], Layout]:
+    """Layouts made from the pair's cut-outs: seed s composes the (s + offset)-th cut-out of each character
+    (cycling) with Seg-Mix seed s + offset, so a seed always shows the same arrangement."""
+    from pipeline.infer import layout_from_composite
+    from pipeline.segmix import SegMixConfig, compose
+    from pipeline.stages.segmix_bank import instance_subjects
+
+    subjects = list(instance_subjects(segments).values())
+    if not subjects:
+        raise CastloraError("No usable cut-outs in the segments manifest: MuDI init needs a layout of the characters.")
+    config = SegMixConfig(canvas=(resolution, resolution), k=len(subjects))
+
+    def layout_for(seed: int) -> Layout:
+        chosen = [group[(seed + seed_offset) % len(group)] for group in subjects]
+        return layout_from_composite(compose(chosen, config, seed + seed_offset))
+
+    return layout_for

@@ -1,7 +1,17 @@
-"""DreamBooth-LoRA training for SDXL: config, content-keyed caches, data plan, resumable loop."""
+"""DreamBooth-LoRA training for SDXL: config, content-keyed caches, data plan, resumable loop, Diffusion-DPO."""
 
 from pipeline.train.config import TrainConfig
 from pipeline.train.data import TrainingSample, build_samples, load_samples
 from pipeline.train.loop import TrainResult, train_lora
+from pipeline.train.preference import PreferencePair, train_preference
 
-__all__ = ["TrainConfig", "TrainResult", "TrainingSample", "build_samples", "load_samples", "train_lora"]
+__all__ = [
+    "PreferencePair",
+    "TrainConfig",
+    "TrainResult",
+    "TrainingSample",
+    "build_samples",
+    "load_samples",
+    "train_lora",
+    "train_preference",
+]

@@ -14,6 +14,8 @@ MIXED_PRECISIONS = ("no", "fp16", "bf16")
 
 # Fields that never change the trained weights: they may differ between a run and its resume.
 _RESULT_NEUTRAL = frozenset({"checkpoint_every", "keep_checkpoints", "log_every", "gradient_checkpointing"})
+# Fields added later: left out of the fingerprint while off, so checkpoints written before they existed still resume.
+_OMITTED_WHEN_ZERO = ("kl_weight", "dpo_beta")
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,13 @@ class TrainConfig:
     """Weight of the prior-preservation loss; 0 disables prior preservation."""
     dco_beta: float = 0.0
     """>0 replaces the instance MSE by the DCO loss against the same U-Net with LoRA scale 0 (MuDI uses 1000)."""
+    kl_weight: float = 0.0
+    """>0 adds ``kl_weight`` × the KL towards the starting LoRA (``init_lora``, the previous round's model) to the
+    instance loss: MuDI's iterative training (SPEC §9, weight ≈ 1.0). Needs ``init_lora``."""
+    dpo_beta: float = 0.0
+    """Diffusion-DPO's β, used only by ``train_preference`` (which requires it > 0). It multiplies errors that are
+    per-element means, as in Wallace et al.'s code: hence values in the thousands (paper, SD1.5: 5000; SDXL is
+    often run at 2500; diffusers' SDXL research example defaults to 5000)."""
     masked_loss: bool = False
     mask_normalization: str = "mean"
     """``mean``: mean of mask * error over all pixels; ``mask_mean``: that divided by the mask's mean."""
@@ -67,8 +76,8 @@ class TrainConfig:
             problems.append(f"rank={self.rank} must be >= 1")
         if not 0.0 <= self.segmix_p <= 1.0:
             problems.append(f"segmix_p={self.segmix_p} must be in [0, 1]")
-        if self.prior_weight < 0 or self.dco_beta < 0:
-            problems.append("prior_weight and dco_beta must be >= 0")
+        if min(self.prior_weight, self.dco_beta, self.kl_weight, self.dpo_beta) < 0:
+            problems.append("prior_weight, dco_beta, kl_weight and dpo_beta must be >= 0")
         if self.mask_normalization not in MASK_NORMALIZATIONS:
             problems.append(f"mask_normalization={self.mask_normalization!r} must be one of {MASK_NORMALIZATIONS}")
         if self.mixed_precision not in MIXED_PRECISIONS:
@@ -96,4 +105,7 @@ class TrainConfig:
         fields["targets"] = list(self.targets)
         if self.lr_scheduler == "constant":
             fields.pop("steps")
+        for name in _OMITTED_WHEN_ZERO:
+            if not fields[name]:
+                fields.pop(name)
         return fields

@@ -5,13 +5,19 @@ off the accelerator → add LoRA → resume from the newest checkpoint if any �
 ``checkpoint_every`` steps. Every random draw of a step (which samples, noise, timesteps) comes from
 generators seeded by (seed, step, rank), so an interrupted and resumed run follows the same path as an
 uninterrupted one.
+
+Continuing from an earlier LoRA (``init_lora``, e.g. the previous round of MuDI's iterative training) starts
+the trainable adapter from those weights; with ``kl_weight`` > 0 a second, frozen copy of them (the adapter
+named ``reference``) anchors the model. The reference adapter is removed again when ``train_lora`` ends.
 """
 
 from __future__ import annotations
 
 import gc
+import hashlib
 import resource
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,11 +29,13 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
+from diffusers.utils.state_dict_utils import StateDictType, convert_state_dict_to_diffusers
 
 from pipeline.errors import CastloraError, CheckpointError
 from pipeline.hashing import sha256_json
 from pipeline.lora.adapters import (
     DEFAULT_ADAPTER,
+    LoraError,
     LoraSpec,
     add_text_encoder_lora,
     add_unet_lora,
@@ -56,6 +64,8 @@ from pipeline.train.config import TrainConfig
 from pipeline.train.data import SamplePools, TrainingSample, plan_step, samples_fingerprint_items
 
 ADAPTER_NAME = DEFAULT_ADAPTER
+REFERENCE_ADAPTER = "reference"
+"""Frozen copy of ``init_lora`` on the same U-Net: the reference model of the KL term and of Diffusion-DPO."""
 _WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 LogCallback = Callable[[int, dict[str, Any]], None]
@@ -83,11 +93,8 @@ def _add_lora(model: torch.nn.Module, spec: LoraSpec, text_encoder: bool, seed: 
 
     The RNG is forked so the initial A matrices depend only on ``seed``, not on what ran before.
     """
-    if ADAPTER_NAME in (getattr(model, "peft_config", None) or {}):
-        if hasattr(model, "delete_adapters"):  # diffusers models
-            model.delete_adapters(ADAPTER_NAME)
-        else:  # transformers models
-            model.delete_adapter(ADAPTER_NAME)
+    _remove_adapter(model, REFERENCE_ADAPTER)  # left behind by a run that died before cleaning up
+    _remove_adapter(model, ADAPTER_NAME)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if text_encoder:
@@ -97,6 +104,69 @@ def _add_lora(model: torch.nn.Module, spec: LoraSpec, text_encoder: bool, seed: 
     if hasattr(model, "set_adapter"):
         model.set_adapter(ADAPTER_NAME)
     return lora_parameters(model)
+
+
+def _remove_adapter(model: torch.nn.Module, name: str) -> None:
+    if name in (getattr(model, "peft_config", None) or {}):
+        if hasattr(model, "delete_adapters"):  # diffusers models
+            model.delete_adapters(name)
+        else:  # transformers models
+            model.delete_adapter(name)
+
+
+def lora_state_hash(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a LoRA state dict's names, shapes and fp32 values: ``init_lora``'s part of a fingerprint."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].detach().float().cpu().contiguous()
+        digest.update(f"{key}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _diffusers_key(peft_key: str) -> str:
+    """``unet_lora_state_dict``'s name for a PEFT key without adapter name (``….to_q.lora_A.weight``)."""
+    (key,) = convert_state_dict_to_diffusers({peft_key: None}, original_type=StateDictType.PEFT)
+    key = key.replace(".lora_A.weight", ".lora.down.weight").replace(".lora_B.weight", ".lora.up.weight")
+    return f"unet.{key}"
+
+
+def load_unet_lora(unet: torch.nn.Module, state: dict[str, torch.Tensor], adapter_name: str) -> None:
+    """Copy ``state`` (``unet_lora_state_dict`` format) into the U-Net adapter ``adapter_name``.
+
+    The adapter was built from the training config, so a different rank (tensor shapes) or target set (names)
+    is refused here. Alpha is not stored in the state dict: the caller must pass the round's own alpha.
+    """
+    suffix = f".{adapter_name}.weight"
+    params = {
+        _diffusers_key(name[: -len(suffix)] + ".weight"): param
+        for name, param in unet.named_parameters()
+        if name.endswith(suffix) and (".lora_A." in name or ".lora_B." in name)
+    }
+    missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+    if missing or extra:
+        raise LoraError(
+            f"init_lora does not match the LoRA targets of this training config ({len(missing)} tensors missing, "
+            f"e.g. {missing[:2]}; {len(extra)} unexpected, e.g. {extra[:2]}): train with the targets of the run "
+            "that produced init_lora."
+        )
+    for key, param in params.items():
+        if tuple(state[key].shape) != tuple(param.shape):
+            raise LoraError(
+                f"init_lora tensor {key} has shape {tuple(state[key].shape)} but this config's LoRA needs "
+                f"{tuple(param.shape)}: set rank (and alpha) to those of the run that produced init_lora."
+            )
+    with torch.no_grad():
+        for key, param in params.items():
+            param.copy_(state[key].to(param.device, param.dtype))
+
+
+def _check_only_adapter_trains(model: torch.nn.Module, adapter_name: str) -> None:
+    """PEFT's ``set_adapter`` flips ``requires_grad`` per adapter: after switching, exactly ours must train."""
+    marker = f".{adapter_name}."
+    wrong = [name for name, p in model.named_parameters() if p.requires_grad != ("lora_" in name and marker in name)]
+    if wrong:
+        raise CastloraError(f"Internal error: requires_grad is wrong after an adapter switch for {wrong[:3]}.")
 
 
 def _set_gradient_checkpointing(model: torch.nn.Module, enabled: bool) -> None:
@@ -203,6 +273,19 @@ def dco_loss(model_error: torch.Tensor, reference_error: torch.Tensor, beta: flo
     return -F.logsigmoid(-beta * (model_error - reference_error)).mean()
 
 
+def kl_to_reference(pred: torch.Tensor, reference_pred: torch.Tensor) -> torch.Tensor:
+    """MuDI's KL regulariser towards the previous round's model: mean over samples of the mean squared
+    difference between the two models' predictions at the same noisy input.
+
+    Each model's denoising posterior p(x_{t-1} | x_t) is a Gaussian with the same fixed variance σ_t² and a
+    mean that is affine in the predicted noise, μ = (x_t − β_t/√(1−ᾱ_t) ε̂)/√α_t, so
+    KL(p_θ ‖ p_ref) = ‖μ_θ − μ_ref‖² / (2σ_t²) ∝ ‖ε_θ − ε_ref‖²; the t-dependent weight is dropped, as the
+    simple DDPM loss drops it (with v-prediction, v differences are ε differences times a per-t factor).
+    """
+    error = F.mse_loss(pred.float(), reference_pred.float(), reduction="none")
+    return error.mean(dim=tuple(range(1, error.ndim))).mean()
+
+
 # ----------------------------------------------------------------------------------------------- trainer
 
 
@@ -217,20 +300,53 @@ class _Batch:
     n_instance: int
 
 
-class _Trainer:
-    """State shared by the steps of one ``train_lora`` call; split out to keep each part short."""
+@dataclass
+class _Inputs:
+    """One step's U-Net inputs and regression target (epsilon or v)."""
 
-    def __init__(self, pipe, samples: Sequence[TrainingSample], config: TrainConfig, accelerator: Accelerator):
+    noisy: torch.Tensor
+    timesteps: torch.Tensor
+    embeds: torch.Tensor
+    cond: dict[str, torch.Tensor]
+    target: torch.Tensor
+
+    def head(self, k: int) -> _Inputs:
+        return _Inputs(
+            self.noisy[:k],
+            self.timesteps[:k],
+            self.embeds[:k],
+            {name: value[:k] for name, value in self.cond.items()},
+            self.target[:k],
+        )
+
+
+class _Trainer:
+    """State shared by the steps of one ``train_lora`` call; split out to keep each part short.
+
+    ``init_lora`` (optional) is where the trainable U-Net adapter starts; when ``reference_adapter`` is set, a
+    frozen copy of it is added under that name as the reference model.
+    """
+
+    needs_caches_when_done = False
+    """True when ``final_metrics`` reads the caches, so they are loaded even if there is no step left."""
+
+    def __init__(
+        self,
+        pipe,
+        samples: Sequence[TrainingSample],
+        config: TrainConfig,
+        accelerator: Accelerator,
+        init_lora: dict[str, torch.Tensor] | None = None,
+    ):
         self.pipe = pipe
         self.config = config
         self.accelerator = accelerator
         self.device = accelerator.device
         self.rank = accelerator.process_index
         self.world = accelerator.num_processes
-        used = [s for s in samples if config.prior_preservation or not s.is_prior]
-        self.samples = used
-        self.pools = SamplePools.of(used)
-        self.pools.check(config.prior_preservation)
+        self.init_lora = init_lora
+        self.reference_adapter: str | None = REFERENCE_ADAPTER if config.kl_weight > 0 else None
+        self.samples = self.training_samples(samples)
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         self.prediction_type = self.noise_scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
@@ -242,6 +358,13 @@ class _Trainer:
         self.texts: dict[str, CachedText] = {}
         self.masks: dict[str, torch.Tensor] = {}
         self.cache_stats: dict[str, int] = {}
+
+    def training_samples(self, samples: Sequence[TrainingSample]) -> list[TrainingSample]:
+        """The samples this run caches and draws from (prior images only with prior preservation)."""
+        used = [s for s in samples if self.config.prior_preservation or not s.is_prior]
+        self.pools = SamplePools.of(used)
+        self.pools.check(self.config.prior_preservation)
+        return used
 
     # -- caches
     def build_caches(self, cache_dir: Path) -> None:
@@ -282,6 +405,8 @@ class _Trainer:
                 model.to(dtype=self.weight_dtype)
             spec = LoraSpec(rank=config.rank, alpha=config.alpha, target_modules=tuple(config.targets))
             params = _add_lora(model, spec, component != "unet", config.seed)
+            if component == "unet" and self.init_lora is not None:
+                params = self._start_from_init(model, spec)
             lr = config.lr if component == "unet" else (config.text_encoder_lr or config.lr)
             groups.append({"params": params, "lr": lr})
             _set_gradient_checkpointing(model, config.gradient_checkpointing)
@@ -290,6 +415,26 @@ class _Trainer:
         self.text_params = [p for group in groups[1:] for p in group["params"]]
         self.optimizer = _make_optimizer(groups, config)
         self.lr_scheduler = _make_lr_scheduler(self.optimizer, config)
+
+    def _start_from_init(self, unet: torch.nn.Module, spec: LoraSpec) -> list[torch.nn.Parameter]:
+        """Load ``init_lora`` into the trainable adapter and, if needed, into a frozen reference adapter."""
+        load_unet_lora(unet, self.init_lora, ADAPTER_NAME)
+        if self.reference_adapter is not None:
+            with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+                # Its random init is overwritten (keep the global RNG as is); a second adapter is intended here.
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                add_unet_lora(unet, spec, adapter_name=self.reference_adapter)
+            load_unet_lora(unet, self.init_lora, self.reference_adapter)
+            unet.set_adapter(ADAPTER_NAME)  # add_adapter activated (and unfroze) the reference
+        _check_only_adapter_trains(unet, ADAPTER_NAME)
+        return lora_parameters(unet)
+
+    def remove_reference(self) -> None:
+        """Leave the U-Net as a plain ``train_lora`` leaves it: only the trained adapter, active."""
+        unet = self.pipe.unet
+        if self.reference_adapter is not None and self.reference_adapter in (getattr(unet, "peft_config", None) or {}):
+            _remove_adapter(unet, self.reference_adapter)
+            unet.set_adapter(ADAPTER_NAME)
 
     def resume(self, state: TrainingState, folder: Path) -> None:
         _load_trainable_state(self.models, state.lora, folder)
@@ -315,13 +460,21 @@ class _Trainer:
         )
 
     # -- one step
-    def batch(self, step: int) -> _Batch:
+    def select(self, step: int) -> tuple[list[TrainingSample], int]:
+        """This rank's samples of the step (instance first, then prior) and how many are instance samples."""
         config = self.config
         instance, prior = plan_step(
             self.pools, config.seed, step, config.batch_size * self.world, config.segmix_p, config.prior_preservation
         )
         mine = slice(self.rank * config.batch_size, (self.rank + 1) * config.batch_size)
-        chosen = instance[mine] + prior[mine]
+        return instance[mine] + prior[mine], len(instance[mine])
+
+    def batch(self, step: int) -> _Batch:
+        return self.assemble(*self.select(step))
+
+    def assemble(self, chosen: list[TrainingSample], n_instance: int) -> _Batch:
+        """Stack the cached latents, text embeddings and masks of ``chosen`` on the device."""
+        config = self.config
         latents = torch.stack([self.latents[s.sample_id].latent for s in chosen])
         res = config.resolution
         time_ids = torch.tensor(
@@ -343,15 +496,18 @@ class _Trainer:
             prompts,
             time_ids.to(self.device, self.weight_dtype),
             masks,
-            len(instance[mine]),
+            n_instance,
         )
 
-    def loss(self, step: int, batch: _Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        config = self.config
-        generator = torch.Generator().manual_seed(_step_seed(config.seed, step, self.rank))
+    def draw(self, step: int, batch: _Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's noise and timesteps, from a generator seeded by (seed, step, rank)."""
+        generator = torch.Generator().manual_seed(_step_seed(self.config.seed, step, self.rank))
         noise = torch.randn(batch.latents.shape, generator=generator).to(self.device)
         n_train = self.noise_scheduler.config.num_train_timesteps
         timesteps = torch.randint(0, n_train, (batch.latents.shape[0],), generator=generator).to(self.device)
+        return noise, timesteps
+
+    def inputs(self, batch: _Batch, noise: torch.Tensor, timesteps: torch.Tensor) -> _Inputs:
         noisy = self.noise_scheduler.add_noise(batch.latents, noise, timesteps)
         if self.prediction_type == "epsilon":
             target = noise
@@ -361,23 +517,36 @@ class _Trainer:
         if embeds is None:
             embeds, pooled = encode_prompts(self.pipe, batch.prompts, self.device)
         cond = {"time_ids": batch.time_ids, "text_embeds": pooled.to(self.weight_dtype)}
-        model_input = noisy.to(self.weight_dtype)
+        return _Inputs(noisy.to(self.weight_dtype), timesteps, embeds.to(self.weight_dtype), cond, target)
+
+    def predict(self, inputs: _Inputs) -> torch.Tensor:
+        """The trained model's prediction (through the DDP wrapper, so gradients are synchronised)."""
         with self.accelerator.autocast():
-            pred = self.unet(model_input, timesteps, embeds.to(self.weight_dtype), added_cond_kwargs=cond).sample
-        errors = per_sample_error(pred, target, batch.masks, config.mask_normalization)
+            return self.unet(inputs.noisy, inputs.timesteps, inputs.embeds, added_cond_kwargs=inputs.cond).sample
+
+    def loss(self, step: int, batch: _Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        config = self.config
+        inputs = self.inputs(batch, *self.draw(step, batch))
         k = batch.n_instance
+        # Frozen predictions first: switching adapters flips requires_grad, best settled before the graph exists.
+        anchor = self.frozen_pred(inputs.head(k), self.reference_adapter) if config.kl_weight > 0 else None
+        base = self.frozen_pred(inputs.head(k), None) if config.dco_beta > 0 else None
+        pred = self.predict(inputs)
+        errors = per_sample_error(pred, inputs.target, batch.masks, config.mask_normalization)
         parts: dict[str, torch.Tensor] = {}  # detached; read (a device sync) only when logged
-        if config.dco_beta > 0:
-            reference = self._reference_pred(model_input[:k], timesteps[:k], embeds[:k], cond, k)
-            ref_errors = per_sample_error(
-                reference, target[:k], None if batch.masks is None else batch.masks[:k], config.mask_normalization
-            )
+        if base is not None:
+            instance_masks = None if batch.masks is None else batch.masks[:k]
+            ref_errors = per_sample_error(base, inputs.target[:k], instance_masks, config.mask_normalization)
             instance_loss = dco_loss(errors[:k], ref_errors, config.dco_beta)
             parts["reference_mse"] = ref_errors.detach().mean()
         else:
             instance_loss = errors[:k].mean()
         parts["instance_mse"] = errors[:k].detach().mean()
         loss = instance_loss
+        if anchor is not None:
+            kl = kl_to_reference(pred[:k], anchor)
+            parts["kl"] = kl.detach()
+            loss = loss + config.kl_weight * kl
         if config.prior_preservation and errors.shape[0] > k:
             prior_loss = errors[k:].mean()
             parts["prior_mse"] = prior_loss.detach()
@@ -385,16 +554,27 @@ class _Trainer:
         return loss, parts
 
     @torch.no_grad()
-    def _reference_pred(self, model_input, timesteps, embeds, cond, k) -> torch.Tensor:
-        """The same U-Net with the LoRA switched off (LoRA scale 0), DCO's reference model."""
+    def frozen_pred(self, inputs: _Inputs, adapter: str | None) -> torch.Tensor:
+        """A no-grad prediction of the unwrapped U-Net (no DDP hooks) with ``adapter`` active instead of the
+        trained one, or with every LoRA off when ``adapter`` is None (DCO's reference: LoRA scale 0)."""
         unet = self.accelerator.unwrap_model(self.unet)
-        unet.disable_adapters()
+        if adapter is None:
+            unet.disable_adapters()
+        else:
+            unet.set_adapter(adapter)
         try:
             with self.accelerator.autocast():
-                sub_cond = {name: value[:k] for name, value in cond.items()}
-                return unet(model_input, timesteps, embeds.to(self.weight_dtype), added_cond_kwargs=sub_cond).sample
+                return unet(inputs.noisy, inputs.timesteps, inputs.embeds, added_cond_kwargs=inputs.cond).sample
         finally:
-            unet.enable_adapters()
+            if adapter is None:
+                unet.enable_adapters()
+            else:
+                unet.set_adapter(ADAPTER_NAME)
+                _check_only_adapter_trains(unet, ADAPTER_NAME)
+
+    def final_metrics(self) -> dict[str, Any]:
+        """Extra metrics computed once training ends (none here; the preference trainer evaluates its pairs)."""
+        return {}
 
     def optimize(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss)
@@ -433,17 +613,26 @@ class _Trainer:
 
 
 def fingerprint_fields(
-    pipe, samples: Sequence[TrainingSample], config: TrainConfig, world_size: int, base_model_id: str | None
+    pipe,
+    samples: Sequence[TrainingSample],
+    config: TrainConfig,
+    world_size: int,
+    base_model_id: str | None,
+    init_lora: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """What a checkpoint must agree on to be resumed: settings that change the weights, data and base model."""
+    """What a checkpoint must agree on to be resumed: settings that change the weights, data, base model and
+    starting LoRA (the ``init_lora`` key exists only when one is given, so older checkpoints still match)."""
     used = [s for s in samples if config.prior_preservation or not s.is_prior]
-    return {
+    fields = {
         "config": config.result_fields(),
         "samples": sha256_json(samples_fingerprint_items(used)),
         "base_model": base_model_id or str(getattr(pipe, "name_or_path", "") or ""),
         "unet": module_identity(pipe.unet),
         "world_size": world_size,
     }
+    if init_lora is not None:
+        fields["init_lora"] = lora_state_hash(init_lora)
+    return fields
 
 
 def _make_accelerator(config: TrainConfig) -> Accelerator:
@@ -479,74 +668,99 @@ def train_lora(
     on_log: LogCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
     base_model_id: str | None = None,
+    init_lora: dict[str, torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train (or resume training) a LoRA on ``pipe``'s U-Net; checkpoints go to ``out_dir/checkpoints``.
 
     Resumes automatically from the newest checkpoint in ``out_dir`` (raising CheckpointError if it is
     corrupt or from another setup). ``on_log(step, metrics)`` runs on the main process every
     ``log_every`` steps; ``should_stop()`` is polled after each step, and a stop writes a checkpoint first.
+    ``init_lora`` (a ``TrainResult.lora_state``, same rank and targets as ``config``) is the U-Net adapter's
+    starting point instead of a fresh one; its hash joins the checkpoint fingerprint. With
+    ``config.kl_weight`` > 0 it is also the frozen reference of the KL term (logged as ``kl``).
     On return the U-Net carries the trained adapter (active), so ``pipe`` can render validation images.
     """
+    if config.kl_weight > 0 and init_lora is None:
+        raise CastloraError(
+            f"kl_weight={config.kl_weight} regularises towards a previous model, but no init_lora was given: "
+            "pass the previous round's LoRA state as init_lora, or set kl_weight=0."
+        )
     _check_mixed_precision(config)
-    out_dir, cache_dir = Path(out_dir), Path(cache_dir)
     accelerator = _make_accelerator(config)
-    fields = fingerprint_fields(pipe, samples, config, accelerator.num_processes, base_model_id)
-    trainer = _Trainer(pipe, samples, config, accelerator)
+    fields = fingerprint_fields(pipe, samples, config, accelerator.num_processes, base_model_id, init_lora)
+    trainer = _Trainer(pipe, samples, config, accelerator, init_lora)
+    return run_trainer(trainer, fields, Path(out_dir), Path(cache_dir), on_log, should_stop)
+
+
+def run_trainer(
+    trainer: _Trainer,
+    fields: dict[str, Any],
+    out_dir: Path,
+    cache_dir: Path,
+    on_log: LogCallback | None,
+    should_stop: Callable[[], bool] | None,
+) -> TrainResult:
+    """The resumable, checkpointing step loop shared by every objective (``trainer.loss`` decides which)."""
+    pipe, config, accelerator = trainer.pipe, trainer.config, trainer.accelerator
     resume = load_latest_checkpoint(out_dir, fields)
     start = resume[0].step if resume else 0
     original_devices = {name: getattr(pipe, name).device for name in ("vae", "text_encoder", "text_encoder_2")}
 
     started = time.perf_counter()
-    if start < config.steps:
+    if start < config.steps or trainer.needs_caches_when_done:
         trainer.build_caches(cache_dir)
         trainer.offload_encoders()
     cache_seconds = time.perf_counter() - started
-    trainer.setup_models()
-    losses: list[tuple[int, float, float]] = []
-    if resume:
-        trainer.resume(*resume)
-        losses = [entry for entry in resume[0].losses if entry[0] <= start]
-    trainer.prepare()
-    if resume and resume[0].scaler is not None and accelerator.scaler is not None:
-        accelerator.scaler.load_state_dict(resume[0].scaler)
+    try:
+        trainer.setup_models()
+        losses: list[tuple[int, float, float]] = []
+        if resume:
+            trainer.resume(*resume)
+            losses = [entry for entry in resume[0].losses if entry[0] <= start]
+        trainer.prepare()
+        if resume and resume[0].scaler is not None and accelerator.scaler is not None:
+            accelerator.scaler.load_state_dict(resume[0].scaler)
 
-    step_times: list[float] = []
-    last_saved = start if resume else None
-    done = start
-    window: list[float] = []
-    for step in range(start, config.steps):
-        tick = time.perf_counter()
-        lr = float(trainer.lr_scheduler.get_last_lr()[0])
-        loss, parts = trainer.loss(step, trainer.batch(step))
-        trainer.optimize(loss)
-        done = step + 1
-        loss_value = trainer.mean_over_ranks(loss)
-        losses.append((done, loss_value, lr))
-        window.append(loss_value)
-        step_times.append(time.perf_counter() - tick)
-        if (
-            on_log is not None
-            and accelerator.is_main_process
-            and (done % config.log_every == 0 or done == config.steps)
-        ):
-            on_log(
-                done,
-                {
-                    "loss": float(np.mean(window)),
-                    "lr": lr,
-                    "step_time_s": step_times[-1],
-                    **{k: float(v) for k, v in parts.items()},
-                },
-            )
-            window = []
-        stop = trainer.agree(bool(should_stop and accelerator.is_main_process and should_stop()))
-        if done % config.checkpoint_every == 0 or done == config.steps or stop:
+        step_times: list[float] = []
+        last_saved = start if resume else None
+        done = start
+        window: list[float] = []
+        for step in range(start, config.steps):
+            tick = time.perf_counter()
+            lr = float(trainer.lr_scheduler.get_last_lr()[0])
+            loss, parts = trainer.loss(step, trainer.batch(step))
+            trainer.optimize(loss)
+            done = step + 1
+            loss_value = trainer.mean_over_ranks(loss)
+            losses.append((done, loss_value, lr))
+            window.append(loss_value)
+            step_times.append(time.perf_counter() - tick)
+            if (
+                on_log is not None
+                and accelerator.is_main_process
+                and (done % config.log_every == 0 or done == config.steps)
+            ):
+                on_log(
+                    done,
+                    {
+                        "loss": float(np.mean(window)),
+                        "lr": lr,
+                        "step_time_s": step_times[-1],
+                        **{k: float(v) for k, v in parts.items()},
+                    },
+                )
+                window = []
+            stop = trainer.agree(bool(should_stop and accelerator.is_main_process and should_stop()))
+            if done % config.checkpoint_every == 0 or done == config.steps or stop:
+                _save(trainer, out_dir, done, losses, fields)
+                last_saved = done
+            if stop:
+                break
+        if last_saved != done:
             _save(trainer, out_dir, done, losses, fields)
-            last_saved = done
-        if stop:
-            break
-    if last_saved != done:
-        _save(trainer, out_dir, done, losses, fields)
+        final_metrics = trainer.final_metrics()
+    finally:
+        trainer.remove_reference()
 
     trainer.restore_encoders(original_devices)
     unwrapped = accelerator.unwrap_model(trainer.unet)
@@ -559,6 +773,7 @@ def train_lora(
         "mask_normalization": config.mask_normalization if config.masked_loss else None,
         "world_size": accelerator.num_processes,
         "checkpoints": [str(p) for _, p in list_checkpoints(out_dir)],
+        **final_metrics,
         **_peak_memory_mb(accelerator.device),
     }
     return TrainResult(

@@ -24,9 +24,21 @@ RUN_CONFIG = {
         "samples": {
             "config": {"prompts": ["zorp ball and quix ball on a beach"], "seeds": [0], "steps": 2, "resolution": 64}
         },
+        "iteration": {
+            "config": {
+                "images_per_round": 2, "keep_top": 2, "train_steps": 2, "max_rounds": 2, "inference_steps": 2,
+                "resolution": 64, "prompts": ["zorp ball and quix ball on a beach"],
+            }
+        },
+        "evaluation": {
+            "config": {"prompts": ["zorp ball and quix ball on a beach"], "seeds": [7], "inference_steps": 2,
+                       "resolution": 64}
+        },
     }
-}
-TRAINED = {"references", "segments", "captions", "class_images", "segmix_bank", "lora", "samples"}
+}  # fmt: skip
+TRAINED = {
+    "references", "segments", "captions", "class_images", "segmix_bank", "lora", "samples", "iteration", "evaluation"
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -166,3 +178,22 @@ def test_rematerializing_lora_resumes_from_its_checkpoints(materialized):
     meta = result.get_asset_materialization_events()[0].materialization.metadata
     assert meta["version"].value == materializations["lora"].metadata["version"].value
     assert meta["resumed_from_step"].value == 4 and meta["steps"].value == 6
+
+
+def test_iteration_and_evaluation_report(materialized):
+    _, result, materializations, _ = materialized
+    assert result.success
+    iteration = materializations["iteration"].metadata
+    assert iteration["rounds_done"].value == 2
+    assert iteration["stop_reason"].value in {"max_rounds", "no_improvement", "distance"}
+    assert iteration["detector"].value == "layout (no detector)"  # the tiny preset's labelled fallback
+    assert "data:image/jpeg;base64" in iteration["dnc_per_round"].value
+    evaluation = materializations["evaluation"].metadata
+    report = evaluation["report"].value
+    for variant in ("dreambooth", "segmix", "segmix_init", "iterative"):
+        assert variant in report and f"grid_{variant}" in evaluation
+    assert "image_reward" in report and "no ImageReward weights configured" in report
+    metrics = pd.read_parquet(evaluation["metrics_file"].value)
+    grids = metrics.groupby("variant")[["prompt", "seed"]].apply(lambda g: sorted(set(map(tuple, g.values))))
+    assert len(grids) == 4 and all(grid == [("zorp ball and quix ball on a beach", 7)] for grid in grids)
+    assert metrics.loc[metrics["metric"] == "dnc_default:dinov2", "status"].eq("ok").all()

@@ -1,0 +1,269 @@
+"""Quality assets: iteration (self-generation filtered by Detect-and-Compare) → evaluation (variants side by side)."""
+
+import dataclasses
+
+import dagster as dg
+from pydantic import Field
+
+from assets.metadata import image_md, user_errors
+from assets.pair_assets import GROUP
+from assets.partitions import character_pairs, pair_key
+from assets.training_assets import lora
+from pipeline.dnc.scorer import references_from_manifest
+from pipeline.errors import CastloraError
+from pipeline.evaluation.draw import annotated_grid
+from pipeline.evaluation.report import plot_rounds, rounds_markdown
+from pipeline.infer import DEFAULT_NEGATIVE, scene_prompts
+from pipeline.iteration import IterationConfig
+from pipeline.manifest import read_manifest
+from pipeline.stages.evaluation import VARIANTS, Subject, Variant, image_reward_note, run_evaluation
+from pipeline.stages.iteration import GenerationSettings, current_iteration, run_iteration
+from pipeline.stages.lora import current_lora, run_lora, train_config_of
+from pipeline.stages.samples import segmix_layout_factory
+from pipeline.train import load_samples
+from resources import ModelResource, StorageResource
+
+
+class IterationAssetConfig(dg.Config):
+    images_per_round: int = 0
+    """0: the preset's (200 for sdxl, as MuDI)."""
+    keep_top: int = 0
+    """0: the preset's (50 for sdxl)."""
+    min_dnc: float | None = None
+    """Kept images must also reach this D&C; empty: the count gate only."""
+    train_steps: int = 0
+    """0: the preset's (1000 for sdxl)."""
+    kl_weight: float = 1.0
+    max_rounds: int = 0
+    """0: the preset's (5 for sdxl; 2 for tiny: one fine-tune, then its check)."""
+    rounds_per_run: int = 0
+    """0: run until the loop stops; 1: one round per materialization (the next one continues)."""
+    distance_fraction: float = 0.8
+    min_improvement: float = 0.0
+    gamma: float = 1.0
+    dnc_mode: str = "default"
+    dnc_embedder: str = "dinov2"
+    preference: bool = False
+    """IdGlow-style Diffusion-DPO on (best, worst) pairs of each prompt after the KL fine-tune."""
+    dpo_beta: float = 5000.0
+    dpo_steps: int = 200
+    preference_margin: float = 0.05
+    prompts: list[str] = Field(default_factory=list)
+    """Empty: the default scene prompts with the characters' token phrases."""
+    inference_steps: int = 0
+    guidance_scale: float = 5.0
+    use_default_negative: bool = True
+    seed: int = 0
+    resolution: int = 0
+    """0: the preset's resolution."""
+
+
+class EvaluationAssetConfig(dg.Config):
+    variants: list[str] = Field(default_factory=lambda: list(VARIANTS))
+    """Any of dreambooth (LoRA without Seg-Mix, trained here), segmix, segmix_init, iterative."""
+    prompts: list[str] = Field(default_factory=list)
+    """Empty: the preset's number of default scene prompts."""
+    seeds: list[int] = Field(default_factory=list)
+    """Empty: the preset's number of seeds from 1000."""
+    gamma: float = 1.0
+    inference_steps: int = 0
+    guidance_scale: float = 5.0
+    use_default_negative: bool = True
+    resolution: int = 0
+    """0: the preset's resolution."""
+
+
+def _generation(storage, models, pair, config, prompts, seed=0) -> GenerationSettings:
+    spec = storage.spec(pair)
+    preset = models.resolved_preset()
+    return GenerationSettings(
+        prompts=tuple(prompts or scene_prompts([c.token_phrase for c in spec.characters])),
+        resolution=config.resolution or preset.resolution,
+        steps=config.inference_steps or preset.inference_steps,
+        guidance_scale=config.guidance_scale,
+        negative_prompt=DEFAULT_NEGATIVE if config.use_default_negative else None,
+        seed=seed,
+    )
+
+
+def _scorer(storage: StorageResource, models: ModelResource, pair: str):
+    spec = storage.spec(pair)
+    references = read_manifest(storage.stage_dir(pair, "references"), "references")
+    subjects = references_from_manifest(references, [c.id for c in spec.characters])
+    return models.dnc_scorer(subjects, storage.layout.models)
+
+
+@dg.asset(
+    partitions_def=character_pairs,
+    group_name=GROUP,
+    deps=[lora],
+    code_version="iteration-v1",
+    kinds={"pytorch", "parquet"},
+    pool="gpu",
+    description="Iterative self-generation: render, score with Detect-and-Compare, keep the best, fine-tune with KL "
+    "towards the previous round; stops when the identities converge.",
+)
+@user_errors
+def iteration(
+    context: dg.AssetExecutionContext, config: IterationAssetConfig, storage: StorageResource, models: ModelResource
+) -> dg.MaterializeResult:
+    pair = pair_key(context)
+    preset = models.resolved_preset()
+    base = current_lora(storage.stage_dir(pair, "lora"))
+    loop_config = IterationConfig(
+        images_per_round=config.images_per_round or preset.iteration_images,
+        keep_top=config.keep_top or preset.iteration_keep,
+        min_dnc=config.min_dnc,
+        train_steps=config.train_steps or preset.iteration_steps,
+        kl_weight=config.kl_weight,
+        max_rounds=config.max_rounds or preset.iteration_rounds,
+        distance_fraction=config.distance_fraction,
+        min_improvement=config.min_improvement,
+        gamma=config.gamma,
+        dnc_mode=config.dnc_mode,
+        dnc_embedder=config.dnc_embedder,
+        preference=config.preference,
+        dpo_beta=config.dpo_beta,
+        dpo_steps=config.dpo_steps,
+        preference_margin=config.preference_margin,
+    )
+    generation = _generation(storage, models, pair, config, config.prompts, config.seed)
+    segments = read_manifest(storage.stage_dir(pair, "segments"), "segments")
+    scorer = _scorer(storage, models, pair)
+    recorder = storage.recorder(context)
+    out = run_iteration(
+        models.base_pipeline_factory(storage.layout.models),
+        base,
+        scorer,
+        segmix_layout_factory(segments, generation.resolution),
+        generation,
+        loop_config,
+        train_config_of(base),
+        storage.stage_dir(pair, "iteration"),
+        storage.layout.cache / "train",
+        recorder,
+        preset.base_model,
+        rounds_per_run=config.rounds_per_run,
+        on_log=lambda step, m: context.log.info(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in m.items())),
+        log=context.log.info,
+    )
+    recorder.flush()
+    plot = plot_rounds(out.rounds, out.run_dir / "rounds.png", distance_threshold=loop_config.distance_fraction)
+    kept_items = [
+        (_open(row["image_path"]), [], [], f"D&C {row['score']:.3f} s{row['seed']}")
+        for row in out.kept.head(8).to_dict("records")
+    ]
+    metadata = {
+        "rounds_done": len(out.history),
+        "best_round": out.best_round,
+        "stop_reason": out.stop_reason or "running",
+        "best_lora": dg.MetadataValue.path(str(out.best_lora["diffusers"])),
+        "rounds": dg.MetadataValue.md(rounds_markdown(out.rounds)),
+        "dnc_per_round": image_md(_open(plot), "D&C per round"),
+        "detector": scorer.detector.label,
+        "embedders": ", ".join(scorer.embedders) or "none",
+        "unavailable_embedders": dg.MetadataValue.json(scorer.unavailable),
+        "config": dg.MetadataValue.json(loop_config.as_record()),
+    }
+    if kept_items:
+        metadata["kept_images"] = image_md(annotated_grid(kept_items, columns=4, cell_size=192), "kept")
+    return dg.MaterializeResult(metadata=metadata)
+
+
+def _open(path):
+    from PIL import Image
+
+    with Image.open(path) as opened:
+        return opened.convert("RGB")
+
+
+@dg.asset(
+    partitions_def=character_pairs,
+    group_name=GROUP,
+    deps=[lora, iteration],
+    code_version="evaluation-v1",
+    kinds={"pytorch", "parquet"},
+    pool="gpu",
+    description="DreamBooth vs Seg-Mix vs + MuDI init vs + iterative training on one prompt × seed grid: D&C (both "
+    "modes), DINO / CLIP-I per character, CLIP-T, count-gate failures; report, plots and annotated grids.",
+)
+@user_errors
+def evaluation(
+    context: dg.AssetExecutionContext, config: EvaluationAssetConfig, storage: StorageResource, models: ModelResource
+) -> dg.MaterializeResult:
+    pair = pair_key(context)
+    spec = storage.spec(pair)
+    preset = models.resolved_preset()
+    unknown = [v for v in config.variants if v not in VARIANTS]
+    if unknown:
+        raise dg.Failure(f"Unknown evaluation variant(s) {unknown}; choose from {list(VARIANTS)}.")
+    prompts = config.prompts or scene_prompts([c.token_phrase for c in spec.characters])[: preset.eval_prompts]
+    seeds = list(config.seeds) or list(range(1000, 1000 + preset.eval_seeds))
+    generation = _generation(storage, models, pair, config, prompts)
+    pipe_factory = models.base_pipeline_factory(storage.layout.models)
+    lora_root = storage.stage_dir(pair, "lora")
+    segmix_lora = current_lora(lora_root)
+    recorder = storage.recorder(context)
+    variants, notes = [], []
+    for name in config.variants:
+        if name == "dreambooth":
+            train_config = dataclasses.replace(train_config_of(segmix_lora), segmix_p=0.0)
+            samples = load_samples(storage.layout.pair_dir(pair), with_prior=train_config.prior_preservation)
+            context.log.info("evaluation: training the DreamBooth baseline (same settings, no Seg-Mix)")
+            out = run_lora(
+                pipe_factory(), samples, train_config, storage.stage_dir(pair, "baselines") / "dreambooth",
+                storage.layout.cache / "train", recorder, preset.base_model,
+            )  # fmt: skip
+            variants.append(Variant(name, out.as_current(), None, "dreambooth: the same LoRA training without Seg-Mix"))
+        elif name == "segmix":
+            variants.append(Variant(name, segmix_lora, None))
+        elif name == "segmix_init":
+            variants.append(Variant(name, segmix_lora, config.gamma, f"segmix_init: MuDI init with γ={config.gamma}"))
+        else:
+            try:
+                iterated = current_iteration(storage.stage_dir(pair, "iteration"))
+            except CastloraError as exc:  # reported; the other variants still run
+                notes.append(f"iterative: skipped ({exc})")
+                continue
+            note = f"iterative: best round {iterated['round']} of run {iterated['run']} ({iterated['stop_reason']})"
+            variants.append(Variant(name, iterated, config.gamma, note))
+    scorer = _scorer(storage, models, pair)
+    clip_t, clip_t_note = models.clip_t_scorer(storage.layout.models, scorer)
+    segments = read_manifest(storage.stage_dir(pair, "segments"), "segments")
+    rounds = None
+    if any(v.name == "iterative" for v in variants):
+        iteration_root = storage.stage_dir(pair, "iteration")
+        run = current_iteration(iteration_root)["run"]
+        rounds = read_manifest(iteration_root / run, "iteration", "rounds.parquet")
+    out = run_evaluation(
+        pipe_factory,
+        variants,
+        scorer,
+        scorer.unavailable,
+        clip_t,
+        clip_t_note,
+        image_reward_note(preset.image_reward),
+        segmix_layout_factory(segments, generation.resolution),
+        generation,
+        seeds,
+        [Subject(c.id, c.class_noun, c.token_phrase) for c in spec.characters],
+        storage.stage_dir(pair, "evaluation"),
+        recorder,
+        preset.base_model,
+        rounds=rounds,
+        log=context.log.info,
+        title=f"castlora evaluation — {pair}",
+        notes=[*notes, f"detector: {scorer.detector.label}"],
+    )
+    recorder.flush()
+    metadata = {
+        "report": dg.MetadataValue.md(out.report),
+        "metrics_file": dg.MetadataValue.path(str(out.folder / "metrics.parquet")),
+        "images_per_variant": len(prompts) * len(seeds),
+        "variants": ", ".join(v.name for v in variants),
+    }
+    for name, path in out.grids.items():
+        metadata[f"grid_{name}"] = image_md(_open(path), name)
+    for name, path in out.plots.items():
+        metadata[f"plot_{name.replace(':', '_')}"] = image_md(_open(path), name)
+    return dg.MaterializeResult(metadata=metadata)

@@ -1,0 +1,270 @@
+"""Stage: evaluate variants side by side on one fixed prompt × seed grid, and write a report people can read.
+
+Every variant renders the same prompts with the same seeds (and, where it uses MuDI init, the same layout per
+seed), so differences come from the variant alone. Per image: D&C in both modes for every available embedder,
+the per-subject similarity of the box D&C assigned to each character (DINO / CLIP-I), CLIP-T, the count-gate
+outcome, and ImageReward when configured. A metric whose model is unavailable is written as ``unavailable``
+with the reason — never computed with another model instead.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from pipeline.errors import CastloraError
+from pipeline.evaluation.draw import annotated_grid, box_annotations
+from pipeline.evaluation.report import (
+    availability,
+    plot_rounds,
+    plot_score_distributions,
+    render_markdown,
+    summarize,
+)
+from pipeline.infer import Layout
+from pipeline.lineage import LineageRecorder
+from pipeline.manifest import write_manifest
+from pipeline.stages.iteration import GenerationSettings, ImageScorer
+from pipeline.stages.samples import run_samples
+
+OK, UNAVAILABLE, UNDEFINED = "ok", "unavailable", "undefined"
+VARIANTS = ("dreambooth", "segmix", "segmix_init", "iterative")
+"""The comparison the MuDI paper makes: DreamBooth (no Seg-Mix), Seg-Mix, + MuDI init, + iterative training."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    lora: dict[str, Any] | None
+    """A ``current.json`` dict (version, diffusers path, sha256); None renders the base model."""
+    gamma: float | None
+    """MuDI init weight; None = plain noise."""
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Subject:
+    name: str
+    class_noun: str
+    token_phrase: str
+
+
+@dataclass
+class EvaluationOutput:
+    folder: Path
+    metrics: pd.DataFrame
+    summary: pd.DataFrame
+    report: str
+    plots: dict[str, Path]
+    grids: dict[str, Path]
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def clip_text(prompt: str, subjects: Sequence[Subject]) -> str:
+    """The prompt as CLIP should read it: identifiers mean nothing to CLIP, so each token phrase becomes its noun."""
+    for subject in sorted(subjects, key=lambda s: -len(s.token_phrase)):
+        prompt = re.sub(re.escape(subject.token_phrase), subject.class_noun, prompt, flags=re.IGNORECASE)
+    return prompt
+
+
+def image_reward_note(source: str) -> str:
+    """Why ImageReward is not reported: it is never silently replaced by another score."""
+    if not source:
+        return "no ImageReward weights configured (model preset field image_reward)"
+    return (
+        f"ImageReward weights are configured ({source}) but castlora does not run ImageReward yet "
+        "(its package is not a dependency); the metric is left out"
+    )
+
+
+def _row(variant: str, image: dict[str, Any], metric: str, subject: str, value: float, status: str, note: str = ""):
+    return {
+        "variant": variant,
+        "image_path": image["path"],
+        "prompt_index": int(image["prompt_index"]),
+        "prompt": image["prompt"],
+        "seed": int(image["seed"]),
+        "metric": metric,
+        "subject": subject,
+        "value": float(value) if status == OK else float("nan"),
+        "status": status,
+        "note": note,
+    }
+
+
+def subject_similarity(record: dict[str, Any], subject_index: int) -> float | None:
+    """Similarity of the box D&C gave to the subject; without an assignment (count gate failed), the subject's
+    best-matching box; None when nothing was detected."""
+    similarities = np.asarray(json.loads(record["S_json"]), dtype=np.float64)
+    if similarities.size == 0:
+        return None
+    assignment = json.loads(record["assignment_json"]) if record.get("assignment_json") else None
+    if assignment:
+        return float(similarities[assignment[subject_index], subject_index])
+    return float(similarities[:, subject_index].max())
+
+
+def metric_rows(
+    variant: str,
+    manifest: pd.DataFrame,
+    records: pd.DataFrame,
+    subjects: Sequence[Subject],
+    unavailable_embedders: dict[str, str],
+    clip_t: np.ndarray | None,
+    clip_t_note: str,
+    image_reward_note: str,
+) -> list[dict[str, Any]]:
+    """The long-format metric rows of one variant's images (schema in ``pipeline.evaluation.report``)."""
+    rows: list[dict[str, Any]] = []
+    images = manifest.reset_index(drop=True).to_dict("records")
+    by_image = {index: group for index, group in records.groupby("image_index")}
+    gate_embedder = sorted(records["embedder"].unique())[0] if len(records) else None
+    for index, image in enumerate(images):
+        group = by_image.get(index, pd.DataFrame(columns=records.columns))
+        for record in group.to_dict("records"):
+            rows.append(_row(variant, image, f"dnc_{record['mode']}:{record['embedder']}", "", record["score"], OK))
+            if record["mode"] != "default":
+                continue
+            for j, subject in enumerate(subjects):
+                value = subject_similarity(record, j)
+                status, note = (OK, "") if value is not None else (UNDEFINED, "no box detected")
+                rows.append(
+                    _row(variant, image, f"subject_sim:{record['embedder']}", subject.name, value or 0, status, note)
+                )
+            if record["embedder"] == gate_embedder:
+                rows.append(_row(variant, image, "count_fail", "", float(pd.notna(record["reason"])), OK))
+        for name, why in unavailable_embedders.items():
+            for mode in ("default", "mudi"):
+                rows.append(_row(variant, image, f"dnc_{mode}:{name}", "", 0, UNAVAILABLE, why))
+            for subject in subjects:
+                rows.append(_row(variant, image, f"subject_sim:{name}", subject.name, 0, UNAVAILABLE, why))
+        if clip_t is not None:
+            rows.append(_row(variant, image, "clip_t", "", clip_t[index], OK))
+        else:
+            rows.append(_row(variant, image, "clip_t", "", 0, UNAVAILABLE, clip_t_note))
+        rows.append(_row(variant, image, "image_reward", "", 0, UNAVAILABLE, image_reward_note))
+    return rows
+
+
+def _annotation(record: dict[str, Any], subjects: Sequence[Subject]) -> tuple[list, list[str], list]:
+    """Boxes with the assigned character's name and colour; unassigned boxes grey with the detector's label."""
+    boxes = json.loads(record["boxes_json"])
+    assignment = json.loads(record["assignment_json"]) if record.get("assignment_json") else None
+    labels, colours = box_annotations(
+        len(boxes), assignment, [s.name for s in subjects], json.loads(record["labels_json"])
+    )
+    return boxes, labels, colours
+
+
+def run_evaluation(
+    pipe_factory: Callable[[], Any],
+    variants: Sequence[Variant],
+    scorer: ImageScorer,
+    unavailable_embedders: dict[str, str],
+    clip_text_image: Callable[[list[Image.Image], list[str]], np.ndarray] | None,
+    clip_t_note: str,
+    image_reward_note: str,
+    layout_factory: Callable[[int], Layout],
+    generation: GenerationSettings,
+    seeds: Sequence[int],
+    subjects: Sequence[Subject],
+    out_dir: Path,
+    recorder: LineageRecorder,
+    base_model_id: str,
+    rounds: pd.DataFrame | None = None,
+    distance_fraction: float | None = None,
+    log: Callable[[str], None] = print,
+    title: str = "castlora evaluation",
+    notes: Sequence[str] = (),
+) -> EvaluationOutput:
+    """Render every variant on the grid, score it, and write metrics.parquet, summary.parquet, report.md, plots
+    and annotated grids into ``out_dir``."""
+    if not variants:
+        raise CastloraError("Evaluation needs at least one variant (dreambooth, segmix, segmix_init, iterative).")
+    if not generation.prompts or not seeds:
+        raise CastloraError("Evaluation needs at least one prompt and one seed for its grid.")
+    out_dir = Path(out_dir)
+    rows: list[dict[str, Any]] = []
+    grid_items: dict[str, list] = {}
+    for variant in variants:
+        log(f"evaluation: rendering {len(generation.prompts)} prompts x {len(seeds)} seeds for {variant.name}")
+        pipe = pipe_factory()
+        if variant.lora is not None:
+            pipe.load_lora_weights(variant.lora["diffusers"])
+        manifest = run_samples(
+            pipe,
+            list(generation.prompts),
+            list(seeds),
+            len(seeds),
+            layout_factory if variant.gamma is not None else None,
+            variant.gamma,
+            variant.lora["version"] if variant.lora else "base",
+            out_dir / variant.name,
+            recorder,
+            generation.resolution,
+            generation.resolution,
+            generation.steps,
+            generation.guidance_scale,
+            generation.negative_prompt,
+            lora_sha256=variant.lora["sha256"]["diffusers"] if variant.lora else None,
+            model_ids=[base_model_id],
+        )
+        del pipe
+        images = [Image.open(p).convert("RGB") for p in manifest["path"]]
+        # Every variant is judged against the same per-seed layout (used by the layout fallback detector).
+        boxes = [layout_factory(int(seed)).boxes for seed in manifest["seed"]]
+        records = scorer.score(images, boxes)
+        write_manifest(records, out_dir / variant.name, "dnc.parquet")
+        texts = [clip_text(p, subjects) for p in manifest["prompt"]]
+        clip_t = clip_text_image(images, texts) if clip_text_image is not None else None
+        rows.extend(
+            metric_rows(
+                variant.name, manifest, records, subjects, unavailable_embedders, clip_t, clip_t_note, image_reward_note
+            )
+        )
+        grid_items[variant.name] = _grid_items(variant.name, images, manifest, records, subjects)
+
+    metrics = pd.DataFrame(rows)
+    write_manifest(metrics, out_dir, "metrics.parquet")
+    summary = summarize(metrics)
+    plots_dir = out_dir / "plots"
+    plots = {}
+    for metric in sorted(m for m in metrics["metric"].unique() if m.startswith("dnc_")):
+        plots[metric] = plot_score_distributions(metrics, metric, plots_dir / f"{metric.replace(':', '_')}.png")
+    if rounds is not None and len(rounds):
+        plots["rounds"] = plot_rounds(rounds, plots_dir / "rounds.png", distance_threshold=distance_fraction)
+    grids = {}
+    for name, items in grid_items.items():
+        path = out_dir / "grids" / f"{name}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        annotated_grid(items, columns=4, cell_size=192).save(path)
+        grids[name] = path
+    all_notes = [*(v.note for v in variants if v.note), *notes]
+    report = render_markdown(summary, availability(metrics), rounds, title, all_notes)
+    (out_dir / "report.md").write_text(report)
+    return EvaluationOutput(out_dir, metrics, summary, report, plots, grids)
+
+
+def _grid_items(name, images, manifest, records, subjects, limit: int = 8) -> list:
+    """(image, boxes, labels, caption) of the first images, boxes from the default mode's first embedder."""
+    if len(records):
+        first = sorted(records["embedder"].unique())[0]
+        chosen = records[(records["mode"] == "default") & (records["embedder"] == first)].set_index("image_index")
+    items = []
+    for index, image in enumerate(images[:limit]):
+        boxes, labels, colours, score = [], [], [], float("nan")
+        if len(records) and index in chosen.index:
+            record = chosen.loc[index].to_dict()
+            boxes, labels, colours = _annotation(record, subjects)
+            score = record["score"]
+        seed = int(manifest.iloc[index]["seed"])
+        items.append((image, boxes, labels, f"{name} s{seed} D&C {score:.3f}", colours))
+    return items

@@ -1,0 +1,101 @@
+"""The evaluation stage on tiny models: one grid for every variant, long metrics, unavailable stays unavailable."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pipeline.errors import CastloraError
+from pipeline.lineage import LineageRecorder
+from pipeline.stages.evaluation import (
+    Subject,
+    Variant,
+    clip_text,
+    image_reward_note,
+    run_evaluation,
+    subject_similarity,
+)
+from pipeline.stages.iteration import GenerationSettings
+from tests.pipeline.quality.conftest import SIDE, layout_for
+
+SUBJECTS = [Subject("olis", "dog", "olis dog"), Subject("vrin", "dog", "vrin dog")]
+GENERATION = GenerationSettings(("olis dog and vrin dog in a park",), SIDE, 2, 5.0, None)
+
+
+@pytest.fixture(scope="module")
+def evaluated(quality, tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluation")
+    lora = quality.base.as_current()
+    variants = [
+        Variant("segmix", lora, None),
+        Variant("segmix_init", lora, 1.0, "init γ=1"),
+        Variant("base", None, None),
+    ]
+    recorder = LineageRecorder(root / "lineage", "run", "evaluation", "olis__vrin", "test")
+    out = run_evaluation(
+        quality.factory, variants, quality.scorer, quality.scorer.unavailable, None, "no CLIP configured",
+        image_reward_note(""), layout_for, GENERATION, [5, 6], SUBJECTS, root / "out", recorder, "tiny-sdxl",
+        log=lambda _: None,
+    )  # fmt: skip
+    return out
+
+
+def test_every_variant_renders_the_same_grid(evaluated):
+    metrics = evaluated.metrics
+    grid = metrics.groupby("variant")[["prompt", "seed"]].apply(lambda g: sorted(set(map(tuple, g.values))))
+    assert list(grid.index) == ["base", "segmix", "segmix_init"]
+    assert (
+        grid["base"]
+        == grid["segmix"]
+        == grid["segmix_init"]
+        == [(GENERATION.prompts[0], 5), (GENERATION.prompts[0], 6)]
+    )
+
+
+def test_metrics_are_long_and_unavailable_is_never_a_number(evaluated):
+    metrics = pd.read_parquet(evaluated.folder / "metrics.parquet")
+    ok = metrics[metrics["status"] == "ok"]
+    assert {"dnc_default:dinov2", "dnc_mudi:dinov2", "subject_sim:dinov2", "count_fail"} <= set(ok["metric"])
+    assert ok["value"].notna().all()
+    missing = metrics[metrics["status"] == "unavailable"]
+    assert {"dnc_default:clip", "clip_t", "image_reward", "dnc_default:dreamsim_style"} <= set(missing["metric"])
+    assert missing["value"].isna().all() and (missing["note"] != "").all()
+    per_subject = ok[ok["metric"] == "subject_sim:dinov2"]
+    assert set(per_subject["subject"]) == {"olis", "vrin"}
+    assert (ok[ok["metric"] == "count_fail"]["value"] == 0.0).all()  # layout boxes: always one per character
+
+
+def test_report_plots_and_grids(evaluated):
+    report = (evaluated.folder / "report.md").read_text()
+    assert report == evaluated.report
+    for text in ("segmix_init", "unavailable", "no CLIP configured", "no ImageReward weights configured", "init γ=1"):
+        assert text in report
+    for path in [*evaluated.plots.values(), *evaluated.grids.values()]:
+        with Image.open(path) as image:
+            assert image.width > 100 and image.height > 100
+    assert set(evaluated.grids) == {"segmix", "segmix_init", "base"}
+
+
+def test_clip_text_replaces_identifiers_with_nouns():
+    assert clip_text("A photo of Olis dog and vrin dog on a sofa", SUBJECTS) == "A photo of dog and dog on a sofa"
+
+
+def test_subject_similarity_follows_assignment_or_best_box():
+    record = {"S_json": json.dumps([[0.1, 0.9], [0.8, 0.2]]), "assignment_json": json.dumps([1, 0])}
+    assert subject_similarity(record, 0) == pytest.approx(0.8) and subject_similarity(record, 1) == pytest.approx(0.9)
+    lone = {"S_json": json.dumps([[0.3, 0.6]]), "assignment_json": "null"}
+    assert subject_similarity(lone, 0) == pytest.approx(0.3) and subject_similarity(lone, 1) == pytest.approx(0.6)
+    assert subject_similarity({"S_json": "[]", "assignment_json": "null"}, 0) is None
+    assert np.isfinite(subject_similarity(record, 1))
+
+
+def test_empty_grid_is_refused(quality, tmp_path):
+    with pytest.raises(CastloraError, match="at least one prompt"):
+        run_evaluation(
+            quality.factory, [Variant("base", None, None)], quality.scorer, {}, None, "", "", layout_for,
+            GenerationSettings((), SIDE, 2, 5.0, None), [1], SUBJECTS, tmp_path, None, "tiny-sdxl",
+        )  # fmt: skip
