@@ -92,6 +92,13 @@ def _run_version(
                                   train.result_fields()])[:12]  # fmt: skip
 
 
+def round_grid(prompts: Sequence[str], images: int) -> tuple[list[str], int]:
+    """(prompts used, images per prompt): ``images`` spread evenly, using fewer prompts when there are more
+    prompts than images (200 over 8 prompts: 25 each; 4 over 8: the first 4 prompts once)."""
+    per_prompt = math.ceil(images / len(prompts))
+    return list(prompts[: math.ceil(images / per_prompt)]), per_prompt
+
+
 def round_seeds(generation: GenerationSettings, round_index: int, per_prompt: int) -> list[int]:
     """Fresh seeds each round (a round must not re-render the previous round's images)."""
     start = generation.seed + 100_003 * (round_index + 1)
@@ -175,12 +182,12 @@ class _Loop:
         gen = self.generation
         folder = self.round_dir(k)
         model = self.model_of(k)
-        per_prompt = math.ceil(self.config.images_per_round / len(gen.prompts))
+        prompts, per_prompt = round_grid(gen.prompts, self.config.images_per_round)
         pipe = self.pipe_factory()
         pipe.load_lora_weights(model["diffusers"])
         manifest = run_samples(
             pipe,
-            list(gen.prompts),
+            prompts,
             round_seeds(gen, k, per_prompt),
             per_prompt,
             self.layout_factory,

@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.iteration import STOP_MAX_ROUNDS, IterationConfig
 from pipeline.lineage import LineageRecorder, read_lineage
-from pipeline.stages.iteration import STOP_PAUSED, GenerationSettings, current_iteration, run_iteration
+from pipeline.stages.iteration import STOP_PAUSED, GenerationSettings, current_iteration, round_grid, run_iteration
 from tests.pipeline.quality.conftest import SIDE, layout_for
 
 GENERATION = GenerationSettings(("olis dog and vrin dog in a park",), SIDE, 2, 5.0, "sticker, collage")
@@ -90,3 +90,22 @@ def test_one_round_per_run_pauses_and_the_next_run_continues(quality, tmp_path):
     assert first.stop_reason == STOP_PAUSED and len(first.history) == 1
     second = run(quality, tmp_path, loop={"max_rounds": 2}, rounds_per_run=1)
     assert second.stop_reason == STOP_MAX_ROUNDS and second.rounds["round"].tolist() == [0, 1]
+
+
+def test_round_grid_spreads_images_over_prompts():
+    prompts = [f"p{i}" for i in range(8)]
+    assert round_grid(prompts, 200) == (prompts, 25)
+    assert round_grid(prompts, 4) == (prompts[:4], 1)
+    used, per_prompt = round_grid(prompts, 10)
+    assert per_prompt == 2 and len(used) * per_prompt >= 10 and (len(used) - 1) * per_prompt < 10
+
+
+def test_preference_step_trains_dpo_on_best_and_worst_of_a_prompt(quality, tmp_path):
+    out = run(quality, tmp_path, loop={"max_rounds": 2, "preference": True, "dpo_steps": 2, "preference_margin": 0.0})
+    trained = json.loads((out.run_dir / "round_00" / "summary.json").read_text())["trained_lora"]
+    # The round's model is the DPO result, itself started from the KL fine-tune.
+    assert trained["version"].startswith("dpo-") and Path(trained["diffusers"]).is_file()
+    assert "round_00/dpo" in trained["diffusers"]
+    assert trained["train_config"]["dpo_beta"] == 5000.0
+    samples = pd.read_parquet(out.run_dir / "round_01" / "samples" / "manifest.parquet")
+    assert set(samples["lora_version"]) == {trained["version"]}
