@@ -93,3 +93,17 @@ def load_pretrained(loader: Callable[..., T], source: str, what: str, **kwargs: 
             else ""
         )
         raise ModelLoadError(f"{what}: could not load from {source!r}: {exc}.{hint}") from exc
+
+
+def release_memory() -> None:
+    """Return freed model memory: collect cycles (pipelines hold some) and empty the CUDA cache when present.
+
+    Call after dropping the last reference to a model, before loading the next one.
+    """
+    import gc
+
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

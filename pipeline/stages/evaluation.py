@@ -32,6 +32,7 @@ from pipeline.evaluation.report import (
 from pipeline.infer import Layout
 from pipeline.lineage import LineageRecorder
 from pipeline.manifest import write_manifest
+from pipeline.models.loading import release_memory
 from pipeline.stages.iteration import GenerationSettings, ImageScorer
 from pipeline.stages.samples import run_samples
 
@@ -217,7 +218,8 @@ def run_evaluation(
             lora_sha256=variant.lora["sha256"]["diffusers"] if variant.lora else None,
             model_ids=[base_model_id],
         )
-        del pipe
+        del pipe  # one base model in memory at a time
+        release_memory()
         images = [Image.open(p).convert("RGB") for p in manifest["path"]]
         # Every variant is judged against the same per-seed layout (used by the layout fallback detector).
         boxes = [layout_factory(int(seed)).boxes for seed in manifest["seed"]]

@@ -11,7 +11,6 @@ same loop. ``current.json`` in the root names the best round's LoRA (highest med
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -40,6 +39,7 @@ from pipeline.iteration import (
 )
 from pipeline.lineage import LineageRecorder
 from pipeline.manifest import write_manifest
+from pipeline.models.loading import release_memory
 from pipeline.stages.lora import run_lora, run_preference
 from pipeline.stages.samples import run_samples
 from pipeline.train import TrainConfig, TrainingSample
@@ -86,10 +86,10 @@ class IterationOutput:
 
 def _run_version(
     base_lora: dict[str, Any], config: IterationConfig, generation: GenerationSettings, train: TrainConfig
-):
+) -> str:
     fields = {k: v for k, v in config.as_record().items() if k != "max_rounds"}
-    return "iter-" + sha256_json([base_lora["sha256"]["diffusers"], fields, dataclasses.asdict(generation),
-                                  train.result_fields()])[:12]  # fmt: skip
+    identity = [base_lora["sha256"]["diffusers"], fields, dataclasses.asdict(generation), train.result_fields()]
+    return "iter-" + sha256_json(identity)[:12]
 
 
 def round_grid(prompts: Sequence[str], images: int) -> tuple[list[str], int]:
@@ -112,18 +112,6 @@ def _lora_state(path: str | Path) -> dict[str, Any]:
     if not unet:
         raise CastloraError(f"{path} holds no U-Net LoRA tensors (keys starting with 'unet.'); re-export the LoRA.")
     return unet
-
-
-def _free(pipe: Any) -> None:
-    del pipe
-    gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
 
 
 def _ranking(records: pd.DataFrame, manifest: pd.DataFrame, config: IterationConfig) -> pd.DataFrame:
@@ -203,7 +191,8 @@ class _Loop:
             lora_sha256=model["sha256"]["diffusers"],
             model_ids=[self.base_model_id],
         )
-        _free(pipe)
+        del pipe
+        release_memory()
         images = [Image.open(p).convert("RGB") for p in manifest["path"]]
         boxes = [self.layout_factory(int(seed)).boxes for seed in manifest["seed"]]
         records = self.scorer.score(images, boxes)
@@ -251,7 +240,8 @@ class _Loop:
             on_log=self.on_log,
             init_lora=_lora_state(self.model_of(k)["diffusers"]),
         )
-        _free(pipe)
+        del pipe
+        release_memory()
         trained = out.as_current()
         if self.config.preference:
             trained = self.preference_step(k, trained)
@@ -287,7 +277,8 @@ class _Loop:
             init_lora=_lora_state(trained["diffusers"]),
             on_log=self.on_log,
         )
-        _free(pipe)
+        del pipe
+        release_memory()
         return out.as_current()
 
 

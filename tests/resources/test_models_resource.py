@@ -37,3 +37,27 @@ def test_wrong_vae_dir_is_named(tmp_path):
     load = ModelResource(vae=str(tmp_path / "vae"), device="cpu").base_pipeline_factory(Path(tmp_path / "cache"))
     with pytest.raises(ModelLoadError, match=r"config\.json"):
         load()
+
+
+def test_dnc_scorer_follows_the_preset_and_reports_missing_models(tmp_path):
+    from PIL import Image
+
+    from pipeline.dnc.score import SubjectReferences
+
+    subjects = [
+        SubjectReferences(cid, "dog", [Image.new("RGB", (32, 32), colour), Image.new("RGB", (32, 40), colour)])
+        for cid, colour in (("a", (200, 30, 30)), ("b", (30, 30, 200)))
+    ]
+    tiny = ModelResource(preset="tiny").dnc_scorer(subjects, tmp_path)
+    assert tiny.detector.label == "layout (no detector)"
+    assert set(tiny.embedders) == {"dinov2", "clip", "dreamsim_style"} and not tiny.unavailable
+    owl = ModelResource(preset="tiny", dnc_detector="owlv2", clip=str(tmp_path / "no_clip")).dnc_scorer(
+        subjects, tmp_path
+    )
+    assert owl.detector.label == "owlv2"
+    assert set(owl.embedders) == {"dinov2"}
+    assert str(tmp_path / "no_clip") in owl.unavailable["clip"] and "clip" in owl.unavailable["dreamsim_style"]
+    clip_t, why = ModelResource(preset="tiny", clip=str(tmp_path / "no_clip")).clip_t_scorer(tmp_path, owl)
+    assert clip_t is None and "does not exist" in why
+    clip_t, why = ModelResource(preset="tiny").clip_t_scorer(tmp_path, tiny)
+    assert why == "" and clip_t([Image.new("RGB", (32, 32))], ["a dog"]).shape == (1,)
