@@ -26,7 +26,7 @@ from pipeline.train.data import TrainingSample
 
 ENCODE_BATCH = 8
 """Images per VAE encode on CUDA. On CPU batching buys no speed but multiplies the encoder's activation memory
-(at 1024 px a batch of 5 raised the training process's peak RSS by ~30%), so CPU encodes one at a time."""
+(tiny SDXL at 1024 px, 5 photos: peak RSS 2451 MiB batched vs 1659 MiB one at a time), so CPU encodes one by one."""
 
 
 def module_identity(*modules: torch.nn.Module) -> str:
