@@ -110,22 +110,18 @@ def iteration(
     pair = pair_key(context)
     preset = models.resolved_preset()
     base = current_lora(storage.stage_dir(pair, "lora"))
+    # The launchpad fields mirror IterationConfig; only the preset-dependent defaults are resolved here.
+    shared = {
+        k: v for k, v in config.model_dump().items() if k in {f.name for f in dataclasses.fields(IterationConfig)}
+    }
     loop_config = IterationConfig(
-        images_per_round=config.images_per_round or preset.iteration_images,
-        keep_top=config.keep_top or preset.iteration_keep,
-        min_dnc=config.min_dnc,
-        train_steps=config.train_steps or preset.iteration_steps,
-        kl_weight=config.kl_weight,
-        max_rounds=config.max_rounds or preset.iteration_rounds,
-        distance_fraction=config.distance_fraction,
-        min_improvement=config.min_improvement,
-        gamma=config.gamma,
-        dnc_mode=config.dnc_mode,
-        dnc_embedder=config.dnc_embedder,
-        preference=config.preference,
-        dpo_beta=config.dpo_beta,
-        dpo_steps=config.dpo_steps,
-        preference_margin=config.preference_margin,
+        **{
+            **shared,
+            "images_per_round": config.images_per_round or preset.iteration_images,
+            "keep_top": config.keep_top or preset.iteration_keep,
+            "train_steps": config.train_steps or preset.iteration_steps,
+            "max_rounds": config.max_rounds or preset.iteration_rounds,
+        }
     )
     generation = _generation(storage, models, pair, config, config.prompts, config.seed)
     segments = read_manifest(storage.stage_dir(pair, "segments"), "segments")
