@@ -200,7 +200,8 @@ def evaluation(
     lora_root = storage.stage_dir(pair, "lora")
     segmix_lora = current_lora(lora_root)
     recorder = storage.recorder(context)
-    variants, notes = [], []
+    iteration_root = storage.stage_dir(pair, "iteration")
+    variants, notes, rounds = [], [], None
     for name in config.variants:
         if name == "dreambooth":
             train_config = dataclasses.replace(train_config_of(segmix_lora), segmix_p=0.0)
@@ -217,20 +218,16 @@ def evaluation(
             variants.append(Variant(name, segmix_lora, config.gamma, f"segmix_init: MuDI init with γ={config.gamma}"))
         else:
             try:
-                iterated = current_iteration(storage.stage_dir(pair, "iteration"))
+                iterated = current_iteration(iteration_root)
             except CastloraError as exc:  # reported; the other variants still run
                 notes.append(f"iterative: skipped ({exc})")
                 continue
             note = f"iterative: best round {iterated['round']} of run {iterated['run']} ({iterated['stop_reason']})"
             variants.append(Variant(name, iterated, config.gamma, note))
+            rounds = read_manifest(iteration_root / iterated["run"], "iteration", "rounds.parquet")
     scorer = _scorer(storage, models, pair)
     clip_t, clip_t_note = models.clip_t_scorer(storage.layout.models, scorer)
     segments = read_manifest(storage.stage_dir(pair, "segments"), "segments")
-    rounds = None
-    if any(v.name == "iterative" for v in variants):
-        iteration_root = storage.stage_dir(pair, "iteration")
-        run = current_iteration(iteration_root)["run"]
-        rounds = read_manifest(iteration_root / run, "iteration", "rounds.parquet")
     out = run_evaluation(
         pipe_factory,
         variants,

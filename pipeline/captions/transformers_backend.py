@@ -20,6 +20,7 @@ from PIL import Image
 from pipeline.captions.base import PROMPT_VERSION, clean_caption, instruction_for
 from pipeline.errors import CaptionError, ModelLoadError
 from pipeline.images import to_rgb
+from pipeline.models.inputs import to_device
 from pipeline.models.loading import load_pretrained
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ class TransformersCaptioner:
         # BLIP-style decoders echo the prompt, and it is part of the caption ("a photo of a dog on grass").
         prompt = CONDITIONAL_PROMPT.format(class_noun=" ".join(class_noun.split()))
         inputs = self._processor(images=image, text=prompt, return_tensors="pt")
-        return self._to_device(inputs), 0
+        return to_device(inputs, self.device, self.dtype), 0
 
     def _chat_inputs(self, image: Image.Image, class_noun: str) -> tuple[dict[str, Any], int]:
         messages = [
@@ -135,14 +136,4 @@ class TransformersCaptioner:
             messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
         )
         # Chat models return prompt + reply; only the reply is the caption.
-        return self._to_device(inputs), int(inputs["input_ids"].shape[1])
-
-    def _to_device(self, inputs: Any) -> dict[str, Any]:
-        moved = {}
-        for name, value in dict(inputs).items():
-            if isinstance(value, torch.Tensor):
-                value = value.to(self.device)
-                if value.is_floating_point():
-                    value = value.to(self.dtype)
-            moved[name] = value
-        return moved
+        return to_device(inputs, self.device, self.dtype), int(inputs["input_ids"].shape[1])

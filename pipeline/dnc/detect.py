@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -18,6 +18,7 @@ from PIL import Image
 
 from pipeline.errors import CastloraError
 from pipeline.images import to_rgb
+from pipeline.models.inputs import index_chunks, to_device
 from pipeline.models.loading import load_pretrained
 from pipeline.segment.boxes import clip_boxes, nms, scale_normalized_boxes
 from pipeline.segment.owl_sam import _require_existing_dir, _require_model_type, detection_query
@@ -68,10 +69,6 @@ def unique_nouns(class_nouns: Sequence[str]) -> list[str]:
     return nouns
 
 
-def _chunks(count: int, size: int) -> list[range]:
-    return [range(start, min(start + size, count)) for start in range(0, count, size)]
-
-
 class OwlDetector:
     """OWLv2 with one text query per unique class noun; each box keeps its best query's score and noun."""
 
@@ -115,7 +112,7 @@ class OwlDetector:
         nouns = unique_nouns(class_nouns)
         rgb = [to_rgb(image) for image in images]
         found: list[list[BoxDetection]] = []
-        for batch in _chunks(len(rgb), self.batch_size):
+        for batch in index_chunks(len(rgb), self.batch_size):
             found.extend(self._detect_batch([rgb[i] for i in batch], nouns))
         if nms:
             found = [suppress_overlaps(per_image, self.nms_iou) for per_image in found]
@@ -125,7 +122,7 @@ class OwlDetector:
     def _detect_batch(self, images: list[Image.Image], nouns: list[str]) -> list[list[BoxDetection]]:
         queries = [detection_query(noun) for noun in nouns]
         inputs = self.processor(text=[queries] * len(images), images=images, return_tensors="pt", truncation=True)
-        outputs = self.model(**self._to_device(inputs))
+        outputs = self.model(**to_device(inputs, self.device, self.dtype))
         # logits: (images, patches, queries). Scores and boxes in float32 so half precision costs no pixels.
         logits = outputs.logits.float()
         scores = torch.sigmoid(logits.amax(dim=-1)).cpu().numpy()
@@ -143,14 +140,6 @@ class OwlDetector:
             ]
             results.append(detections)
         return results
-
-    def _to_device(self, inputs: Any) -> dict[str, torch.Tensor]:
-        moved: dict[str, torch.Tensor] = {}
-        for key, value in inputs.items():
-            if isinstance(value, torch.Tensor):
-                value = value.to(self.device, self.dtype) if value.is_floating_point() else value.to(self.device)
-            moved[key] = value
-        return moved
 
 
 class LayoutDetector:

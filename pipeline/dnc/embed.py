@@ -24,6 +24,7 @@ from PIL import Image
 
 from pipeline.errors import CastloraError
 from pipeline.images import to_rgb
+from pipeline.models.inputs import index_chunks
 from pipeline.models.loading import TINY_PREFIX, load_pretrained, resolve_model
 from pipeline.segment.owl_sam import _require_existing_dir, _require_model_type
 
@@ -59,10 +60,6 @@ def normalize_rows(features: torch.Tensor, what: str) -> np.ndarray:
     return (features / norms).cpu().numpy().astype(np.float32)
 
 
-def _chunks(count: int, size: int) -> list[range]:
-    return [range(start, min(start + size, count)) for start in range(0, count, size)]
-
-
 def _check_local_model(source: str, model_type: str, what: str) -> None:
     _require_existing_dir(source, what)
     _require_model_type(source, model_type, what)
@@ -75,13 +72,31 @@ class _BatchedImageEmbedder:
     model_id: str
     dim: int
 
-    def __init__(self, device: str, dtype: torch.dtype, batch_size: int) -> None:
+    def __init__(
+        self,
+        source: str,
+        model_type: str,
+        what: str,
+        processor_cls: Any,
+        model_cls: Any,
+        name: str,
+        device: str,
+        dtype: torch.dtype,
+        batch_size: int,
+    ) -> None:
+        """Check ``source`` holds a ``model_type`` model, then load its processor and model onto ``device``."""
+        _check_local_model(source, model_type, what)
+        self.name = name
+        self.model_id = str(source)
         self.device = torch.device(device)
         self.dtype = dtype
         self.batch_size = max(1, int(batch_size))
+        self.processor = load_pretrained(processor_cls.from_pretrained, source, what)
+        self.model = load_pretrained(model_cls.from_pretrained, source, what, dtype=dtype)
+        self.model.to(self.device).eval()
 
     def _pixel_values(self, images: list[Image.Image]) -> torch.Tensor:
-        raise NotImplementedError
+        return self.processor(images=images, return_tensors="pt")["pixel_values"]
 
     def _features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -92,7 +107,7 @@ class _BatchedImageEmbedder:
         if not rgb:
             return np.zeros((0, self.dim), dtype=np.float32)
         rows = []
-        for batch in _chunks(len(rgb), self.batch_size):
+        for batch in index_chunks(len(rgb), self.batch_size):
             pixels = self._pixel_values([rgb[i] for i in batch]).to(self.device, self.dtype)
             rows.append(normalize_rows(self._features(pixels), self.name))
         return np.concatenate(rows, axis=0)
@@ -111,18 +126,10 @@ class Dinov2Embedder(_BatchedImageEmbedder):
     ) -> None:
         from transformers import AutoImageProcessor, Dinov2Model
 
-        super().__init__(device, dtype, batch_size)
-        what = "DINOv2 embedder"
-        _check_local_model(source, "dinov2", what)
-        self.name = name
-        self.model_id = str(source)
-        self.processor = load_pretrained(AutoImageProcessor.from_pretrained, source, what)
-        self.model = load_pretrained(Dinov2Model.from_pretrained, source, what, dtype=dtype)
-        self.model.to(self.device).eval()
+        super().__init__(
+            source, "dinov2", "DINOv2 embedder", AutoImageProcessor, Dinov2Model, name, device, dtype, batch_size
+        )
         self.dim = int(self.model.config.hidden_size)
-
-    def _pixel_values(self, images: list[Image.Image]) -> torch.Tensor:
-        return self.processor(images=images, return_tensors="pt")["pixel_values"]
 
     def _features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model(pixel_values=pixel_values).last_hidden_state.mean(dim=1)
@@ -141,18 +148,8 @@ class ClipImageEmbedder(_BatchedImageEmbedder):
     ) -> None:
         from transformers import CLIPModel, CLIPProcessor
 
-        super().__init__(device, dtype, batch_size)
-        what = "CLIP embedder"
-        _check_local_model(source, "clip", what)
-        self.name = name
-        self.model_id = str(source)
-        self.processor = load_pretrained(CLIPProcessor.from_pretrained, source, what)
-        self.model = load_pretrained(CLIPModel.from_pretrained, source, what, dtype=dtype)
-        self.model.to(self.device).eval()
+        super().__init__(source, "clip", "CLIP embedder", CLIPProcessor, CLIPModel, name, device, dtype, batch_size)
         self.dim = int(self.model.config.projection_dim)
-
-    def _pixel_values(self, images: list[Image.Image]) -> torch.Tensor:
-        return self.processor(images=images, return_tensors="pt")["pixel_values"]
 
     def _features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         # The towers and projections directly: the output type of get_image_features changed across versions.
@@ -166,7 +163,7 @@ class ClipImageEmbedder(_BatchedImageEmbedder):
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         rows = []
-        for batch in _chunks(len(texts), self.batch_size):
+        for batch in index_chunks(len(texts), self.batch_size):
             tokens = self.processor.tokenizer(
                 [texts[i] for i in batch], padding=True, truncation=True, return_tensors="pt"
             )

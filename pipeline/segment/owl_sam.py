@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -12,6 +11,7 @@ from PIL import Image
 
 from pipeline.errors import ModelLoadError
 from pipeline.images import to_rgb
+from pipeline.models.inputs import index_chunks, to_device
 from pipeline.models.loading import load_pretrained
 from pipeline.segment.base import Detection, SegmentConfig, SegmentResult, detected, no_detection
 from pipeline.segment.boxes import best_detection, scale_normalized_boxes
@@ -23,10 +23,6 @@ LABEL = "owlv2+sam"
 def detection_query(class_noun: str) -> str:
     """OWLv2 text query for a subject's class noun (CLIP-style prompt)."""
     return f"a photo of a {class_noun.strip()}"
-
-
-def _chunks(count: int, size: int) -> list[range]:
-    return [range(start, min(start + size, count)) for start in range(0, count, size)]
 
 
 class OwlSamSegmenter:
@@ -68,12 +64,12 @@ class OwlSamSegmenter:
     def segment(self, images: Sequence[Image.Image], class_noun: str) -> list[SegmentResult]:
         rgb_images = [to_rgb(image) for image in images]
         detections: list[Detection | None] = []
-        for batch in _chunks(len(rgb_images), self.batch_size):
+        for batch in index_chunks(len(rgb_images), self.batch_size):
             detections.extend(self.detect([rgb_images[i] for i in batch], class_noun))
 
         results: list[SegmentResult] = [no_detection(self.label) for _ in rgb_images]
         found = [(index, detection) for index, detection in enumerate(detections) if detection is not None]
-        for batch in _chunks(len(found), self.batch_size):
+        for batch in index_chunks(len(found), self.batch_size):
             chunk = [found[i] for i in batch]
             masks = self.masks_for_boxes([rgb_images[i] for i, _ in chunk], [d.box for _, d in chunk])
             for (index, detection), (mask, mask_score) in zip(chunk, masks, strict=True):
@@ -89,7 +85,7 @@ class OwlSamSegmenter:
         inputs = self.detector_processor(
             text=[[query]] * len(images), images=list(images), return_tensors="pt", truncation=True
         )
-        outputs = self.detector(**self._to_device(inputs))
+        outputs = self.detector(**to_device(inputs, self.device, self.dtype))
         # Scores and boxes in float32 (half precision would cost whole pixels on large photos). Boxes are
         # (cx, cy, w, h) relative to the padded square; scale_normalized_boxes maps them to real pixels.
         scores = torch.sigmoid(outputs.logits.float().amax(dim=-1)).cpu().numpy()
@@ -127,14 +123,6 @@ class OwlSamSegmenter:
             mask = clean_mask(mask, self.config.fill_holes, self.config.keep_largest_component)
             results.append((mask, float(image_scores[0, best])))
         return results
-
-    def _to_device(self, inputs: Any) -> dict[str, torch.Tensor]:
-        moved: dict[str, torch.Tensor] = {}
-        for key, value in inputs.items():
-            if isinstance(value, torch.Tensor):
-                value = value.to(self.device, self.dtype) if value.is_floating_point() else value.to(self.device)
-            moved[key] = value
-        return moved
 
 
 def _require_existing_dir(source: str, what: str) -> None:

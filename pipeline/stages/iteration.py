@@ -194,7 +194,7 @@ class _Loop:
         del pipe
         release_memory()
         images = [Image.open(p).convert("RGB") for p in manifest["path"]]
-        boxes = [self.layout_factory(int(seed)).boxes for seed in manifest["seed"]]
+        boxes = [json.loads(b) for b in manifest["layout_boxes_json"]]  # the layouts run_samples rendered from
         records = self.scorer.score(images, boxes)
         write_manifest(records, folder, "dnc.parquet")
         ranking = _ranking(records, manifest, self.config)
@@ -214,20 +214,16 @@ class _Loop:
         )
         return summarize_round(k, ranking, kept, distance, round0_distance)
 
+    def fine_tune_config(self, **fields: Any) -> TrainConfig:
+        """The base LoRA's settings for training on generated images: they already show every character
+        together, so no Seg-Mix composites and no prior preservation."""
+        return dataclasses.replace(self.train_config, segmix_p=0.0, prior_weight=0.0, **fields)
+
     def train_next(self, k: int) -> dict[str, Any]:
         """Model k+1: fine-tune model k on round k's kept images with KL towards model k (then DPO if enabled)."""
         kept = pd.read_parquet(self.round_dir(k) / "kept.parquet")
-        samples = [
-            TrainingSample(str(r["sha256"]), str(r["image_path"]), str(r["prompt"]), INSTANCE)
-            for r in kept.to_dict("records")
-        ]
-        config = dataclasses.replace(
-            self.train_config,
-            steps=self.config.train_steps,
-            kl_weight=self.config.kl_weight,
-            segmix_p=0.0,
-            prior_weight=0.0,
-        )
+        samples = [_generated_sample(row) for row in kept.to_dict("records")]
+        config = self.fine_tune_config(steps=self.config.train_steps, kl_weight=self.config.kl_weight)
         pipe = self.pipe_factory()
         out = run_lora(
             pipe,
@@ -253,22 +249,12 @@ class _Loop:
         if not pairs:
             self.log(f"round {k}: no (winner, loser) pair with a D&C gap >= {self.config.preference_margin}; no DPO")
             return trained
-        by_path = {str(r["image_path"]): r for r in ranking.to_dict("records")}
-
-        def sample(path: str) -> TrainingSample:
-            return TrainingSample(str(by_path[path]["sha256"]), path, str(by_path[path]["prompt"]), INSTANCE)
-
-        config = dataclasses.replace(
-            self.train_config,
-            steps=self.config.dpo_steps,
-            dpo_beta=self.config.dpo_beta,
-            segmix_p=0.0,
-            prior_weight=0.0,
-        )
+        by_path = {str(r["image_path"]): _generated_sample(r) for r in ranking.to_dict("records")}
+        config = self.fine_tune_config(steps=self.config.dpo_steps, dpo_beta=self.config.dpo_beta)
         pipe = self.pipe_factory()
         out = run_preference(
             pipe,
-            [(sample(w), sample(lo)) for w, lo in pairs],
+            [(by_path[winner], by_path[loser]) for winner, loser in pairs],
             config,
             self.round_dir(k) / "dpo",
             self.cache_dir,
@@ -280,6 +266,11 @@ class _Loop:
         del pipe
         release_memory()
         return out.as_current()
+
+
+def _generated_sample(row: dict[str, Any]) -> TrainingSample:
+    """A rendered image of a round (a ranking row) as a training sample, captioned with its own prompt."""
+    return TrainingSample(str(row["sha256"]), str(row["image_path"]), str(row["prompt"]), INSTANCE)
 
 
 def run_iteration(
