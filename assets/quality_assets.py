@@ -5,6 +5,7 @@ import dataclasses
 import dagster as dg
 from pydantic import Field
 
+from assets.compute import gpu_step
 from assets.metadata import image_md, user_errors
 from assets.pair_assets import GROUP
 from assets.partitions import character_pairs, pair_key
@@ -99,7 +100,7 @@ def _scorer(storage: StorageResource, models: ModelResource, pair: str):
     deps=[lora],
     code_version="iteration-v1",
     kinds={"pytorch", "parquet"},
-    pool="gpu",
+    **gpu_step(),
     description="Iterative self-generation: render, score with Detect-and-Compare, keep the best, fine-tune with KL "
     "towards the previous round; stops when the identities converge.",
 )
@@ -179,7 +180,7 @@ def _open(path):
     deps=[lora, iteration],
     code_version="evaluation-v1",
     kinds={"pytorch", "parquet"},
-    pool="gpu",
+    **gpu_step(),
     description="DreamBooth vs Seg-Mix vs + MuDI init vs + iterative training on one prompt × seed grid: D&C (both "
     "modes), DINO / CLIP-I per character, CLIP-T, count-gate failures; report, plots and annotated grids.",
 )

@@ -5,6 +5,7 @@ import dataclasses
 import dagster as dg
 from pydantic import Field
 
+from assets.compute import gpu_step
 from assets.metadata import grid_md, image_md, loss_curve_md, table_md, user_errors
 from assets.pair_assets import GROUP, captions, class_images, segments, segmix_bank
 from assets.partitions import character_pairs, pair_key
@@ -67,7 +68,7 @@ class SamplesConfig(dg.Config):
     deps=[captions, segments, segmix_bank, class_images],
     code_version="lora-v1",
     kinds={"pytorch", "safetensors"},
-    pool="gpu",
+    **gpu_step(),
     description="DreamBooth-LoRA on the U-Net with Seg-Mix and prior preservation; resumable; diffusers + kohya files.",
 )
 @user_errors
@@ -139,7 +140,7 @@ def lora(
     deps=[lora],
     code_version="samples-v1",
     kinds={"pytorch", "parquet"},
-    pool="gpu",
+    **gpu_step(),
     description="The characters rendered together with the pair's LoRA, from MuDI's mean-shifted initialization.",
 )
 @user_errors
