@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import CastloraError, PairKeyError
-from pipeline.hashing import sha256_bytes
+from pipeline.hashing import sha256_bytes, sha256_file, sha256_json
 from pipeline.paths import DataLayout, validate_key
 from pipeline.spec import PairSpec, find_spec_file, load_spec
 
@@ -41,6 +41,19 @@ def spec_fingerprint(spec: PairSpec) -> str:
     return sha256_bytes(spec.to_json().encode())[:16]
 
 
+def references_fingerprint(spec: PairSpec) -> str:
+    """Changes when the spec or the bytes of any photo, mask or class image it names change.
+
+    The retraining schedule compares it with the one the ``references`` asset recorded, so an edited photo
+    makes its pair stale while untouched pairs are left alone. A file that vanished hashes as ``missing``.
+    """
+    folders = [Path(c.masks_dir) for c in spec.characters if c.masks_dir] + [Path(f) for f in spec.class_images.values()]
+    files = [Path(p) for c in spec.characters for p in c.photos]
+    files += [f for folder in folders if folder.is_dir() for f in sorted(folder.iterdir()) if f.is_file()]
+    contents = {str(f): sha256_file(f) if f.is_file() else "missing" for f in files}
+    return sha256_json({"spec": spec.to_json(), "files": contents})[:16]
+
+
 def load_registered(layout: DataLayout, pair_key: str) -> PairSpec:
     validate_key(pair_key)
     path = layout.spec_path(pair_key)
@@ -72,7 +85,7 @@ def scan_inbox(layout: DataLayout) -> list[InboxEntry]:
             continue
         try:
             validate_key(folder.name, "inbox folder name (used as the pair key)")
-            entries.append(InboxEntry(folder, load_spec(folder, pair_key=folder.name), None))
+            entries.append(InboxEntry(folder, load_spec(folder, pair_key=folder.name, confine=True), None))
         except CastloraError as exc:
             entries.append(InboxEntry(folder, None, str(exc)))
     return entries

@@ -78,10 +78,12 @@ def find_spec_file(folder: Path) -> Path | None:
     return None
 
 
-def load_spec(path: str | Path, pair_key: str | None = None) -> PairSpec:
+def load_spec(path: str | Path, pair_key: str | None = None, confine: bool = False) -> PairSpec:
     """Read and validate a spec file (or a folder holding ``pair.yaml``), resolving paths against it.
 
-    ``pair_key`` overrides or supplies the key (the inbox folder name, for the sensor).
+    ``pair_key`` overrides or supplies the key (the inbox folder name, for the sensor). ``confine`` keeps every
+    path the spec names (photos, masks, class images) inside the spec's own folder: the sensor sets it, because
+    an inbox folder may come from anyone who can write to the inbox (or its S3 prefix).
     """
     path = Path(path)
     if path.is_dir():
@@ -95,10 +97,17 @@ def load_spec(path: str | Path, pair_key: str | None = None) -> PairSpec:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise SpecError(f"{path}: not valid YAML/JSON: {exc}") from exc
-    return parse_spec(raw, base_dir=path.parent, source=str(path.resolve()), pair_key=pair_key)
+    root = path.parent.resolve() if confine else None
+    return parse_spec(raw, base_dir=path.parent, source=str(path.resolve()), pair_key=pair_key, confine_to=root)
 
 
-def parse_spec(raw: Any, base_dir: Path, source: str | None = None, pair_key: str | None = None) -> PairSpec:
+def parse_spec(
+    raw: Any,
+    base_dir: Path,
+    source: str | None = None,
+    pair_key: str | None = None,
+    confine_to: Path | None = None,
+) -> PairSpec:
     where = source or "pair spec"
     if not isinstance(raw, dict):
         raise SpecError(f"{where}: the top level must be a mapping with 'pair' and 'characters'.")
@@ -117,7 +126,7 @@ def parse_spec(raw: Any, base_dir: Path, source: str | None = None, pair_key: st
     entries = raw.get("characters")
     if not isinstance(entries, list) or len(entries) < 2:
         raise SpecError(f"{where}: field 'characters' must list at least two characters.")
-    characters = tuple(_parse_character(entry, i, base_dir, where) for i, entry in enumerate(entries))
+    characters = tuple(_parse_character(entry, i, base_dir, where, confine_to) for i, entry in enumerate(entries))
     ids = [c.id for c in characters]
     if len(set(ids)) != len(ids):
         raise SpecError(f"{where}: character ids must be unique, got {ids}.")
@@ -127,14 +136,14 @@ def parse_spec(raw: Any, base_dir: Path, source: str | None = None, pair_key: st
 
     class_images: dict[str, str] = {}
     for noun, folder in (raw.get("class_images") or {}).items():
-        resolved = _resolve(folder, base_dir, f"{where}: class_images.{noun}")
+        resolved = _resolve(folder, base_dir, f"{where}: class_images.{noun}", confine_to)
         if not resolved.is_dir():
             raise SpecError(f"{where}: class_images.{noun}: folder {resolved} does not exist.")
         class_images[str(noun)] = str(resolved)
     return PairSpec(pair=str(key), characters=characters, class_images=class_images, source=source)
 
 
-def _parse_character(entry: Any, index: int, base_dir: Path, where: str) -> CharacterSpec:
+def _parse_character(entry: Any, index: int, base_dir: Path, where: str, confine_to: Path | None) -> CharacterSpec:
     field_at = f"{where}: characters[{index}]"
     if not isinstance(entry, dict):
         raise SpecError(f"{field_at} must be a mapping with id, class_noun, token_phrase, photos.")
@@ -145,10 +154,10 @@ def _parse_character(entry: Any, index: int, base_dir: Path, where: str) -> Char
         character_id = validate_key(str(entry["id"]), "character id")
     except ValueError as exc:
         raise SpecError(f"{field_at}.id: {exc}") from exc
-    photos = _collect_photos(entry["photos"], base_dir, f"{field_at}.photos")
+    photos = _collect_photos(entry["photos"], base_dir, f"{field_at}.photos", confine_to)
     masks_dir = None
     if entry.get("masks"):
-        masks = _resolve(entry["masks"], base_dir, f"{field_at}.masks")
+        masks = _resolve(entry["masks"], base_dir, f"{field_at}.masks", confine_to)
         if not masks.is_dir():
             raise SpecError(f"{field_at}.masks: folder {masks} does not exist.")
         masks_dir = str(masks)
@@ -161,24 +170,36 @@ def _parse_character(entry: Any, index: int, base_dir: Path, where: str) -> Char
     )
 
 
-def _resolve(value: Any, base_dir: Path, field_at: str) -> Path:
+def _resolve(value: Any, base_dir: Path, field_at: str, confine_to: Path | None = None) -> Path:
     text = str(value)
     parsed = urlparse(text)
     if parsed.scheme == "file":
-        return Path(unquote(parsed.path)).resolve()
-    if parsed.scheme and len(parsed.scheme) > 1:
+        resolved = Path(unquote(parsed.path)).resolve()
+    elif parsed.scheme and len(parsed.scheme) > 1:
         raise SpecError(f"{field_at}: URI scheme {parsed.scheme!r} is not supported; use a path or file:// URI.")
-    path = Path(text).expanduser()
-    return (path if path.is_absolute() else base_dir / path).resolve()
+    else:
+        path = Path(text).expanduser()
+        # resolve() follows symlinks too, so a link inside the folder that points outside is caught below.
+        resolved = (path if path.is_absolute() else base_dir / path).resolve()
+    if confine_to is not None and resolved != confine_to and confine_to not in resolved.parents:
+        raise SpecError(
+            f"{field_at}: {text!r} points outside the pair folder {confine_to}; inbox specs may only name files "
+            "inside their own folder."
+        )
+    return resolved
 
 
-def _collect_photos(value: Any, base_dir: Path, field_at: str) -> tuple[str, ...]:
+def _collect_photos(value: Any, base_dir: Path, field_at: str, confine_to: Path | None) -> tuple[str, ...]:
     items = value if isinstance(value, list) else [value]
     photos: list[str] = []
     for item in items:
-        path = _resolve(item, base_dir, field_at)
+        path = _resolve(item, base_dir, field_at, confine_to)
         if path.is_dir():
-            photos.extend(str(p) for p in sorted(path.iterdir()) if p.is_file() and not p.name.startswith("."))
+            found = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+            if confine_to is not None:
+                # A symlinked file inside a confined folder must not reach outside it either.
+                found = [_resolve(p, path, field_at, confine_to) for p in found]
+            photos.extend(str(p) for p in found)
         elif path.is_file():
             photos.append(str(path))
         else:

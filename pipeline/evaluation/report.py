@@ -213,15 +213,23 @@ def _headline_metric(summary: pd.DataFrame) -> str | None:
     return None
 
 
-def headline(summary: pd.DataFrame) -> Headline | None:
-    """Best variant by default-mode D&C of the first available embedder (None when no D&C value exists)."""
+def headline_values(summary: pd.DataFrame) -> tuple[str, dict[str, float]] | None:
+    """The headline D&C metric's name and its value per variant (variants without a value left out)."""
     metric = _headline_metric(summary)
     if metric is None:
         return None
-    scored = [(str(v), float(x)) for v, x in zip(summary["variant"], summary[metric], strict=True) if _is_number(x)]
-    best_variant, best_value = max(scored, key=lambda item: item[1])  # ties: first variant in table order
-    baseline = dict(scored).get(BASELINE_VARIANT)
-    return Headline(metric, best_variant, best_value, baseline)
+    values = {str(v): float(x) for v, x in zip(summary["variant"], summary[metric], strict=True) if _is_number(x)}
+    return metric, values
+
+
+def headline(summary: pd.DataFrame) -> Headline | None:
+    """Best variant by default-mode D&C of the first available embedder (None when no D&C value exists)."""
+    found = headline_values(summary)
+    if found is None:
+        return None
+    metric, values = found
+    best_variant, best_value = max(values.items(), key=lambda item: item[1])  # ties: first variant in table order
+    return Headline(metric, best_variant, best_value, values.get(BASELINE_VARIANT))
 
 
 def _cell(value: object, bold: bool = False) -> str:

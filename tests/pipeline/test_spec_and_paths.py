@@ -120,3 +120,41 @@ def test_fingerprint_changes_with_photos(make_pair):
     before = spec_fingerprint(load_spec(folder))
     (folder / "a" / "00.jpg").rename(folder / "a" / "renamed.jpg")
     assert spec_fingerprint(load_spec(folder)) != before
+
+
+@pytest.mark.parametrize("escape", ["../outside", "{outside}", "file://{outside}", "link_out"])
+def test_inbox_specs_cannot_name_files_outside_their_folder(tmp_path, make_pair, escape):
+    """An inbox folder may come from anyone who can write to the inbox: its paths stay inside it."""
+    layout = DataLayout.at(tmp_path / "home")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.jpg").write_bytes(b"not yours")
+    folder = make_pair("a__b")
+    layout.inbox.mkdir(parents=True)
+    inbox_folder = layout.inbox / "a__b"
+    folder.rename(inbox_folder)
+    (inbox_folder / "link_out").symlink_to(outside, target_is_directory=True)
+    if escape == "../outside":
+        # relative to the inbox folder: <inbox>/a__b/../../../outside
+        escape = str(Path("..") / ".." / ".." / "outside")
+    spec_text = (
+        (inbox_folder / "pair.yaml").read_text().replace("photos: a\n", f"photos: {escape.format(outside=outside)}\n")
+    )
+    (inbox_folder / "pair.yaml").write_text(spec_text)
+    [entry] = scan_inbox(layout)
+    assert entry.spec is None
+    assert "points outside the pair folder" in entry.error and "characters[0].photos" in entry.error
+    # The same spec registered by hand (a user's own files) may point anywhere.
+    assert load_spec(inbox_folder).characters[0].photos == (str(outside / "secret.jpg"),)
+
+
+def test_inbox_spec_with_a_symlinked_photo_pointing_outside_is_refused(tmp_path, make_pair):
+    layout = DataLayout.at(tmp_path / "home")
+    outside = tmp_path / "elsewhere.jpg"
+    outside.write_bytes(b"x")
+    layout.inbox.mkdir(parents=True)
+    inbox_folder = layout.inbox / "a__b"
+    make_pair("a__b").rename(inbox_folder)
+    (inbox_folder / "a" / "99.jpg").symlink_to(outside)
+    [entry] = scan_inbox(layout)
+    assert entry.spec is None and "points outside" in entry.error

@@ -1,0 +1,62 @@
+"""Does an exported LoRA file load? Header, tensors, down/up pairs and finiteness, without building a model."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from pipeline.hashing import sha256_file
+from pipeline.lora.adapters import LoraError
+
+# Key suffixes of the two halves of one LoRA module, per file format.
+_PAIR_SUFFIXES = {
+    "diffusers": (".lora.down.weight", ".lora.up.weight"),
+    "kohya": (".lora_down.weight", ".lora_up.weight"),
+}
+
+
+@dataclass(frozen=True)
+class LoraFileReport:
+    path: Path
+    format: str
+    modules: int
+    tensors: int
+    metadata: dict[str, str]
+
+
+def verify_lora_file(path: Path, file_format: str, expected_sha256: str | None = None) -> LoraFileReport:
+    """Open ``path`` as a ``file_format`` ('diffusers' or 'kohya') LoRA; raise LoraError saying what is wrong."""
+    path = Path(path)
+    if file_format not in _PAIR_SUFFIXES:
+        raise LoraError(f"Unknown LoRA file format {file_format!r}; expected one of {sorted(_PAIR_SUFFIXES)}.")
+    if not path.is_file():
+        raise LoraError(f"LoRA file {path} does not exist.")
+    if expected_sha256 is not None and sha256_file(path) != expected_sha256:
+        raise LoraError(f"LoRA file {path} does not match the hash recorded at export: it was changed or truncated.")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise LoraError(f"LoRA file {path} cannot be read as safetensors: {exc}") from exc
+    modules = _paired_modules(tensors, file_format, path)
+    bad = [key for key, tensor in tensors.items() if not bool(torch.isfinite(tensor.float()).all())]
+    if bad:
+        raise LoraError(f"LoRA file {path} holds non-finite values (NaN/Inf) in {len(bad)} tensor(s), e.g. {bad[0]}.")
+    return LoraFileReport(path, file_format, modules, len(tensors), metadata)
+
+
+def _paired_modules(tensors: Mapping[str, torch.Tensor], file_format: str, path: Path) -> int:
+    down_suffix, up_suffix = _PAIR_SUFFIXES[file_format]
+    downs = {k.removesuffix(down_suffix) for k in tensors if k.endswith(down_suffix)}
+    ups = {k.removesuffix(up_suffix) for k in tensors if k.endswith(up_suffix)}
+    if not downs:
+        raise LoraError(f"LoRA file {path} has no '{down_suffix}' tensors: not a {file_format} LoRA, or empty.")
+    unpaired = sorted(downs ^ ups)
+    if unpaired:
+        raise LoraError(f"LoRA file {path}: {len(unpaired)} module(s) lack their down/up half, e.g. {unpaired[0]}.")
+    return len(downs)
