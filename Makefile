@@ -23,12 +23,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/castlora demo
 
+# The suite starts real PostgreSQL, moto (S3) and Chromium on 127.0.0.1; the script apt-installs the first and last.
 test: $(STAMP)
+	scripts/install-test-services.sh
 	$(BIN)/python -m pytest
 
 ui: $(STAMP)
-	mkdir -p $(DAGSTER_HOME)
-	test -f $(DAGSTER_HOME)/dagster.yaml || printf 'telemetry:\n  enabled: false\n' > $(DAGSTER_HOME)/dagster.yaml
+	$(BIN)/python -m assets.instance $(DAGSTER_HOME)
 	$(BIN)/dagster dev -h 127.0.0.1 -p 3000 -w workspace.yaml
 
 lint: $(STAMP)

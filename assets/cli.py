@@ -22,22 +22,22 @@ def _instance(layout: DataLayout):
 
     if not os.environ.get("DAGSTER_HOME"):
         os.environ["DAGSTER_HOME"] = str(layout.ensure(layout.home / "dagster_home"))
-    dagster_home = Path(os.environ["DAGSTER_HOME"])
-    dagster_home.mkdir(parents=True, exist_ok=True)
-    config = dagster_home / "dagster.yaml"
-    if not config.exists():
-        # Default sqlite storage; no telemetry (machines here are offline, and users should opt in).
-        config.write_text("telemetry:\n  enabled: false\n")
+    from assets.instance import ensure_instance
+
+    # sqlite unless CASTLORA_POSTGRES_URL is set; GPU pool limit, run retries, telemetry off (assets/instance.py).
+    ensure_instance(Path(os.environ["DAGSTER_HOME"]))
     return dg.DagsterInstance.get()
 
 
 def register(folder: Path, layout: DataLayout) -> str:
+    from assets.definitions import build_resources
     from assets.partitions import character_pairs
-    from pipeline.registry import register_pair
     from pipeline.spec import load_spec
 
     spec = load_spec(folder)
-    path = register_pair(layout, spec)
+    # The storage resource registers locally and, with CASTLORA_S3_BUCKET set, publishes the spec too.
+    storage = build_resources({**os.environ, "CASTLORA_HOME": str(layout.home)})["storage"]
+    path = storage.register(spec)
     instance = _instance(layout)
     if not instance.has_dynamic_partition(character_pairs.name, spec.pair):
         instance.add_dynamic_partitions(character_pairs.name, [spec.pair])

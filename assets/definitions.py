@@ -2,7 +2,8 @@
 
 Resources are configured from environment variables so the same code runs the offline demo and a real
 deployment: CASTLORA_HOME, CASTLORA_PRESET, CASTLORA_SEGMENTER, CASTLORA_DEVICE, CASTLORA_CAPTIONER,
-CASTLORA_CAPTION_MODEL, CASTLORA_CAPTION_BASE_URL. Every field can also be changed per run in the launchpad.
+CASTLORA_CAPTION_MODEL, CASTLORA_CAPTION_BASE_URL, CASTLORA_TRAIN_PROCESSES. Every field can also be changed per
+run in the launchpad.
 """
 
 from __future__ import annotations
@@ -11,19 +12,39 @@ import os
 
 import dagster as dg
 
-from assets import checks, pair_assets, quality_assets, sensors, training_assets
-from assets.jobs import pair_job
+from assets import checks, schedules, sensors
+from assets.executors import executor_from_env
+from assets.jobs import PAIR_ASSETS, pair_job
 from resources import CaptionerResource, ModelResource, StorageResource
+
+
+def _env_int(env: dict[str, str], name: str, default: int) -> int:
+    value = env.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"Environment variable {name}={value!r} must be a whole number (default {default}).") from None
 
 
 def build_resources(env: dict[str, str] | None = None) -> dict[str, dg.ConfigurableResource]:
     env = dict(os.environ if env is None else env)
     return {
-        "storage": StorageResource(home=env.get("CASTLORA_HOME", "")),
+        # S3 credentials are not read here: empty means boto3's chain (AWS_ACCESS_KEY_ID/SECRET, roles, profiles),
+        # so they never pass through Dagster config; set them with dg.EnvVar when a resource needs its own.
+        "storage": StorageResource(
+            home=env.get("CASTLORA_HOME", ""),
+            s3_bucket=env.get("CASTLORA_S3_BUCKET", ""),
+            s3_prefix=env.get("CASTLORA_S3_PREFIX", "castlora"),
+            s3_endpoint_url=env.get("CASTLORA_S3_ENDPOINT_URL", ""),
+            s3_region=env.get("AWS_REGION", "us-east-1"),
+        ),
         "models": ModelResource(
             preset=env.get("CASTLORA_PRESET", "tiny"),
             segmenter_backend=env.get("CASTLORA_SEGMENTER", ""),
             device=env.get("CASTLORA_DEVICE", "auto"),
+            train_processes=_env_int(env, "CASTLORA_TRAIN_PROCESSES", 1),
         ),
         "captioner": CaptionerResource(
             backend=env.get("CASTLORA_CAPTIONER", "template"),
@@ -34,9 +55,12 @@ def build_resources(env: dict[str, str] | None = None) -> dict[str, dg.Configura
 
 
 defs = dg.Definitions(
-    assets=dg.load_assets_from_modules([pair_assets, training_assets, quality_assets]),
+    assets=PAIR_ASSETS,
     asset_checks=dg.load_asset_checks_from_modules([checks]),
     sensors=[sensors.inbox_sensor],
+    schedules=[schedules.retrain_schedule],
     jobs=[pair_job],
     resources=build_resources(),
+    # multiprocess unless CASTLORA_EXECUTOR says otherwise (k8s: one pod per step, see assets/executors.py).
+    executor=executor_from_env(),
 )

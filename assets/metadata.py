@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import errno
 import functools
 import io
 from collections.abc import Callable, Sequence
@@ -54,6 +55,18 @@ def table_md(frame: pd.DataFrame, max_rows: int = 50) -> dg.MetadataValue:
     return dg.MetadataValue.md("\n".join([header, rule, *body, *more]))
 
 
+# OS errors a person fixes on the machine (not bugs): shown as one clear message naming the path.
+_STORAGE_PROBLEMS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.ENOTDIR: "a folder in its path is a file",
+    errno.EFBIG: "the file is larger than this file system or process allows",
+}
+
+
 def user_errors(fn: Callable[P, R]) -> Callable[P, R]:
     """Turn castlora's user-facing errors into ``dg.Failure`` so the UI shows the message itself, not a
     wrapped traceback; anything else is a bug and keeps its traceback."""
@@ -64,6 +77,20 @@ def user_errors(fn: Callable[P, R]) -> Callable[P, R]:
             return fn(*args, **kwargs)
         except CastloraError as exc:
             raise dg.Failure(description=str(exc), metadata={"error_type": type(exc).__name__}) from exc
+        except OSError as exc:
+            problem = _STORAGE_PROBLEMS.get(exc.errno) if exc.errno is not None else None
+            if problem is None:
+                raise
+            storage = kwargs.get("storage")
+            where = exc.filename or f"a file under the data home {storage.home if storage else ''}".strip()
+            raise dg.Failure(
+                description=(
+                    f"Could not use {where}: {problem} ({exc.strerror}). Stages already materialized are kept. "
+                    "Free space or fix permissions on that volume (or point CASTLORA_HOME at a writable folder "
+                    "with room), then materialize again."
+                ),
+                metadata={"error_type": type(exc).__name__, "errno": exc.errno},
+            ) from exc
 
     return wrapper
 

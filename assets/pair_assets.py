@@ -9,11 +9,12 @@ from pydantic import Field
 
 from assets.compute import cpu_step, gpu_step
 from assets.metadata import grid_md, table_md, user_errors
-from assets.partitions import character_pairs, pair_key
+from assets.partitions import REFERENCES_FINGERPRINT, character_pairs, pair_key
 from pipeline.captions import CaptionCache
 from pipeline.class_images import ClassImageConfig
 from pipeline.images import IntakeConfig
 from pipeline.manifest import read_manifest
+from pipeline.registry import references_fingerprint
 from pipeline.segment import SegmentConfig
 from pipeline.segmix import SegMixConfig
 from pipeline.stages.captions import run_captions
@@ -108,15 +109,18 @@ def references(
     spec = storage.spec(pair)
     recorder = storage.recorder(context)
     intake = IntakeConfig(min_side=config.min_side, max_side=config.max_side, min_photos=config.min_photos)
-    out = run_references(spec, storage.stage_dir(pair, "references"), intake, recorder)
+    out = run_references(spec, storage.output_dir(pair, "references"), intake, recorder)
     recorder.flush()
     for row in out.rejected.itertuples():
         context.log.warning(f"Skipped {row.source} ({row.character_id}): {row.reason}")
     counts = out.manifest.groupby("character_id").size().to_dict()
+    storage.publish(context, pair, "references")
     return dg.MaterializeResult(
         metadata={
             "accepted": len(out.manifest),
             "rejected": len(out.rejected),
+            # The retraining schedule compares this with the spec's current photos (assets/schedules.py).
+            REFERENCES_FINGERPRINT: references_fingerprint(spec),
             "per_character": dg.MetadataValue.json(counts),
             "rejected_files": table_md(out.rejected),
             "manifest": dg.MetadataValue.path(str(out.manifest_path)),
@@ -140,13 +144,13 @@ def segments(
 ) -> dg.MaterializeResult:
     pair = pair_key(context)
     spec = storage.spec(pair)
-    refs = read_manifest(storage.stage_dir(pair, "references"), "references")
+    refs = read_manifest(storage.input_dir(pair, "references"), "references")
     seg_config = config.segment_config()
     recorder = storage.recorder(context)
     manifest = run_segments(
         refs,
         {c.id: c.masks_dir for c in spec.characters},
-        storage.stage_dir(pair, "segments"),
+        storage.output_dir(pair, "segments"),
         models.segmenter_factory(storage.layout.models, seg_config),
         seg_config,
         recorder,
@@ -157,6 +161,7 @@ def segments(
     for row in flagged.itertuples():
         context.log.warning(f"{row.source}: {row.status} — supply a mask in the spec's 'masks' folder")
     usable = manifest[manifest["status"] == USABLE]
+    storage.publish(context, pair, "segments")
     return dg.MaterializeResult(
         metadata={
             "segmenters": dg.MetadataValue.json(manifest["segmenter"].value_counts().to_dict()),
@@ -186,17 +191,18 @@ def captions(
     models: ModelResource,
 ) -> dg.MaterializeResult:
     pair = pair_key(context)
-    refs = read_manifest(storage.stage_dir(pair, "references"), "references")
+    refs = read_manifest(storage.input_dir(pair, "references"), "references")
     backend = captioner.build(storage.layout.models, models.resolved_preset().vlm)
     recorder = storage.recorder(context)
     manifest = run_captions(
         refs,
-        storage.stage_dir(pair, "captions"),
+        storage.output_dir(pair, "captions"),
         backend,
         CaptionCache(storage.layout.cache / "captions"),
         recorder,
     )
     recorder.flush()
+    storage.publish(context, pair, "captions")
     return dg.MaterializeResult(
         metadata={
             "backend": backend.backend,
@@ -238,7 +244,7 @@ def class_images(
     recorder = storage.recorder(context)
     manifest = run_class_images(
         spec,
-        storage.stage_dir(pair, "class_images"),
+        storage.output_dir(pair, "class_images"),
         generation,
         models.base_pipeline_factory(storage.layout.models),
         preset.base_model,
@@ -249,6 +255,7 @@ def class_images(
     )
     recorder.flush()
     usable = manifest[manifest["status"] == USABLE]
+    storage.publish(context, pair, "class_images")
     return dg.MaterializeResult(
         metadata={
             "images": len(manifest),
@@ -278,15 +285,15 @@ def segmix_bank(
 ) -> dg.MaterializeResult:
     pair = pair_key(context)
     spec = storage.spec(pair)
-    segs = read_manifest(storage.stage_dir(pair, "segments"), "segments")
+    segs = read_manifest(storage.input_dir(pair, "segments"), "segments")
     bank = config.bank_config(models.resolved_preset().resolution)
-    prior = read_manifest(storage.stage_dir(pair, "class_images"), "class_images") if bank.n_prior else None
+    prior = read_manifest(storage.input_dir(pair, "class_images"), "class_images") if bank.n_prior else None
     recorder = storage.recorder(context)
     out = run_segmix_bank(
         segs,
         prior,
         {c.id: c.class_noun for c in spec.characters},
-        storage.stage_dir(pair, "segmix_bank"),
+        storage.output_dir(pair, "segmix_bank"),
         bank,
         recorder,
     )
@@ -308,4 +315,5 @@ def segmix_bank(
     }
     if len(prior_rows):
         metadata["prior_samples"] = grid_md(prior_rows["image_path"].head(6).tolist(), columns=6)
+    storage.publish(context, pair, "segmix_bank")
     return dg.MaterializeResult(metadata=metadata)

@@ -8,12 +8,12 @@ from pydantic import Field
 from assets.compute import gpu_step
 from assets.metadata import image_md, user_errors
 from assets.pair_assets import GROUP
-from assets.partitions import character_pairs, pair_key
-from assets.training_assets import lora
+from assets.partitions import DNC_HEADLINE, character_pairs, pair_key
+from assets.training_assets import TRAINING_STAGES, lora
 from pipeline.dnc.scorer import references_from_manifest
 from pipeline.errors import CastloraError
 from pipeline.evaluation.draw import annotated_grid
-from pipeline.evaluation.report import plot_rounds, rounds_markdown
+from pipeline.evaluation.report import headline_values, plot_rounds, rounds_markdown
 from pipeline.infer import DEFAULT_NEGATIVE, scene_prompts
 from pipeline.iteration import IterationConfig
 from pipeline.manifest import read_manifest
@@ -89,7 +89,7 @@ def _generation(storage, models, pair, config, prompts, seed=0) -> GenerationSet
 
 def _scorer(storage: StorageResource, models: ModelResource, pair: str):
     spec = storage.spec(pair)
-    references = read_manifest(storage.stage_dir(pair, "references"), "references")
+    references = read_manifest(storage.input_dir(pair, "references"), "references")
     subjects = references_from_manifest(references, [c.id for c in spec.characters])
     return models.dnc_scorer(subjects, storage.layout.models)
 
@@ -110,7 +110,7 @@ def iteration(
 ) -> dg.MaterializeResult:
     pair = pair_key(context)
     preset = models.resolved_preset()
-    base = current_lora(storage.stage_dir(pair, "lora"))
+    base = current_lora(storage.input_dir(pair, "lora"))
     # The launchpad fields mirror IterationConfig; only the preset-dependent defaults are resolved here.
     shared = {
         k: v for k, v in config.model_dump().items() if k in {f.name for f in dataclasses.fields(IterationConfig)}
@@ -125,7 +125,7 @@ def iteration(
         }
     )
     generation = _generation(storage, models, pair, config, config.prompts, config.seed)
-    segments = read_manifest(storage.stage_dir(pair, "segments"), "segments")
+    segments = read_manifest(storage.input_dir(pair, "segments"), "segments")
     scorer = _scorer(storage, models, pair)
     recorder = storage.recorder(context)
     out = run_iteration(
@@ -136,7 +136,7 @@ def iteration(
         generation,
         loop_config,
         train_config_of(base),
-        storage.stage_dir(pair, "iteration"),
+        storage.output_dir(pair, "iteration"),
         storage.layout.cache / "train",
         recorder,
         preset.base_model,
@@ -164,6 +164,7 @@ def iteration(
     }
     if kept_items:
         metadata["kept_images"] = image_md(annotated_grid(kept_items, columns=4, cell_size=192), "kept")
+    storage.publish(context, pair, "iteration")
     return dg.MaterializeResult(metadata=metadata)
 
 
@@ -198,18 +199,19 @@ def evaluation(
     seeds = list(config.seeds) or list(range(1000, 1000 + preset.eval_seeds))
     generation = _generation(storage, models, pair, config, prompts)
     pipe_factory = models.base_pipeline_factory(storage.layout.models)
-    lora_root = storage.stage_dir(pair, "lora")
+    lora_root = storage.input_dir(pair, "lora")
     segmix_lora = current_lora(lora_root)
     recorder = storage.recorder(context)
-    iteration_root = storage.stage_dir(pair, "iteration")
+    iteration_root = storage.input_dir(pair, "iteration")
     variants, notes, rounds = [], [], None
     for name in config.variants:
         if name == "dreambooth":
             train_config = dataclasses.replace(train_config_of(segmix_lora), segmix_p=0.0)
-            samples = load_samples(storage.layout.pair_dir(pair), with_prior=train_config.prior_preservation)
+            training_data = storage.input_pair_dir(pair, *TRAINING_STAGES)
+            samples = load_samples(training_data, with_prior=train_config.prior_preservation)
             context.log.info("evaluation: training the DreamBooth baseline (same settings, no Seg-Mix)")
             out = run_lora(
-                pipe_factory(), samples, train_config, storage.stage_dir(pair, "baselines") / "dreambooth",
+                pipe_factory(), samples, train_config, storage.output_dir(pair, "baselines") / "dreambooth",
                 storage.layout.cache / "train", recorder, preset.base_model,
             )  # fmt: skip
             variants.append(Variant(name, out.as_current(), None, "dreambooth: the same LoRA training without Seg-Mix"))
@@ -228,7 +230,7 @@ def evaluation(
             rounds = read_manifest(iteration_root / iterated["run"], "iteration", "rounds.parquet")
     scorer = _scorer(storage, models, pair)
     clip_t, clip_t_note = models.clip_t_scorer(storage.layout.models, scorer)
-    segments = read_manifest(storage.stage_dir(pair, "segments"), "segments")
+    segments = read_manifest(storage.input_dir(pair, "segments"), "segments")
     out = run_evaluation(
         pipe_factory,
         variants,
@@ -241,7 +243,7 @@ def evaluation(
         generation,
         seeds,
         [Subject(c.id, c.class_noun, c.token_phrase) for c in spec.characters],
-        storage.stage_dir(pair, "evaluation"),
+        storage.output_dir(pair, "evaluation"),
         recorder,
         preset.base_model,
         rounds=rounds,
@@ -256,8 +258,14 @@ def evaluation(
         "images_per_variant": len(prompts) * len(seeds),
         "variants": ", ".join(v.name for v in variants),
     }
+    found = headline_values(out.summary)
+    if found is not None:
+        # The `dnc_not_regressed` check compares this with the previous materialization's.
+        metric, values = found
+        metadata[DNC_HEADLINE] = dg.MetadataValue.json({"metric": metric, "values": values})
     for name, path in out.grids.items():
         metadata[f"grid_{name}"] = image_md(_open(path), name)
     for name, path in out.plots.items():
         metadata[f"plot_{name.replace(':', '_')}"] = image_md(_open(path), name)
+    storage.publish(context, pair, "evaluation", *(["baselines"] if "dreambooth" in config.variants else []))
     return dg.MaterializeResult(metadata=metadata)

@@ -4,7 +4,8 @@ import dagster as dg
 
 from assets.jobs import pair_job
 from assets.partitions import character_pairs
-from pipeline.registry import register_pair, scan_inbox, spec_fingerprint
+from pipeline.errors import StorageError
+from pipeline.registry import scan_inbox, spec_fingerprint
 from resources import StorageResource
 
 
@@ -12,22 +13,30 @@ from resources import StorageResource
     job=pair_job,
     minimum_interval_seconds=30,
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Registers pair folders dropped into <data home>/inbox/ and materializes them.",
+    description="Registers pair folders dropped into <data home>/inbox/ (or the S3 prefix's inbox/) and materializes "
+    "them.",
 )
 def inbox_sensor(context: dg.SensorEvaluationContext, storage: StorageResource) -> dg.SensorResult:
-    layout = storage.layout
-    entries = scan_inbox(layout)
+    skipped: list[str] = []
+    try:
+        # An S3 inbox is mirrored into the local one first; if S3 is down, the local inbox still counts.
+        for problem in storage.sync_inbox():
+            context.log.error(f"Inbox entry skipped: {problem}")
+            skipped.append(problem)
+    except StorageError as exc:
+        context.log.error(f"S3 inbox not synced: {exc}")
+        skipped.append(str(exc))
+    entries = scan_inbox(storage.layout)
     known = set(context.instance.get_dynamic_partitions(character_pairs.name))
     new_keys: list[str] = []
     run_requests: list[dg.RunRequest] = []
-    skipped: list[str] = []
     for entry in entries:
         if entry.spec is None:
             # One bad folder must not stop the others: log it and carry on.
             context.log.error(f"Inbox folder {entry.folder} skipped: {entry.error}")
             skipped.append(f"{entry.folder.name}: {entry.error}")
             continue
-        register_pair(layout, entry.spec)
+        storage.register(entry.spec)  # with S3, publishes the spec so every worker can read it
         if entry.pair_key not in known:
             new_keys.append(entry.pair_key)
         # The run key changes with the spec and photo list, so edits re-run the pair and repeats do not.

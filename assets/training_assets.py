@@ -17,6 +17,9 @@ from pipeline.stages.samples import run_samples, segmix_layout_factory
 from pipeline.train import TrainConfig, load_samples
 from resources import ModelResource, StorageResource
 
+# The stage folders load_samples reads (with S3 they are fetched first).
+TRAINING_STAGES = ("references", "captions", "segments", "segmix_bank", "class_images")
+
 
 class LoraTrainingConfig(dg.Config):
     steps: int = 0
@@ -91,7 +94,8 @@ def lora(
             "mixed_precision": mixed,
         }
     )
-    samples = load_samples(storage.layout.pair_dir(pair), with_prior=train_config.prior_preservation)
+    training_data = storage.input_pair_dir(pair, *TRAINING_STAGES)
+    samples = load_samples(training_data, with_prior=train_config.prior_preservation)
     pipe = models.base_pipeline_factory(storage.layout.models)()
     phrases = [c.token_phrase for c in spec.characters]
     prompts = config.validation_prompts or scene_prompts(phrases)[:2]
@@ -105,13 +109,14 @@ def lora(
         pipe,
         samples,
         train_config,
-        storage.stage_dir(pair, "lora"),
+        storage.output_dir(pair, "lora"),
         storage.layout.cache / "train",
         recorder,
         preset.base_model,
         on_log=log_progress,
         validation_prompts=prompts,
         validation_steps=preset.inference_steps,
+        trainer=models.trainer(storage.layout.models),
     )
     recorder.flush()
     result = out.result
@@ -131,6 +136,7 @@ def lora(
         metadata["loss_curve"] = loss_curve_md(result.losses)
     if out.validation:
         metadata["validation_images"] = image_md(image_grid([image for _, image in out.validation], columns=4))
+    storage.publish(context, pair, "lora")
     return dg.MaterializeResult(metadata=metadata)
 
 
@@ -150,7 +156,7 @@ def samples(
     pair = pair_key(context)
     spec = storage.spec(pair)
     preset = models.resolved_preset()
-    lora_root = storage.stage_dir(pair, "lora")
+    lora_root = storage.input_dir(pair, "lora")
     current = current_lora(lora_root)
     pipe = models.base_pipeline_factory(storage.layout.models)()
     pipe.load_lora_weights(current["diffusers"])
@@ -159,7 +165,7 @@ def samples(
     gamma = config.gamma if config.gamma >= 0 else None
     layout_factory = None
     if gamma is not None:
-        segments_manifest = read_manifest(storage.stage_dir(pair, "segments"), "segments")
+        segments_manifest = read_manifest(storage.input_dir(pair, "segments"), "segments")
         layout_factory = segmix_layout_factory(segments_manifest, resolution, config.layout_seed_offset)
 
     recorder = storage.recorder(context)
@@ -171,7 +177,7 @@ def samples(
         layout_factory,
         gamma,
         current["version"],
-        storage.stage_dir(pair, "samples"),
+        storage.output_dir(pair, "samples"),
         recorder,
         resolution,
         resolution,
@@ -183,6 +189,7 @@ def samples(
         model_ids=[preset.base_model],
     )
     recorder.flush()
+    storage.publish(context, pair, "samples")
     return dg.MaterializeResult(
         metadata={
             "images": len(manifest),

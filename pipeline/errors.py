@@ -31,3 +31,11 @@ class SegmentationError(CastloraError):
 
 class CheckpointError(CastloraError):
     """A training checkpoint is corrupt, incomplete or was written by a different configuration."""
+
+
+class StorageError(CastloraError):
+    """Remote storage (S3) failed or holds an incomplete folder; the message names endpoint, bucket and key."""
+
+
+class DataHomeError(CastloraError):
+    """The data home (or a folder in it) is not a usable, writable folder."""

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import PairKeyError
+from pipeline.errors import DataHomeError, PairKeyError
 
 DEFAULT_HOME = "castlora_data"
 HOME_ENV = "CASTLORA_HOME"
@@ -42,6 +42,16 @@ def resolve_home(home: str | os.PathLike[str] | None = None) -> Path:
     """The data home: explicit argument, else $CASTLORA_HOME, else ./castlora_data (absolute)."""
     chosen = home if home else os.environ.get(HOME_ENV) or DEFAULT_HOME
     return Path(chosen).expanduser().resolve()
+
+
+def check_home(home: Path) -> Path:
+    """Refuse a data home that exists but is not a folder: every path under it would fail with a vaguer error."""
+    if home.exists() and not home.is_dir():
+        raise DataHomeError(
+            f"The data home {home} is not a folder (it is a file): set CASTLORA_HOME, or the storage resource's "
+            "'home', to a folder."
+        )
+    return home
 
 
 def safe_child(root: Path, *parts: str) -> Path:

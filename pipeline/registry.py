@@ -47,7 +47,8 @@ def references_fingerprint(spec: PairSpec) -> str:
     The retraining schedule compares it with the one the ``references`` asset recorded, so an edited photo
     makes its pair stale while untouched pairs are left alone. A file that vanished hashes as ``missing``.
     """
-    folders = [Path(c.masks_dir) for c in spec.characters if c.masks_dir] + [Path(f) for f in spec.class_images.values()]
+    folders = [Path(c.masks_dir) for c in spec.characters if c.masks_dir]
+    folders += [Path(f) for f in spec.class_images.values()]
     files = [Path(p) for c in spec.characters for p in c.photos]
     files += [f for folder in folders if folder.is_dir() for f in sorted(folder.iterdir()) if f.is_file()]
     contents = {str(f): sha256_file(f) if f.is_file() else "missing" for f in files}

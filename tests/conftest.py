@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["DAGSTER_DISABLE_TELEMETRY"] = "1"
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +19,9 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_PAIR = REPO / "samples" / "dog6__dog2"
+
+# Fixtures that start real servers on 127.0.0.1.
+pytest_plugins = ["tests.servers.postgres", "tests.servers.s3"]
 
 
 def subject_photo(size: tuple[int, int] = (320, 256), seed: int = 0, colour=(200, 60, 40)) -> Image.Image:
@@ -50,3 +56,31 @@ def make_pair(tmp_path: Path):
         return folder
 
     return build
+
+
+@dataclass(frozen=True)
+class DemoHome:
+    """Where `castlora demo` left its outputs: the data home, its Dagster instance, and what it printed."""
+
+    data_home: Path
+    dagster_home: Path
+    stdout: str
+
+
+@pytest.fixture(scope="session")
+def demo_home(tmp_path_factory) -> DemoHome:
+    """`castlora demo` (about 3 minutes on 2 cores), run once per session for the CLI test and the UI tests."""
+    data_home = tmp_path_factory.mktemp("demo") / "home"
+    env = {k: v for k, v in os.environ.items() if k not in ("DAGSTER_HOME", "CASTLORA_HOME")}
+    env["CASTLORA_HOME"] = str(data_home)
+    result = subprocess.run(
+        [sys.executable, "-m", "assets.cli", "demo"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if result.returncode != 0:
+        pytest.fail(f"castlora demo exited with {result.returncode}:\n{result.stderr[-3000:]}")
+    return DemoHome(data_home=data_home, dagster_home=data_home / "dagster_home", stdout=result.stdout)
