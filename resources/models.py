@@ -39,6 +39,12 @@ class ModelResource(dg.ConfigurableResource):
     """``auto`` picks CUDA when present, else CPU."""
     dtype: str = "auto"
     """``auto``: float16 on CUDA, float32 on CPU."""
+    train_processes: int = 1
+    """LoRA training processes: 1 trains in the step's own process; more start that many ranks (one per GPU, or
+    gloo on CPU) through ``accelerate launch`` (env CASTLORA_TRAIN_PROCESSES). Resuming needs the same number."""
+    accelerate_config_file: str = ""
+    """Optional ``accelerate config`` yaml for multi-process training (e.g. gpu_ids); the process count, port and
+    mixed precision set by castlora override its values."""
 
     def resolved_preset(self) -> ModelPreset:
         return get_preset(self.preset).with_overrides(
@@ -101,17 +107,39 @@ class ModelResource(dg.ConfigurableResource):
 
         return load
 
-    def base_pipeline_factory(self, cache_root: Path) -> Callable[[], Any]:
-        from pipeline.models.sdxl import BaseModelSpec, load_base_pipeline
+    def base_model_spec(self) -> Any:
+        """The base model as ``pipeline.models.sdxl.BaseModelSpec`` (source, family, VAE, device, dtype)."""
+        from pipeline.models.sdxl import BaseModelSpec
 
-        spec = BaseModelSpec(
+        return BaseModelSpec(
             source=self.resolved_preset().base_model,
             family=self.family,
             vae_source=self.vae or None,
             device=self.torch_device(),
             dtype=self.torch_dtype_name(),
         )
+
+    def base_pipeline_factory(self, cache_root: Path) -> Callable[[], Any]:
+        from pipeline.models.sdxl import load_base_pipeline
+
+        spec = self.base_model_spec()
         return lambda: load_base_pipeline(spec, cache_root)
+
+    def trainer(self, cache_root: Path) -> Callable[..., Any]:
+        """What ``run_lora`` trains with: ``train_lora`` in-process for one process, else a launcher that runs
+        ``train_processes`` ranks, each loading this resource's base model (``cache_root`` as for the pipeline)."""
+        from pipeline.train import train_lora
+        from pipeline.train.launch import LaunchSettings, distributed_trainer
+
+        if self.train_processes == 1:
+            return train_lora
+        device = self.torch_device()
+        settings = LaunchSettings(
+            num_processes=self.train_processes,
+            accelerate_config_file=self.accelerate_config_file,
+            use_cpu={"cpu": True, "cuda": False}.get(device.split(":")[0]),  # other devices: auto (CUDA if any)
+        )
+        return distributed_trainer(settings, self.base_model_spec(), model_cache=cache_root)
 
     def dnc_scorer(self, subjects: Any, cache_root: Path) -> Any:
         """D&C for a pair's characters (``pipeline.dnc.scorer.DncScorer``): detector and every embedder the preset

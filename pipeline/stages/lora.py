@@ -127,15 +127,18 @@ def run_lora(
     validation_steps: int = 20,
     validation_seed: int = 0,
     init_lora: dict[str, torch.Tensor] | None = None,
+    trainer: Callable[..., TrainResult] = train_lora,
 ) -> LoraOutput:
     """Train (resuming if possible), export both formats, point ``current.json`` at them, render checks.
 
     ``init_lora`` (a U-Net LoRA state) starts from another LoRA, as the iterative rounds do; with
-    ``config.kl_weight`` > 0 it is also the frozen reference of the KL term.
+    ``config.kl_weight`` > 0 it is also the frozen reference of the KL term. ``trainer`` has ``train_lora``'s
+    signature and must leave the trained adapter on ``pipe`` as it does (e.g. ``pipeline.train.launch``'s
+    multi-process ``distributed_trainer``).
     """
     version = lora_version(config, samples, base_model_id, init_lora)
     folder = lora_root / version
-    result = train_lora(
+    result = trainer(
         pipe, samples, config, folder, cache_dir, on_log=on_log, base_model_id=base_model_id, init_lora=init_lora
     )
     parents = [s.sample_id for s in samples]
