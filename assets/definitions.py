@@ -14,18 +14,9 @@ import dagster as dg
 
 from assets import checks, schedules, sensors
 from assets.executors import executor_from_env
+from assets.instance import env_int
 from assets.jobs import PAIR_ASSETS, pair_job
 from resources import CaptionerResource, ModelResource, StorageResource
-
-
-def _env_int(env: dict[str, str], name: str, default: int) -> int:
-    value = env.get(name, "").strip()
-    if not value:
-        return default
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"Environment variable {name}={value!r} must be a whole number (default {default}).") from None
 
 
 def build_resources(env: dict[str, str] | None = None) -> dict[str, dg.ConfigurableResource]:
@@ -44,7 +35,7 @@ def build_resources(env: dict[str, str] | None = None) -> dict[str, dg.Configura
             preset=env.get("CASTLORA_PRESET", "tiny"),
             segmenter_backend=env.get("CASTLORA_SEGMENTER", ""),
             device=env.get("CASTLORA_DEVICE", "auto"),
-            train_processes=_env_int(env, "CASTLORA_TRAIN_PROCESSES", 1),
+            train_processes=env_int(env, "CASTLORA_TRAIN_PROCESSES", 1),
         ),
         "captioner": CaptionerResource(
             backend=env.get("CASTLORA_CAPTIONER", "template"),

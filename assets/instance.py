@@ -52,13 +52,14 @@ class InstanceSettings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> InstanceSettings:
         env = os.environ if env is None else env
         return cls(
-            gpu_slots=_int_var(env, GPU_SLOTS_VAR, 1),
+            gpu_slots=env_int(env, GPU_SLOTS_VAR, 1),
             postgres_url=env.get(POSTGRES_URL_VAR, "").strip(),
-            run_retries=_int_var(env, RUN_RETRIES_VAR, 2),
+            run_retries=env_int(env, RUN_RETRIES_VAR, 2),
         )
 
 
-def _int_var(env: Mapping[str, str], name: str, default: int) -> int:
+def env_int(env: Mapping[str, str], name: str, default: int) -> int:
+    """A whole-number setting from the environment (empty or unset: ``default``); refuses anything else by name."""
     raw = env.get(name, "").strip()
     if not raw:
         return default
@@ -154,8 +155,9 @@ def apply_pool_limit(dagster_home: Path | str, settings: InstanceSettings) -> No
         current = storage.get_concurrency_info(GPU_POOL)
         if current.using_default_limit and current.slot_count == settings.gpu_slots:
             return
-        if not current.using_default_limit and current.slot_count:
-            storage.delete_concurrency_limit(GPU_POOL)  # a hand-set limit would shadow the config's
+        # Delete first: a hand-set limit would shadow the config's, and on Postgres Dagster's update of an
+        # existing row runs in a transaction its failed insert has already aborted (dagster 1.13.27).
+        storage.delete_concurrency_limit(GPU_POOL)
         storage.initialize_concurrency_limit_to_default(GPU_POOL)
 
 

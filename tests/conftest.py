@@ -73,14 +73,17 @@ def demo_home(tmp_path_factory) -> DemoHome:
     data_home = tmp_path_factory.mktemp("demo") / "home"
     env = {k: v for k, v in os.environ.items() if k not in ("DAGSTER_HOME", "CASTLORA_HOME")}
     env["CASTLORA_HOME"] = str(data_home)
-    result = subprocess.run(
-        [sys.executable, "-m", "assets.cli", "demo"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "assets.cli", "demo"],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"castlora demo did not finish in {exc.timeout:.0f} s; last output:\n{str(exc.stderr)[-2000:]}")
     if result.returncode != 0:
         pytest.fail(f"castlora demo exited with {result.returncode}:\n{result.stderr[-3000:]}")
     return DemoHome(data_home=data_home, dagster_home=data_home / "dagster_home", stdout=result.stdout)

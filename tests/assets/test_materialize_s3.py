@@ -5,8 +5,6 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
-from servers.openai_api import start_chat_server
-from servers.s3 import TEST_ACCESS_KEY, TEST_SECRET_KEY, s3_client, start_moto
 
 from assets import pair_assets
 from assets.definitions import build_resources
@@ -14,6 +12,8 @@ from assets.partitions import character_pairs
 from pipeline.remote import MARKER_NAME
 from pipeline.spec import load_spec
 from resources import CaptionerResource, StorageResource
+from tests.servers.openai_api import start_chat_server
+from tests.servers.s3 import TEST_ACCESS_KEY, TEST_SECRET_KEY, s3_client, start_moto
 
 RUN_CONFIG = {"ops": {"references": {"config": {"min_side": 128}}}}
 PAIR = "red__blue"

@@ -4,11 +4,11 @@ import json
 
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
-from servers.s3 import TEST_ACCESS_KEY, TEST_SECRET_KEY, free_port
 
 from pipeline.errors import PairKeyError, StorageError
 from pipeline.hashing import sha256_file
 from pipeline.remote import MARKER_NAME, RetryPolicy, S3Location, S3Store, boto3_client_factory, s3_key
+from tests.servers.s3 import TEST_ACCESS_KEY, TEST_SECRET_KEY, free_port
 
 
 def make_store(bucket, endpoint=None, client_factory=None, attempts=3) -> S3Store:

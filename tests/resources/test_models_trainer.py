@@ -40,5 +40,5 @@ def test_more_processes_than_gpus_is_refused_on_cuda(tmp_path):
 def test_train_processes_from_the_environment():
     assert build_resources({"CASTLORA_TRAIN_PROCESSES": "2"})["models"].train_processes == 2
     assert build_resources({})["models"].train_processes == 1
-    with pytest.raises(ValueError, match="CASTLORA_TRAIN_PROCESSES='two'"):
+    with pytest.raises(CastloraError, match="CASTLORA_TRAIN_PROCESSES must be a whole number"):
         build_resources({"CASTLORA_TRAIN_PROCESSES": "two"})

@@ -5,7 +5,6 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 import pytest
-from servers.s3 import TEST_ACCESS_KEY, TEST_SECRET_KEY
 
 from assets.partitions import character_pairs
 from assets.sensors import inbox_sensor
@@ -16,6 +15,7 @@ from pipeline.registry import scan_inbox
 from pipeline.remote import MARKER_NAME
 from pipeline.spec import load_spec
 from resources import StorageResource
+from tests.servers.s3 import TEST_ACCESS_KEY, TEST_SECRET_KEY
 
 
 def s3_storage(bucket, home, **overrides) -> StorageResource:
@@ -119,7 +119,7 @@ def test_s3_inbox_is_mirrored_and_picked_up_by_the_sensor(s3_bucket, tmp_path, m
 
 
 def test_sensor_survives_s3_being_down(tmp_path, make_pair):
-    from servers.s3 import Bucket, free_port
+    from tests.servers.s3 import Bucket, free_port
 
     down = Bucket(f"http://127.0.0.1:{free_port()}", "no-such-server")
     storage = s3_storage(down, tmp_path / "home")
