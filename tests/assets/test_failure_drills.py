@@ -21,6 +21,7 @@ from assets.training_assets import lora
 from pipeline.paths import DataLayout
 from pipeline.registry import register_pair
 from pipeline.spec import load_spec
+from pipeline.train.checkpoint import list_checkpoints
 from tests.assets.test_materialize import RUN_CONFIG
 from tests.conftest import REPO
 
@@ -120,7 +121,7 @@ def test_killed_training_resumes_and_ends_with_the_uninterrupted_lora(upstream_h
     )
     deadline = time.monotonic() + 300
     try:
-        while not list(lora_root.glob("*/checkpoints/*/*")):
+        while not [found for version in lora_root.glob("*/") for found in list_checkpoints(version)]:
             assert process.poll() is None, (
                 f"training process ended before its first checkpoint: {process.stderr.read()}"
             )
@@ -146,14 +147,15 @@ def test_full_disk_fails_with_the_path_and_keeps_finished_stages(upstream_home, 
     layout = upstream_home
     bank_manifest = layout.stage_dir(PAIR, "segmix_bank") / "manifest.parquet"
     before = bank_manifest.read_bytes()
-    target = layout.stage_dir(PAIR, "lora") / "some-file"
+    target = layout.stage_dir(PAIR, "lora") / "current.json"
 
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
 
-    monkeypatch.setattr("pipeline.stages.lora.train_lora", disk_full)
+    # The disk fills up when the finished LoRA's pointer file is written.
+    monkeypatch.setattr("pipeline.stages.lora.write_json_atomic", disk_full)
     result = _train_in_process(layout, raise_on_error=False)
-    assert not result.success
+    assert not result.success and not result.get_asset_materialization_events()
     message = _failure_message(result)
     assert "disk is full" in message and str(target) in message and "CASTLORA_HOME" in message
     assert bank_manifest.read_bytes() == before
