@@ -80,7 +80,7 @@ def demo_home(tmp_path_factory) -> DemoHome:
             env=env,
             capture_output=True,
             text=True,
-            timeout=600,
+            timeout=1200,
         )
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"castlora demo did not finish in {exc.timeout:.0f} s; last output:\n{str(exc.stderr)[-2000:]}")
