@@ -7,11 +7,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from dagster_dev import DagsterDev, start_dagster_dev
 from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 from playwright.sync_api import sync_playwright
 
 from assets.instance import InstanceSettings, ensure_instance
+from tests.ui.dagster_dev import DagsterDev, start_dagster_dev
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Playwright must not download a browser (no network): it drives Debian's Chromium. As root it needs

@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
-from dagster_dev import REPO, DagsterDev
+
+from tests.ui.dagster_dev import REPO, DagsterDev
 
 pytestmark = pytest.mark.slow
 
