@@ -10,7 +10,7 @@ from PIL import Image
 
 from assets.metadata import table_md, user_errors
 from assets.pair_assets import references, segments, segmix_bank
-from assets.partitions import DNC_HEADLINE, character_pairs, pair_key
+from assets.partitions import DNC_HEADLINE, character_pairs, latest_materializations, pair_key
 from assets.quality_assets import evaluation
 from assets.training_assets import lora
 from pipeline.errors import CastloraError
@@ -183,8 +183,8 @@ def lora_file_loads(context: dg.AssetCheckExecutionContext, storage: StorageReso
     )
 
 
-def _headline(materialization: dg.AssetMaterialization | None) -> dict | None:
-    value = materialization.metadata.get(DNC_HEADLINE) if materialization else None
+def _headline(materialization: dg.AssetMaterialization) -> dict | None:
+    value = materialization.metadata.get(DNC_HEADLINE)
     return getattr(value, "value", None)
 
 
@@ -196,11 +196,9 @@ def _headline(materialization: dg.AssetMaterialization | None) -> dict | None:
 )
 def dnc_not_regressed(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
     pair = pair_key(context)
-    records = context.instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=evaluation.key, asset_partitions=[pair]), limit=2
-    ).records
-    current = _headline(records[0].asset_materialization) if records else None
-    previous = _headline(records[1].asset_materialization) if len(records) > 1 else None
+    newest = latest_materializations(context.instance, evaluation.key, pair, limit=2)
+    current = _headline(newest[0]) if newest else None
+    previous = _headline(newest[1]) if len(newest) > 1 else None
     if current is None:
         return dg.AssetCheckResult(passed=False, description="This evaluation recorded no D&C value to compare.")
     if previous is None or previous.get("metric") != current.get("metric"):

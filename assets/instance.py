@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 import yaml
 
 from assets.compute import GPU_POOL
+from pipeline.atomic import write_text_atomic
 from pipeline.errors import CastloraError
 
 POSTGRES_URL_VAR = "CASTLORA_POSTGRES_URL"
@@ -108,9 +108,7 @@ def ensure_instance(dagster_home: Path | str, settings: InstanceSettings | None 
     text = render_instance_yaml(settings)
     if not path.is_file() or path.read_text() != text:
         # Atomic replace: a dagster process starting now reads the old file or the new one, never half of one.
-        with tempfile.NamedTemporaryFile("w", dir=home, prefix=".dagster.", suffix=".yaml", delete=False) as tmp:
-            tmp.write(text)
-        os.replace(tmp.name, path)
+        write_text_atomic(text, path)
     apply_pool_limit(home, settings)
     return path
 

@@ -15,3 +15,13 @@ def pair_key(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext) 
     if not context.has_partition_key:
         raise dg.Failure("castlora assets and checks run per character pair: select a partition.")
     return validate_key(context.partition_key)
+
+
+def latest_materializations(
+    instance: dg.DagsterInstance, key: dg.AssetKey, pair: str, limit: int = 1
+) -> list[dg.AssetMaterialization]:
+    """The newest ``limit`` materializations of ``key`` for one pair, newest first."""
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=key, asset_partitions=[pair]), limit=limit
+    ).records
+    return [record.asset_materialization for record in records]

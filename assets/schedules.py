@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import dagster as dg
 
 from assets.jobs import PAIR_ASSETS, pair_job
-from assets.partitions import REFERENCES_FINGERPRINT, character_pairs
+from assets.partitions import REFERENCES_FINGERPRINT, character_pairs, latest_materializations
 from pipeline.errors import CastloraError
 from pipeline.registry import references_fingerprint
 from resources import StorageResource
@@ -42,21 +42,17 @@ def code_versions() -> dict[dg.AssetKey, str]:
     return versions
 
 
-def _latest(instance: dg.DagsterInstance, key: dg.AssetKey, pair: str) -> dg.AssetMaterialization | None:
-    result = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=key, asset_partitions=[pair]), limit=1)
-    return result.records[0].asset_materialization if result.records else None
-
-
 def pair_staleness(
     instance: dg.DagsterInstance, storage: StorageResource, pair: str, versions: Mapping[dg.AssetKey, str]
 ) -> Staleness:
     reasons: list[str] = []
     for key, version in sorted(versions.items(), key=lambda item: item[0].to_user_string()):
-        latest = _latest(instance, key, pair)
+        found = latest_materializations(instance, key, pair)
         name = key.to_user_string()
-        if latest is None:
+        if not found:
             reasons.append(f"{name}: never materialized")
             continue
+        latest = found[0]
         made_with = (latest.tags or {}).get(CODE_VERSION_TAG)
         if made_with != version:
             reasons.append(f"{name}: code version {made_with} -> {version}")

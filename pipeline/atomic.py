@@ -26,7 +26,11 @@ def atomic_path(target: Path) -> Iterator[Path]:
         raise
 
 
-def write_json_atomic(value: Any, target: Path) -> Path:
+def write_text_atomic(text: str, target: Path) -> Path:
     with atomic_path(target) as temporary:
-        temporary.write_text(json.dumps(value, indent=2, default=str) + "\n")
+        temporary.write_text(text, encoding="utf-8")
     return Path(target)
+
+
+def write_json_atomic(value: Any, target: Path) -> Path:
+    return write_text_atomic(json.dumps(value, indent=2, default=str) + "\n", target)

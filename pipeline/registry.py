@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.atomic import write_text_atomic
 from pipeline.errors import CastloraError, PairKeyError
 from pipeline.hashing import sha256_bytes, sha256_file, sha256_json
 from pipeline.paths import DataLayout, validate_key
@@ -29,11 +30,7 @@ def register_pair(layout: DataLayout, spec: PairSpec) -> Path:
     text = spec.to_json()
     if target.is_file() and target.read_text(encoding="utf-8") == text:
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(".pair.json.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(target)
-    return target
+    return write_text_atomic(text, target)
 
 
 def spec_fingerprint(spec: PairSpec) -> str:

@@ -36,6 +36,23 @@ def subject_photo(size: tuple[int, int] = (320, 256), seed: int = 0, colour=(200
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
 
 
+def ball_pair(root: Path, key: str = "red__blue") -> Path:
+    """``root/src``: a two-ball pair (3 photos each, 'zorp ball' and 'quix ball') for module-scoped end-to-end runs."""
+    folder = root / "src"
+    first, second = key.split("__")
+    for index, cid in enumerate((first, second)):
+        (folder / cid).mkdir(parents=True)
+        colour = (200, 40, 40) if index == 0 else (40, 40, 200)
+        for n in range(3):
+            subject_photo((320, 256), seed=10 * index + n, colour=colour).save(folder / cid / f"{n}.jpg", quality=95)
+    (folder / "pair.yaml").write_text(
+        f"pair: {key}\ncharacters:\n"
+        f"  - {{id: {first}, class_noun: ball, token_phrase: zorp ball, photos: {first}}}\n"
+        f"  - {{id: {second}, class_noun: ball, token_phrase: quix ball, photos: {second}}}\n"
+    )
+    return folder
+
+
 @pytest.fixture
 def make_pair(tmp_path: Path):
     """Write a pair folder (spec + photos) and return its path; photos differ so none are duplicates."""

@@ -23,7 +23,7 @@ from pipeline.registry import register_pair
 from pipeline.spec import load_spec
 from pipeline.train.checkpoint import list_checkpoints
 from tests.assets.test_materialize import RUN_CONFIG
-from tests.conftest import REPO
+from tests.conftest import REPO, ball_pair
 
 PAIR = "a__b"
 UPSTREAM = ["references", "segments", "captions", "class_images", "segmix_bank"]
@@ -35,20 +35,7 @@ LORA_CONFIG = {**RUN_CONFIG["ops"]["lora"]["config"], "steps": 60, "checkpoint_e
 def upstream_home(tmp_path_factory):
     """A data home whose pair has every stage the LoRA trains from (materialized once for the module)."""
     root = tmp_path_factory.mktemp("drills")
-    from tests.conftest import subject_photo
-
-    folder = root / "src"
-    for index, cid in enumerate(PAIR.split("__")):
-        (folder / cid).mkdir(parents=True)
-        for n in range(3):
-            subject_photo((320, 256), seed=10 * index + n, colour=(200, 40 + 80 * index, 40)).save(
-                folder / cid / f"{n}.jpg"
-            )
-    (folder / "pair.yaml").write_text(
-        f"pair: {PAIR}\ncharacters:\n"
-        "  - {id: a, class_noun: ball, token_phrase: zorp ball, photos: a}\n"
-        "  - {id: b, class_noun: ball, token_phrase: quix ball, photos: b}\n"
-    )
+    folder = ball_pair(root, PAIR)
     layout = DataLayout.at(root / "home")
     register_pair(layout, load_spec(folder))
     with dg.instance_for_test() as instance:

@@ -26,6 +26,7 @@ from pipeline.paths import DataLayout
 from pipeline.registry import register_pair
 from pipeline.spec import load_spec
 from tests.assets import pool_job
+from tests.conftest import ball_pair
 
 
 @pytest.fixture
@@ -131,23 +132,6 @@ def test_only_gpu_assets_carry_the_gpu_pool():
     assert {pool for key, pool in pools.items() if key not in GPU_ASSETS} == {None}
 
 
-def _pair_folder(root: Path) -> Path:
-    from tests.conftest import subject_photo
-
-    folder = root / "src"
-    for index, cid in enumerate(["red", "blue"]):
-        (folder / cid).mkdir(parents=True)
-        for n in range(3):
-            colour = (200, 40, 40) if cid == "red" else (40, 40, 200)
-            subject_photo((320, 256), seed=10 * index + n, colour=colour).save(folder / cid / f"{n}.jpg", quality=95)
-    (folder / "pair.yaml").write_text(
-        "pair: red__blue\ncharacters:\n"
-        "  - {id: red, class_noun: ball, token_phrase: zorp ball, photos: red}\n"
-        "  - {id: blue, class_noun: ball, token_phrase: quix ball, photos: blue}\n"
-    )
-    return folder
-
-
 @pytest.mark.slow
 def test_materialization_lands_in_postgres(tmp_path, pg_url, monkeypatch):
     monkeypatch.setenv(POSTGRES_URL_VAR, pg_url)
@@ -155,7 +139,7 @@ def test_materialization_lands_in_postgres(tmp_path, pg_url, monkeypatch):
     home = tmp_path / "dagster_home"
     ensure_instance(home, settings)
     layout = DataLayout.at(tmp_path / "data")
-    register_pair(layout, load_spec(_pair_folder(tmp_path)))
+    register_pair(layout, load_spec(ball_pair(tmp_path)))
     with DagsterInstance.from_config(str(home)) as instance:
         instance.add_dynamic_partitions(character_pairs.name, ["red__blue"])
         result = dg.materialize(

@@ -15,6 +15,7 @@ from pipeline.lineage import ancestors, read_lineage
 from pipeline.paths import DataLayout
 from pipeline.registry import register_pair
 from pipeline.spec import load_spec
+from tests.conftest import ball_pair
 
 RUN_CONFIG = {
     "ops": {
@@ -53,19 +54,7 @@ def materialized(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     home = root / "home"
     layout = DataLayout.at(home)
-    from tests.conftest import subject_photo
-
-    folder = root / "src"
-    for index, cid in enumerate(["red", "blue"]):
-        (folder / cid).mkdir(parents=True)
-        for n in range(3):
-            colour = (200, 40, 40) if cid == "red" else (40, 40, 200)
-            subject_photo((320, 256), seed=10 * index + n, colour=colour).save(folder / cid / f"{n}.jpg", quality=95)
-    (folder / "pair.yaml").write_text(
-        "pair: red__blue\ncharacters:\n"
-        "  - {id: red, class_noun: ball, token_phrase: zorp ball, photos: red}\n"
-        "  - {id: blue, class_noun: ball, token_phrase: quix ball, photos: blue}\n"
-    )
+    folder = ball_pair(root)
     register_pair(layout, load_spec(folder))
     job = defs.resolve_job_def(pair_job.name)
     with dg.instance_for_test() as instance:

@@ -1,6 +1,9 @@
 """The retraining schedule requests runs for stale pairs only: changed photos/spec, changed code version, never run."""
 
 import datetime as dt
+import os
+import subprocess
+import sys
 
 import dagster as dg
 import pytest
@@ -91,12 +94,9 @@ def test_schedule_is_in_the_definitions_and_its_cron_comes_from_the_environment(
     schedule = defs.resolve_schedule_def("retrain_schedule")
     assert schedule.job_name == "castlora_pair"
     assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED
-    import subprocess
-    import sys
-
     cron = subprocess.run(
         [sys.executable, "-c", "from assets.schedules import retrain_schedule as s; print(s.cron_schedule)"],
-        env={**__import__("os").environ, "CASTLORA_RETRAIN_CRON": "15 2 * * *"},
+        env={**os.environ, "CASTLORA_RETRAIN_CRON": "15 2 * * *"},
         capture_output=True,
         text=True,
         check=True,
