@@ -21,7 +21,7 @@ from pipeline.stages.evaluation import VARIANTS, Subject, Variant, image_reward_
 from pipeline.stages.iteration import GenerationSettings, current_iteration, run_iteration
 from pipeline.stages.lora import current_lora, run_lora, train_config_of
 from pipeline.stages.samples import segmix_layout_factory
-from pipeline.train import load_samples
+from pipeline.train.samples import load_samples
 from resources import ModelResource, StorageResource
 
 

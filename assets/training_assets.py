@@ -14,7 +14,8 @@ from pipeline.infer import DEFAULT_NEGATIVE, scene_prompts
 from pipeline.manifest import read_manifest
 from pipeline.stages.lora import current_lora, run_lora
 from pipeline.stages.samples import run_samples, segmix_layout_factory
-from pipeline.train import TrainConfig, load_samples
+from pipeline.train import TrainConfig
+from pipeline.train.samples import load_samples
 from resources import ModelResource, StorageResource
 
 # The stage folders load_samples reads (with S3 they are fetched first).
@@ -39,6 +40,8 @@ class LoraTrainingConfig(dg.Config):
     mixed_precision: str = "auto"
     """auto: the dtype the models resource loads the base model in (fp16 on CUDA by default, no on CPU)."""
     gradient_checkpointing: bool = False
+    compile_unet: bool = False
+    """torch.compile the U-Net: faster steps after a one-off compile (minutes on a small CPU)."""
     use_8bit_adam: bool = False
     checkpoint_every: int = 50
     log_every: int = 10

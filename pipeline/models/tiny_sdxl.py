@@ -89,7 +89,7 @@ def _vae() -> AutoencoderKL:
     )
 
 
-def _scheduler() -> EulerDiscreteScheduler:
+def sdxl_scheduler() -> EulerDiscreteScheduler:
     """SDXL base's scheduler configuration."""
     return EulerDiscreteScheduler(
         num_train_timesteps=1000,
@@ -129,7 +129,7 @@ def build_tiny_sdxl(target_dir: Path) -> None:
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
         unet=unet,
-        scheduler=_scheduler(),
+        scheduler=sdxl_scheduler(),
         force_zeros_for_empty_prompt=True,
         add_watermarker=False,
     )

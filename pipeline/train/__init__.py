@@ -1,7 +1,7 @@
 """DreamBooth-LoRA training for SDXL: config, content-keyed caches, data plan, resumable loop, Diffusion-DPO."""
 
 from pipeline.train.config import TrainConfig
-from pipeline.train.data import TrainingSample, build_samples, load_samples
+from pipeline.train.data import TrainingSample
 from pipeline.train.loop import TrainResult, train_lora
 from pipeline.train.preference import PreferencePair, train_preference
 
@@ -10,8 +10,6 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "TrainingSample",
-    "build_samples",
-    "load_samples",
     "train_lora",
     "train_preference",
 ]

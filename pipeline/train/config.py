@@ -12,8 +12,11 @@ LR_SCHEDULERS = ("constant", "cosine")
 MASK_NORMALIZATIONS = ("mean", "mask_mean")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 
-# Fields that never change the trained weights: they may differ between a run and its resume.
-_RESULT_NEUTRAL = frozenset({"checkpoint_every", "keep_checkpoints", "log_every", "gradient_checkpointing"})
+# Fields that do not change what is trained (compiling changes float rounding at most): they may differ
+# between a run and its resume.
+_RESULT_NEUTRAL = frozenset(
+    {"checkpoint_every", "keep_checkpoints", "log_every", "gradient_checkpointing", "compile_unet"}
+)
 # Fields added later: left out of the fingerprint while off, so checkpoints written before they existed still resume.
 _OMITTED_WHEN_ZERO = ("kl_weight", "dpo_beta")
 
@@ -54,6 +57,10 @@ class TrainConfig:
     mixed_precision: str = "no"
     """Frozen weights in fp16/bf16 on GPU with autocast; LoRA parameters always stay fp32."""
     gradient_checkpointing: bool = False
+    compile_unet: bool = False
+    """``torch.compile`` the U-Net's training forward/backward (inductor). Faster steps (tiny model on CPU:
+    ~1.5-2x, see benchmarks/README.md) after a one-off compile on the first step: minutes on a small CPU,
+    seconds once inductor's on-disk cache holds it. Worth it for long runs; CPU needs a C++ compiler."""
     use_8bit_adam: bool = False
     adam_weight_decay: float = 1e-2
     seed: int = 0

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import os
 import resource
+import shutil
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -222,9 +224,24 @@ def _make_optimizer(param_groups: list[dict[str, Any]], config: TrainConfig) -> 
                 "install it or set use_8bit_adam=False."
             ) from exc
         return bnb.optim.AdamW8bit(param_groups, lr=config.lr, weight_decay=config.adam_weight_decay)
-    # One multi-tensor kernel over all LoRA tensors instead of a Python loop over ~1000 small ones
-    # (the per-tensor path was ~10% of a tiny-model CPU step).
-    return torch.optim.AdamW(param_groups, lr=config.lr, weight_decay=config.adam_weight_decay, foreach=True)
+    # One fused kernel over all LoRA tensors instead of a Python loop over hundreds of small ones: on the tiny
+    # model's 272 LoRA tensors (CPU) 1.3 ms per step, vs 4.9 ms with foreach=True and 9.9 ms per tensor.
+    return torch.optim.AdamW(param_groups, lr=config.lr, weight_decay=config.adam_weight_decay, fused=True)
+
+
+COMPILE_BACKEND = "inductor"
+"""torch.compile backend for ``compile_unet``; tests use ``aot_eager`` (same graph capture, no C++ build)."""
+
+
+def _compiled(module: torch.nn.Module, device: torch.device) -> Callable[..., Any]:
+    if COMPILE_BACKEND == "inductor" and device.type == "cpu":
+        compiler = os.environ.get("CXX") or next((c for c in ("g++", "clang++") if shutil.which(c)), None)
+        if not compiler or not shutil.which(compiler):
+            raise CastloraError(
+                "compile_unet=True on CPU needs a C++ compiler (inductor builds C++ kernels) and none was found "
+                "(tried $CXX, g++, clang++): install g++ (apt install g++) or set compile_unet=False."
+            )
+    return torch.compile(module, backend=COMPILE_BACKEND)
 
 
 def _make_lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
@@ -446,6 +463,9 @@ class _Trainer:
         # Only the U-Net is DDP-wrapped: encode_prompt calls the text encoders directly, so their LoRA
         # gradients are averaged by hand in ``_sync_text_grads``.
         self.unet, self.optimizer = self.accelerator.prepare(self.pipe.unet, self.optimizer)
+        # The compiled callable wraps the prepared module (the order DDP wants) and shares its parameters;
+        # pipe.unet, unwrap_model and every state dict stay uncompiled, so generation afterwards is unaffected.
+        self.forward = _compiled(self.unet, self.device) if self.config.compile_unet else self.unet
 
     def state(self, step: int, losses: list[tuple[int, float, float]]) -> TrainingState:
         scaler = self.accelerator.scaler
@@ -522,7 +542,7 @@ class _Trainer:
     def predict(self, inputs: _Inputs) -> torch.Tensor:
         """The trained model's prediction (through the DDP wrapper, so gradients are synchronised)."""
         with self.accelerator.autocast():
-            return self.unet(inputs.noisy, inputs.timesteps, inputs.embeds, added_cond_kwargs=inputs.cond).sample
+            return self.forward(inputs.noisy, inputs.timesteps, inputs.embeds, added_cond_kwargs=inputs.cond).sample
 
     def loss(self, step: int, batch: _Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         config = self.config
