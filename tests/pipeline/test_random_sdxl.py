@@ -76,5 +76,7 @@ def test_builder_writes_a_pipeline_diffusers_loads(tmp_path, monkeypatch):
     pipe = StableDiffusionXLPipeline.from_pretrained(tmp_path / "sdxl", torch_dtype=torch.float16)
     assert pipe.unet.dtype == torch.float16
     assert pipe.text_encoder.config.vocab_size == 49408
-    prompt_embeds, _, pooled, _ = pipe.encode_prompt("a photo of olis dog", device="cpu", do_classifier_free_guidance=False)
+    prompt_embeds, _, pooled, _ = pipe.encode_prompt(
+        "a photo of olis dog", device="cpu", do_classifier_free_guidance=False
+    )
     assert prompt_embeds.shape == (1, 77, 80) and pooled.shape == (1, 48)
