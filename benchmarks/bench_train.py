@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import hashlib
+import itertools
 import json
 import os
 import platform
@@ -45,10 +46,35 @@ PROMPT = "a photo of olis dog"
 RANK = 4
 LR = 1e-4
 SEED = 0
+OURS_COMPILED = "ours-compile"
+OURS = ("ours", OURS_COMPILED)
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 
 
 # ----------------------------------------------------------------------------------------------- workers
+
+
+def time_backward_calls() -> list[float]:
+    """Timestamps of every ``Accelerator.backward`` call in this process. Both training loops call it exactly
+    once per step, so consecutive differences are whole steps measured the same way on both sides, without
+    start-up or compile time (which the wall-clock slope can only cancel when it is the same in every run)."""
+    from accelerate import Accelerator
+
+    stamps: list[float] = []
+    original = Accelerator.backward
+
+    def backward(self, loss, **kwargs):
+        stamps.append(time.perf_counter())
+        return original(self, loss, **kwargs)
+
+    Accelerator.backward = backward
+    return stamps
+
+
+def steady_step_ms(stamps: list[float]) -> float | None:
+    """Median step from backward-call timestamps, skipping the first two steps (warm-up, compile)."""
+    intervals = sorted(b - a for a, b in itertools.pairwise(stamps[2:]))
+    return intervals[len(intervals) // 2] * 1000 if intervals else None
 
 
 def run_ours_worker(args: argparse.Namespace) -> None:
@@ -89,8 +115,10 @@ def run_ours_worker(args: argparse.Namespace) -> None:
     # The diffusers script loads fp32 weights and casts the frozen ones to the training precision; so does this.
     pipe = StableDiffusionXLPipeline.from_pretrained(args.model_dir, torch_dtype=torch.float32)
     work = Path(args.work_dir)
+    stamps = time_backward_calls()
     result = train_lora(pipe, samples, config, work / "out", work / "cache")
-    Path(args.result_json).write_text(json.dumps(result.metrics, default=str))
+    metrics = {**result.metrics, "steady_step_ms": steady_step_ms(stamps)}
+    Path(args.result_json).write_text(json.dumps(metrics, default=str))
 
 
 def run_diffusers_worker(args: argparse.Namespace) -> None:
@@ -98,11 +126,15 @@ def run_diffusers_worker(args: argparse.Namespace) -> None:
     read with the same call castlora's metrics use."""
     import torch
 
-    def record_peak() -> None:
-        peak = {"peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20} if torch.cuda.is_available() else {}
-        Path(args.result_json).write_text(json.dumps(peak))
+    stamps = time_backward_calls()
 
-    atexit.register(record_peak)
+    def record() -> None:
+        metrics = {"steady_step_ms": steady_step_ms(stamps)}
+        if torch.cuda.is_available():
+            metrics["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        Path(args.result_json).write_text(json.dumps(metrics))
+
+    atexit.register(record)
     sys.argv = [args.diffusers_script, *args.script_args]
     runpy.run_path(args.diffusers_script, run_name="__main__")
 
@@ -157,11 +189,11 @@ def _worker_command(args: argparse.Namespace, method: str, model_dir: Path, step
         "-m",
         "benchmarks.bench_train",
         "--worker",
-        method,
+        "ours" if method in OURS else "diffusers",
         "--result-json",
         str(work / "metrics.json"),
     ]
-    if method == "ours":
+    if method in OURS:
         return [
             *common,
             "--steps",
@@ -180,7 +212,7 @@ def _worker_command(args: argparse.Namespace, method: str, model_dir: Path, step
             str(args.images),
             "--work-dir",
             str(work),
-            *(["--compile"] if args.compile else []),
+            *(["--compile"] if method == OURS_COMPILED else []),
             *(["--gradient-checkpointing"] if args.gradient_checkpointing else []),
         ]
     script_args = [
@@ -233,7 +265,7 @@ def measure(args: argparse.Namespace, method: str, model_dir: Path, case: Case, 
     """Best-of-``repeats`` wall time at n1 and n2 steps, alternating the two so load drifts hit both."""
     runs: dict[int, list[Run]] = {args.n1: [], args.n2: []}
     warm_up = None
-    if method == "ours" and args.compile:
+    if method == OURS_COMPILED:
         # Fills inductor's on-disk cache, so every measured run pays the same (cached) compile.
         warm_up = run_once(args, method, model_dir, args.n1, case, scratch)
         print(f"  {method:<9} {case.resolution:>4}px b{case.batch_size} compile warm-up: {warm_up.wall_s:6.2f} s")
@@ -263,10 +295,9 @@ def measure(args: argparse.Namespace, method: str, model_dir: Path, case: Case, 
         row["peak_gpu_mb"] = max(r.metrics.get("peak_gpu_mb", 0.0) for r in every)
     if warm_up is not None:
         row["cold_compile_run_s"] = warm_up.wall_s
-    if method == "ours":
-        long_runs = runs[args.n2]
-        row["mean_step_ms_reported"] = min(r.metrics["mean_step_s"] for r in long_runs) * 1000
-        row["cache_s_reported"] = min(r.metrics["cache_seconds"] for r in long_runs)
+    row["steady_step_ms"] = min(r.metrics["steady_step_ms"] for r in runs[args.n2])
+    if method in OURS:
+        row["cache_s_reported"] = min(r.metrics["cache_seconds"] for r in runs[args.n2])
     return row
 
 
@@ -292,20 +323,21 @@ def machine(args: argparse.Namespace) -> dict:
 
 def print_table(rows: list[dict]) -> None:
     header = (
-        f"{'res':>5} {'batch':>5} {'method':<10} {'ms/step':>8} {'speedup':>8} {'peak RSS MiB':>13} "
-        f"{'peak GPU MiB':>13} {'GPU ratio':>9} {'start-up s':>10} {'ours mean_step_s ms':>20}"
+        f"{'res':>5} {'batch':>5} {'method':<13} {'slope ms':>9} {'speedup':>8} {'steady ms':>10} {'speedup':>8} "
+        f"{'RSS MiB':>8} {'ratio':>6} {'GPU MiB':>8} {'ratio':>6} {'start-up s':>10}"
     )
     print(header)
     print("-" * len(header))
+
+    def fmt(row: dict, key: str, spec: str, suffix: str = "") -> str:
+        return f"{row[key]:{spec}}{suffix}" if row.get(key) is not None else ""
+
     for row in rows:
-        speedup = f"{row['speedup']:.2f}×" if "speedup" in row else ""
-        gpu = f"{row['peak_gpu_mb']:.0f}" if "peak_gpu_mb" in row else ""
-        gpu_ratio = f"{row['gpu_ratio']:.2f}" if "gpu_ratio" in row else ""
-        reported = f"{row['mean_step_ms_reported']:.1f}" if "mean_step_ms_reported" in row else ""
         print(
-            f"{row['resolution']:>5} {row['batch_size']:>5} {row['method']:<10} {row['step_ms']:>8.1f} "
-            f"{speedup:>8} {row['peak_rss_mb']:>13.0f} {gpu:>13} {gpu_ratio:>9} {row['startup_s']:>10.2f} "
-            f"{reported:>20}"
+            f"{row['resolution']:>5} {row['batch_size']:>5} {row['method']:<13} {row['step_ms']:>9.1f} "
+            f"{fmt(row, 'speedup', '.2f', '×'):>8} {fmt(row, 'steady_step_ms', '.1f'):>10} "
+            f"{fmt(row, 'steady_speedup', '.2f', '×'):>8} {row['peak_rss_mb']:>8.0f} {fmt(row, 'rss_ratio', '.2f'):>6} "
+            f"{fmt(row, 'peak_gpu_mb', '.0f'):>8} {fmt(row, 'gpu_ratio', '.2f'):>6} {row['startup_s']:>10.2f}"
         )
 
 
@@ -340,13 +372,16 @@ def run_benchmark(args: argparse.Namespace) -> None:
         model_dir = prepare_model(args, scratch)
         rows = []
         for case in cases:
-            pair = {method: measure(args, method, model_dir, case, scratch) for method in ("diffusers", "ours")}
-            ours, theirs = pair["ours"], pair["diffusers"]
-            ours["speedup"] = theirs["step_ms"] / ours["step_ms"]
-            ours["rss_ratio"] = ours["peak_rss_mb"] / theirs["peak_rss_mb"]
-            if "peak_gpu_mb" in ours and "peak_gpu_mb" in theirs:
-                ours["gpu_ratio"] = ours["peak_gpu_mb"] / theirs["peak_gpu_mb"]
-            rows += [theirs, ours]
+            theirs = measure(args, "diffusers", model_dir, case, scratch)
+            rows.append(theirs)
+            for method in ("ours", OURS_COMPILED) if args.compile else ("ours",):
+                ours = measure(args, method, model_dir, case, scratch)
+                ours["speedup"] = theirs["step_ms"] / ours["step_ms"]
+                ours["steady_speedup"] = theirs["steady_step_ms"] / ours["steady_step_ms"]
+                ours["rss_ratio"] = ours["peak_rss_mb"] / theirs["peak_rss_mb"]
+                if "peak_gpu_mb" in ours and "peak_gpu_mb" in theirs:
+                    ours["gpu_ratio"] = ours["peak_gpu_mb"] / theirs["peak_gpu_mb"]
+                rows.append(ours)
     print_table(rows)
     results = Path(args.results) if args.results else RESULTS_DIR / f"train_{args.device}.json"
     results.parent.mkdir(parents=True, exist_ok=True)
@@ -387,7 +422,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], help="default: no on cpu, bf16 on cuda")
     parser.add_argument("--resolutions", type=int, nargs="+", default=[256, 128])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
-    parser.add_argument("--compile", action="store_true", help="ours with compile_unet=True")
+    parser.add_argument("--compile", action="store_true", help="also measure ours with compile_unet=True")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="both sides")
     parser.add_argument("--n1", type=int, default=5, help="steps of the short run")
     parser.add_argument("--n2", type=int, default=25, help="steps of the long run")
