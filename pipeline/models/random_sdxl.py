@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from pipeline.models.tiny_sdxl import MAX_TOKENS, SEED, sdxl_scheduler
-from pipeline.models.tokenizers import write_tiny_clip_tokenizer
+from pipeline.models.tiny_sdxl import MAX_TOKENS, SEED, save_sdxl_pipeline, write_sdxl_tokenizers
 
 UNET_CONFIG: dict[str, Any] = {
     "sample_size": 128,
@@ -116,23 +115,11 @@ def build_random_sdxl(target_dir: Path, dtype: torch.dtype = torch.float16, devi
     ``device="cuda"`` initialises on the GPU (seconds instead of minutes); the saved files are the same kind.
     """
     target_dir = Path(target_dir)
-    write_tiny_clip_tokenizer(target_dir / "tokenizer", model_max_length=MAX_TOKENS)
-    write_tiny_clip_tokenizer(target_dir / "tokenizer_2", model_max_length=MAX_TOKENS, pad_token="!")
-    tokenizer = CLIPTokenizer.from_pretrained(target_dir / "tokenizer")
-    tokenizer_2 = CLIPTokenizer.from_pretrained(target_dir / "tokenizer_2")
+    tokenizers = write_sdxl_tokenizers(target_dir)
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(SEED)
-        components = random_sdxl_components(tokenizer, tokenizer_2)
-    components = {name: module.to(dtype=dtype) for name, module in components.items()}
-    pipe = StableDiffusionXLPipeline(
-        **components,
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2,
-        scheduler=sdxl_scheduler(),
-        force_zeros_for_empty_prompt=True,
-        add_watermarker=False,
-    )
-    pipe.save_pretrained(target_dir, safe_serialization=True)
+        components = random_sdxl_components(*tokenizers)
+    save_sdxl_pipeline(target_dir, {name: module.to(dtype=dtype) for name, module in components.items()}, tokenizers)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -104,33 +104,43 @@ def sdxl_scheduler() -> EulerDiscreteScheduler:
     )
 
 
-def build_tiny_sdxl(target_dir: Path) -> None:
-    """Build the tiny SDXL pipeline and save it as a standard diffusers directory (safetensors)."""
-    target_dir = Path(target_dir)
-    tokenizer_1_dir = target_dir / "tokenizer"
-    tokenizer_2_dir = target_dir / "tokenizer_2"
-    write_tiny_clip_tokenizer(tokenizer_1_dir, model_max_length=MAX_TOKENS)
-    write_tiny_clip_tokenizer(tokenizer_2_dir, model_max_length=MAX_TOKENS, pad_token="!")  # as SDXL's
-    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_1_dir)
-    tokenizer_2 = CLIPTokenizer.from_pretrained(tokenizer_2_dir)
+def write_sdxl_tokenizers(target_dir: Path) -> tuple[CLIPTokenizer, CLIPTokenizer]:
+    """Local CLIP tokenizers in ``tokenizer/`` and ``tokenizer_2/`` (the second pads with "!", as SDXL's)."""
+    write_tiny_clip_tokenizer(target_dir / "tokenizer", model_max_length=MAX_TOKENS)
+    write_tiny_clip_tokenizer(target_dir / "tokenizer_2", model_max_length=MAX_TOKENS, pad_token="!")
+    first, second = (CLIPTokenizer.from_pretrained(target_dir / name) for name in ("tokenizer", "tokenizer_2"))
+    return first, second
 
-    # A private RNG stream: the same weights every build, without disturbing the caller's global seed.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(SEED)
-        text_encoder = CLIPTextModel(_text_config(len(tokenizer), TEXT_HIDDEN_1, "quick_gelu", tokenizer))
-        text_encoder_2 = CLIPTextModelWithProjection(_text_config(len(tokenizer_2), TEXT_HIDDEN_2, "gelu", tokenizer_2))
-        unet = _unet()
-        vae = _vae()
 
+def save_sdxl_pipeline(
+    target_dir: Path, components: dict[str, torch.nn.Module], tokenizers: tuple[CLIPTokenizer, CLIPTokenizer]
+) -> None:
+    """Save ``unet``/``vae``/``text_encoder``/``text_encoder_2`` with the tokenizers and SDXL base's scheduler as a
+    standard diffusers directory (safetensors)."""
     pipe = StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2,
-        unet=unet,
+        **components,
+        tokenizer=tokenizers[0],
+        tokenizer_2=tokenizers[1],
         scheduler=sdxl_scheduler(),
         force_zeros_for_empty_prompt=True,
         add_watermarker=False,
     )
     pipe.save_pretrained(target_dir, safe_serialization=True)
+
+
+def build_tiny_sdxl(target_dir: Path) -> None:
+    """Build the tiny SDXL pipeline and save it as a standard diffusers directory (safetensors)."""
+    target_dir = Path(target_dir)
+    tokenizer, tokenizer_2 = write_sdxl_tokenizers(target_dir)
+    # A private RNG stream: the same weights every build, without disturbing the caller's global seed.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        components = {
+            "text_encoder": CLIPTextModel(_text_config(len(tokenizer), TEXT_HIDDEN_1, "quick_gelu", tokenizer)),
+            "text_encoder_2": CLIPTextModelWithProjection(
+                _text_config(len(tokenizer_2), TEXT_HIDDEN_2, "gelu", tokenizer_2)
+            ),
+            "unet": _unet(),
+            "vae": _vae(),
+        }
+    save_sdxl_pipeline(target_dir, components, (tokenizer, tokenizer_2))
