@@ -113,7 +113,7 @@ def run_ours_worker(args: argparse.Namespace) -> None:
         seed=SEED,
     )
     # The diffusers script loads fp32 weights and casts the frozen ones to the training precision; so does this.
-    pipe = StableDiffusionXLPipeline.from_pretrained(args.model_dir, torch_dtype=torch.float32)
+    pipe = StableDiffusionXLPipeline.from_pretrained(args.model_dir, dtype=torch.float32)
     work = Path(args.work_dir)
     stamps = time_backward_calls()
     result = train_lora(pipe, samples, config, work / "out", work / "cache")

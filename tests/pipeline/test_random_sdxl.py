@@ -73,7 +73,7 @@ def test_builder_writes_a_pipeline_diffusers_loads(tmp_path, monkeypatch):
     )
     random_sdxl.build_random_sdxl(tmp_path / "sdxl", dtype=torch.float16)
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(tmp_path / "sdxl", torch_dtype=torch.float16)
+    pipe = StableDiffusionXLPipeline.from_pretrained(tmp_path / "sdxl", dtype=torch.float16)
     assert pipe.unet.dtype == torch.float16
     assert pipe.text_encoder.config.vocab_size == 49408
     prompt_embeds, _, pooled, _ = pipe.encode_prompt(
