@@ -20,6 +20,7 @@ from pipeline.errors import DataHomeError, PairKeyError
 
 DEFAULT_HOME = "castlora_data"
 HOME_ENV = "CASTLORA_HOME"
+PAIR_SPEC_FILE = "pair.json"  # marks a registered pair folder
 
 _SAFE_KEY = re.compile(r"[a-z0-9][a-z0-9_-]{0,127}")
 
@@ -96,7 +97,7 @@ class DataLayout:
         return safe_child(self.pair_dir(pair_key), validate_key(stage, "stage name"))
 
     def spec_path(self, pair_key: str) -> Path:
-        return self.pair_dir(pair_key) / "pair.json"
+        return self.pair_dir(pair_key) / PAIR_SPEC_FILE
 
     def ensure(self, path: Path) -> Path:
         path.mkdir(parents=True, exist_ok=True)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pipeline.atomic import write_text_atomic
 from pipeline.errors import CastloraError, PairKeyError
 from pipeline.hashing import sha256_bytes, sha256_file, sha256_json
-from pipeline.paths import DataLayout, validate_key
+from pipeline.paths import PAIR_SPEC_FILE, DataLayout, validate_key
 from pipeline.spec import PairSpec, find_spec_file, load_spec
+from pipeline.stored_paths import loaded_path, stored_path
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,7 @@ def register_pair(layout: DataLayout, spec: PairSpec) -> Path:
     """Write the normalised spec for ``spec.pair`` (atomic); re-registering replaces it, and an unchanged
     spec is not rewritten (the sensor registers every inbox folder on every tick)."""
     target = layout.spec_path(spec.pair)
-    text = spec.to_json()
+    text = _with_paths(spec, lambda p: stored_path(p, target.parent, layout.home)).to_json()
     if target.is_file() and target.read_text(encoding="utf-8") == text:
         return target
     return write_text_atomic(text, target)
@@ -61,16 +63,29 @@ def load_registered(layout: DataLayout, pair_key: str) -> PairSpec:
             f"`castlora register <folder with pair.yaml>` or drop the folder into {layout.inbox}."
         )
     try:
-        return PairSpec.from_json(path.read_text(encoding="utf-8"))
+        spec = PairSpec.from_json(path.read_text(encoding="utf-8"))
     except (ValueError, KeyError, TypeError) as exc:
         raise CastloraError(f"{path} is corrupt ({exc}); register the pair again.") from exc
+    return _with_paths(spec, lambda p: loaded_path(p, path.parent))
+
+
+def _with_paths(spec: PairSpec, convert: Callable[[str], str]) -> PairSpec:
+    """``spec`` with ``convert`` applied to every file and folder it names. The registered copy stores those
+    inside the data home (inbox folders) relative to itself, so the home can move (``pipeline.stored_paths``)."""
+    characters = tuple(
+        replace(c, photos=tuple(map(convert, c.photos)), masks_dir=convert(c.masks_dir) if c.masks_dir else None)
+        for c in spec.characters
+    )
+    class_images = {k: convert(v) for k, v in spec.class_images.items()}
+    source = convert(spec.source) if spec.source else spec.source
+    return replace(spec, characters=characters, class_images=class_images, source=source)
 
 
 def registered_pairs(layout: DataLayout) -> list[str]:
     root = layout.home / "pairs"
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir() if (p / "pair.json").is_file())
+    return sorted(p.name for p in root.iterdir() if (p / PAIR_SPEC_FILE).is_file())
 
 
 def scan_inbox(layout: DataLayout) -> list[InboxEntry]:

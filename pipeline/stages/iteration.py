@@ -38,9 +38,9 @@ from pipeline.iteration import (
     summarize_round,
 )
 from pipeline.lineage import LineageRecorder
-from pipeline.manifest import write_manifest
+from pipeline.manifest import read_manifest, write_manifest
 from pipeline.models.loading import release_memory
-from pipeline.stages.lora import run_lora, run_preference
+from pipeline.stages.lora import loaded_lora, run_lora, run_preference, stored_lora
 from pipeline.stages.samples import run_samples
 from pipeline.train import TrainConfig, TrainingSample
 from pipeline.train.data import INSTANCE
@@ -150,11 +150,17 @@ class _Loop:
 
     def saved(self, k: int) -> dict[str, Any] | None:
         path = self.round_dir(k) / SUMMARY_FILE
-        return json.loads(path.read_text()) if path.is_file() else None
+        if not path.is_file():
+            return None
+        record = json.loads(path.read_text())
+        if isinstance(record.get("trained_lora"), dict):
+            record["trained_lora"] = loaded_lora(record["trained_lora"], path.parent)
+        return record
 
     def save(self, k: int, summary: RoundSummary, trained_lora: dict[str, Any] | None) -> None:
-        record = {"summary": dataclasses.asdict(summary), "trained_lora": trained_lora}
-        write_json_atomic(record, self.round_dir(k) / SUMMARY_FILE)
+        folder = self.round_dir(k)
+        trained = stored_lora(trained_lora, folder) if trained_lora is not None else None
+        write_json_atomic({"summary": dataclasses.asdict(summary), "trained_lora": trained}, folder / SUMMARY_FILE)
 
     def model_of(self, k: int) -> dict[str, Any]:
         """Model k: the Seg-Mix LoRA for round 0, else the LoRA trained on round k-1's kept images."""
@@ -221,7 +227,7 @@ class _Loop:
 
     def train_next(self, k: int) -> dict[str, Any]:
         """Model k+1: fine-tune model k on round k's kept images with KL towards model k (then DPO if enabled)."""
-        kept = pd.read_parquet(self.round_dir(k) / "kept.parquet")
+        kept = read_manifest(self.round_dir(k), "iteration", "kept.parquet")
         samples = [_generated_sample(row) for row in kept.to_dict("records")]
         config = self.fine_tune_config(steps=self.config.train_steps, kl_weight=self.config.kl_weight)
         pipe = self.pipe_factory()
@@ -244,7 +250,7 @@ class _Loop:
         return trained
 
     def preference_step(self, k: int, trained: dict[str, Any]) -> dict[str, Any]:
-        ranking = pd.read_parquet(self.round_dir(k) / "ranking.parquet")
+        ranking = read_manifest(self.round_dir(k), "iteration", "ranking.parquet")
         pairs = preference_pairs(ranking, self.config.preference_margin)
         if not pairs:
             self.log(f"round {k}: no (winner, loser) pair with a D&C gap >= {self.config.preference_margin}; no DPO")
@@ -340,14 +346,14 @@ def run_iteration(
         "stop_reason": reason,
         "base_lora": base_lora["version"],
     }
-    write_json_atomic(current, root / CURRENT_FILE)
+    write_json_atomic(stored_lora(current, root), root / CURRENT_FILE)
     recorder.record(
         rounds_path,
         sha256_file(rounds_path),
         [base_lora["sha256"]["diffusers"]],
         {"best_round": best, "stop_reason": reason, **config.as_record()},
     )
-    last_kept = pd.read_parquet(loop.round_dir(history[-1].round) / "kept.parquet")
+    last_kept = read_manifest(loop.round_dir(history[-1].round), "iteration", "kept.parquet")
     return IterationOutput(run_dir, history, best, best_lora, reason, rounds, last_kept)
 
 
@@ -355,4 +361,4 @@ def current_iteration(root: Path) -> dict[str, Any]:
     path = Path(root) / CURRENT_FILE
     if not path.is_file():
         raise CastloraError(f"{path} does not exist: materialize the 'iteration' asset for this pair first.")
-    return json.loads(path.read_text())
+    return loaded_lora(json.loads(path.read_text()), path.parent)

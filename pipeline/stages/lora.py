@@ -23,10 +23,12 @@ from pipeline.hashing import sha256_file, sha256_json
 from pipeline.infer import SampleRequest, generate
 from pipeline.lineage import LineageRecorder
 from pipeline.lora import LoraSpec, export_lora
+from pipeline.stored_paths import load_paths, store_paths
 from pipeline.train import TrainConfig, TrainingSample, TrainResult, train_lora, train_preference
 from pipeline.train.loop import lora_state_hash
 
 CURRENT_FILE = "current.json"
+LORA_FILE_KINDS = ("diffusers", "kohya")  # the keys of a LoRA record (``as_current``) that are file paths
 
 
 @dataclass
@@ -48,6 +50,16 @@ class LoraOutput:
             "sha256": self.sha256s,
             "train_config": self.config.result_fields(),
         }
+
+
+def stored_lora(record: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """A LoRA record as a JSON file in ``folder`` keeps it (file paths relative where they can be)."""
+    return store_paths(record, folder, LORA_FILE_KINDS)
+
+
+def loaded_lora(record: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """A LoRA record read from a JSON file in ``folder``, file paths absolute."""
+    return load_paths(record, folder, LORA_FILE_KINDS)
 
 
 def train_config_of(current: dict[str, Any]) -> TrainConfig:
@@ -144,7 +156,7 @@ def run_lora(
     parents = [s.sample_id for s in samples]
     files, sha256s = _export(pipe, config, folder, version, base_model_id, result, parents, recorder)
     output = LoraOutput(version, folder, files, sha256s, result, config)
-    write_json_atomic(output.as_current(), lora_root / CURRENT_FILE)
+    write_json_atomic(stored_lora(output.as_current(), lora_root), lora_root / CURRENT_FILE)
 
     resolution = config.resolution
     requests = [SampleRequest(prompt=p, seed=validation_seed) for p in validation_prompts]
@@ -177,7 +189,7 @@ def run_preference(
     files, sha256s = _export(pipe, config, folder, version, base_model_id, result, [s.sample_id for s in samples],
                              recorder)  # fmt: skip
     output = LoraOutput(version, folder, files, sha256s, result, config)
-    write_json_atomic(output.as_current(), lora_root / CURRENT_FILE)
+    write_json_atomic(stored_lora(output.as_current(), lora_root), lora_root / CURRENT_FILE)
     return output
 
 
@@ -186,4 +198,4 @@ def current_lora(lora_root: Path) -> dict[str, Any]:
     path = lora_root / CURRENT_FILE
     if not path.is_file():
         raise CastloraError(f"{path} does not exist: materialize the 'lora' asset for this pair first.")
-    return json.loads(path.read_text())
+    return loaded_lora(json.loads(path.read_text()), lora_root)

@@ -21,6 +21,7 @@ from assets.training_assets import lora
 from pipeline.paths import DataLayout
 from pipeline.registry import register_pair
 from pipeline.spec import load_spec
+from pipeline.stages.lora import current_lora
 from pipeline.train.checkpoint import list_checkpoints
 from tests.assets.test_materialize import RUN_CONFIG
 from tests.conftest import REPO, ball_pair
@@ -66,8 +67,7 @@ def _train_in_process(layout: DataLayout, raise_on_error: bool = True) -> dg.Exe
 
 
 def _lora_tensors(layout: DataLayout) -> dict:
-    current = json.loads((layout.stage_dir(PAIR, "lora") / "current.json").read_text())
-    return load_file(current["diffusers"])
+    return load_file(current_lora(layout.stage_dir(PAIR, "lora"))["diffusers"])
 
 
 KILLED_RUN = textwrap.dedent(

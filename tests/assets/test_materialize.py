@@ -1,5 +1,6 @@
 """End to end through Dagster: register a pair, materialize every asset, check outputs, checks and lineage."""
 
+import shutil
 from pathlib import Path
 
 import dagster as dg
@@ -12,6 +13,7 @@ from assets.definitions import build_resources, defs
 from assets.jobs import PAIR_ASSETS, pair_job
 from assets.partitions import character_pairs
 from pipeline.lineage import ancestors, read_lineage
+from pipeline.manifest import is_path_column, read_manifest
 from pipeline.paths import DataLayout
 from pipeline.registry import register_pair
 from pipeline.spec import load_spec
@@ -91,7 +93,7 @@ def test_metadata_shows_images_and_segmenter(materialized):
 
 def test_bank_manifest_matches_files(materialized):
     layout, *_ = materialized
-    bank = pd.read_parquet(layout.stage_dir("red__blue", "segmix_bank") / "manifest.parquet")
+    bank = read_manifest(layout.stage_dir("red__blue", "segmix_bank"), "segmix_bank")
     assert len(bank) == 6 and set(bank["kind"]) == {"instance"}
     assert all(sorted(ids) == ["blue", "red"] for ids in bank["character_ids"])
     assert all("zorp ball" in p and "quix ball" in p for p in bank["prompt"])
@@ -100,8 +102,8 @@ def test_bank_manifest_matches_files(materialized):
 def test_composite_traces_back_to_reference_photos(materialized):
     layout, *_ = materialized
     lineage = read_lineage(layout.lineage)
-    bank = pd.read_parquet(layout.stage_dir("red__blue", "segmix_bank") / "manifest.parquet")
-    references = pd.read_parquet(layout.stage_dir("red__blue", "references") / "manifest.parquet")
+    bank = read_manifest(layout.stage_dir("red__blue", "segmix_bank"), "segmix_bank")
+    references = read_manifest(layout.stage_dir("red__blue", "references"), "references")
     chain = ancestors(lineage, bank["image_sha256"].iloc[0])
     by_asset = {}
     for row in chain:
@@ -150,7 +152,7 @@ def test_lora_files_samples_and_their_lineage(materialized):
     lora_dir = layout.stage_dir("red__blue", "lora") / meta["version"].value
     assert (lora_dir / "pytorch_lora_weights.safetensors").is_file()
     assert (lora_dir / "lora_kohya_sgm.safetensors").is_file()
-    samples = pd.read_parquet(layout.stage_dir("red__blue", "samples") / "manifest.parquet")
+    samples = read_manifest(layout.stage_dir("red__blue", "samples"), "samples")
     assert len(samples) == 1 and samples["lora_version"].iloc[0] == meta["version"].value
     assert samples["gamma"].iloc[0] == 1.0 and samples["layout_source"].iloc[0].startswith("segmix:")
     lineage = read_lineage(layout.lineage)
@@ -218,9 +220,9 @@ def _run_checks(home, *checks_defs):
 def test_checks_fail_on_empty_mask_missing_bank_file_and_damaged_lora(materialized):
     """Break one artifact of each kind; each blocking check fails and says what is wrong (files restored after)."""
     layout, _, materializations, _ = materialized
-    segments = pd.read_parquet(layout.stage_dir("red__blue", "segments") / "manifest.parquet")
+    segments = read_manifest(layout.stage_dir("red__blue", "segments"), "segments")
     mask = Path(segments.loc[segments["status"] == "ok", "mask_path"].iloc[0])
-    bank = pd.read_parquet(layout.stage_dir("red__blue", "segmix_bank") / "manifest.parquet")
+    bank = read_manifest(layout.stage_dir("red__blue", "segmix_bank"), "segmix_bank")
     bank_image = Path(bank["image_path"].iloc[0])
     lora_dir = layout.stage_dir("red__blue", "lora") / materializations["lora"].metadata["version"].value
     kohya = lora_dir / "lora_kohya_sgm.safetensors"
@@ -241,3 +243,44 @@ def test_checks_fail_on_empty_mask_missing_bank_file_and_damaged_lora(materializ
     assert all(results[name].severity == dg.AssetCheckSeverity.ERROR for name in results)
     # Restored: the same checks pass again.
     assert all(r.passed for r in _run_checks(layout.home, checks.masks_not_empty, checks.lora_file_loads).values())
+
+
+def test_a_moved_data_home_works_on_its_own(materialized, tmp_path):
+    """Stored records point inside the pair folder by relative paths: a copy of the data home at another path
+    trains, renders and passes its checks while the original is out of the way."""
+    layout, _, materializations, _ = materialized
+    moved = tmp_path / "elsewhere" / "home"
+    shutil.copytree(layout.home, moved, symlinks=True)
+    away = layout.home.with_name("home-moved-away")
+    layout.home.rename(away)
+    try:
+        old_home = str(layout.home)
+        for record in (moved / "pairs").rglob("*.json"):
+            assert old_home not in record.read_text(), record
+        for table in (moved / "pairs").rglob("*.parquet"):
+            frame = pd.read_parquet(table)
+            stored = [str(v) for c in frame.columns if is_path_column(c) for v in frame[c].explode().dropna()]
+            assert not any(v.startswith(old_home) for v in stored), table
+        segments = pd.read_parquet(moved / "pairs/red__blue/segments/manifest.parquet")
+        assert Path(segments["reference_path"].iloc[0]).parts[:2] == ("..", "references")
+
+        with dg.instance_for_test() as instance:
+            instance.add_dynamic_partitions(character_pairs.name, ["red__blue"])
+            config = {"ops": {op: RUN_CONFIG["ops"][op] for op in ("lora", "samples")}}
+            config["ops"]["lora"] = {"config": {**config["ops"]["lora"]["config"], "steps": 8}}
+            result = dg.materialize(
+                [training_assets.lora, training_assets.samples],
+                instance=instance,
+                partition_key="red__blue",
+                run_config=config,
+                resources=build_resources({"CASTLORA_HOME": str(moved)}),
+            )
+        lora_meta = result.asset_materializations_for_node("lora")[0].metadata
+        assert lora_meta["version"].value == materializations["lora"].metadata["version"].value
+        assert lora_meta["resumed_from_step"].value >= 4  # the copied checkpoints were found
+        samples = read_manifest(moved / "pairs/red__blue/samples", "samples")
+        assert all(Path(p).is_file() and Path(p).is_relative_to(moved) for p in samples["path"])
+        results = _run_checks(moved, checks.masks_not_empty, checks.bank_not_empty, checks.lora_file_loads)
+        assert all(r.passed for r in results.values()), {k: r.description for k, r in results.items()}
+    finally:
+        away.rename(layout.home)

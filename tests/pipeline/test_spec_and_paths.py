@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,29 @@ def test_register_and_load(tmp_path, make_pair):
     assert path.stat().st_mtime_ns == written_at  # unchanged spec: not rewritten
     with pytest.raises(PairKeyError, match="not registered"):
         load_registered(layout, "c__d")
+
+
+def test_registered_inbox_spec_follows_a_moved_home(tmp_path, make_pair):
+    """Photos inside the data home (inbox folders) are stored relative to pair.json, so a moved home still finds
+    them; photos outside it (a registered external folder) stay absolute."""
+    layout = DataLayout.at(tmp_path / "home")
+    layout.inbox.mkdir(parents=True)
+    folder = make_pair("a__b").rename(layout.inbox / "a__b")
+    external = load_spec(make_pair("c__d"))
+    register_pair(layout, load_spec(folder))
+    register_pair(layout, external)
+    stored = json.loads(layout.spec_path("a__b").read_text())
+    assert stored["characters"][0]["photos"][0] == "../../inbox/a__b/a/00.jpg"
+    assert json.loads(layout.spec_path("c__d").read_text())["characters"][0]["photos"] == list(
+        external.characters[0].photos
+    )
+    moved = DataLayout.at(tmp_path / "elsewhere")
+    layout.home.rename(moved.home)
+    spec = load_registered(moved, "a__b")
+    photos = [Path(p) for c in spec.characters for p in c.photos]
+    assert len(photos) == 6 and all(p.is_file() and p.is_relative_to(moved.home) for p in photos)
+    assert load_registered(moved, "c__d") == external
+    assert spec.source == str(moved.inbox / "a__b" / "pair.yaml")
 
 
 def test_scan_inbox_reports_bad_folders_and_keeps_good_ones(tmp_path, make_pair):

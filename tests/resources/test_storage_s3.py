@@ -65,7 +65,9 @@ def test_published_stage_and_spec_reach_a_fresh_home(s3_bucket, tmp_path, make_p
     folder = reader.input_dir("a__b", "references")
     assert folder == reader.layout.stage_dir("a__b", "references")
     assert (folder / "red" / "00.png").read_bytes() == b"red pixels"
-    assert read_manifest(folder, "references")["character_id"].tolist() == ["red"]
+    manifest = read_manifest(folder, "references")
+    assert manifest["character_id"].tolist() == ["red"]
+    assert manifest["path"].tolist() == [str(folder / "red" / "00.png")]  # the reader's home, not the writer's
 
     # A re-materialization on another machine starts from the published version (resumable stages).
     resumed = s3_storage(s3_bucket, tmp_path / "resumer").output_dir("a__b", "references")
@@ -111,10 +113,12 @@ def test_s3_inbox_is_mirrored_and_picked_up_by_the_sensor(s3_bucket, tmp_path, m
     assert result.dynamic_partitions_requests[0].partitions_def_name == character_pairs.name
     assert "castlora/pairs/c__d/pair.json" in s3_bucket.object_keys()  # the sensor published the spec
 
-    # A worker with the same data home path but an empty disk gets the spec and the photos it names.
+    # A worker with an empty disk, its data home at another path, gets the spec and the photos it names.
     storage.layout.home.rename(tmp_path / "sensor-home")
-    worker_spec = s3_storage(s3_bucket, tmp_path / "home").spec("c__d")
-    assert all(p.is_file() for c in worker_spec.characters for p in map(Path, c.photos))
+    worker = s3_storage(s3_bucket, tmp_path / "worker-home")
+    worker_spec = worker.spec("c__d")
+    photos = [Path(p) for c in worker_spec.characters for p in c.photos]
+    assert all(p.is_file() and p.is_relative_to(worker.layout.inbox / "c__d") for p in photos)
     assert len([p for c in worker_spec.characters for p in c.photos]) == 6
 
 
