@@ -9,6 +9,7 @@ with the reason — never computed with another model instead.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Callable, Sequence
@@ -193,6 +194,7 @@ def run_evaluation(
     if not generation.prompts or not seeds:
         raise CastloraError("Evaluation needs at least one prompt and one seed for its grid.")
     out_dir = Path(out_dir)
+    layout_factory = functools.cache(layout_factory)  # one composite per seed, shared by every variant
     rows: list[dict[str, Any]] = []
     grid_items: dict[str, list] = {}
     for variant in variants:

@@ -24,6 +24,12 @@ from tests.pipeline.quality.conftest import SIDE, layout_for
 
 SUBJECTS = [Subject("olis", "dog", "olis dog"), Subject("vrin", "dog", "vrin dog")]
 GENERATION = GenerationSettings(("olis dog and vrin dog in a park",), SIDE, 2, 5.0, None)
+LAYOUTS_MADE: list[int] = []  # the seeds the evaluation asked the layout factory for, in order
+
+
+def counted_layout(seed: int):
+    LAYOUTS_MADE.append(seed)
+    return layout_for(seed)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +44,7 @@ def evaluated(quality, tmp_path_factory):
     recorder = LineageRecorder(root / "lineage", "run", "evaluation", "olis__vrin", "test")
     out = run_evaluation(
         quality.factory, variants, quality.scorer, quality.scorer.unavailable, None, "no CLIP configured",
-        image_reward_note(""), layout_for, GENERATION, [5, 6], SUBJECTS, root / "out", recorder, "tiny-sdxl",
+        image_reward_note(""), counted_layout, GENERATION, [5, 6], SUBJECTS, root / "out", recorder, "tiny-sdxl",
         log=lambda _: None,
     )  # fmt: skip
     return out
@@ -54,6 +60,10 @@ def test_every_variant_renders_the_same_grid(evaluated):
         == grid["segmix_init"]
         == [(GENERATION.prompts[0], 5), (GENERATION.prompts[0], 6)]
     )
+
+
+def test_each_seeds_layout_is_composed_once_for_all_variants(evaluated):
+    assert sorted(LAYOUTS_MADE) == [5, 6]
 
 
 def test_metrics_are_long_and_unavailable_is_never_a_number(evaluated):
