@@ -3,6 +3,10 @@
 Rows of one (asset, partition, run) are written together as one Parquet file under
 ``lineage/<asset_key>/<partition>__<run_id>.parquet`` with a fixed schema, so ``pandas.read_parquet``,
 ``pyarrow.dataset`` and DuckDB (``read_parquet('lineage/**/*.parquet')``) read the folder as one table.
+
+``artifact_uri`` is the artifact's path relative to the data home when the recorder knows the home and the
+artifact lies in it (``pairs/<pair>/<stage>/...``: the same on every machine, and the artifact's key under the
+S3 prefix), else the path as given. Artifacts are identified by ``artifact_sha256``.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ class LineageRecorder:
     asset_key: str
     partition_key: str
     code_version: str
+    home: Path | None = None
+    """The data home: artifacts inside it are recorded by their path relative to it."""
     started_at: datetime = field(default_factory=utc_now)
     rows: list[dict[str, Any]] = field(default_factory=list)
 
@@ -66,7 +72,7 @@ class LineageRecorder:
                 "run_id": self.run_id,
                 "asset_key": self.asset_key,
                 "partition_key": self.partition_key,
-                "artifact_uri": str(artifact_uri),
+                "artifact_uri": self._uri(artifact_uri),
                 "artifact_sha256": artifact_sha256,
                 "parent_sha256s": list(parent_sha256s),
                 "params_json": json.dumps(params or {}, sort_keys=True, default=str),
@@ -76,6 +82,13 @@ class LineageRecorder:
                 "finished_at": utc_now(),
             }
         )
+
+    def _uri(self, artifact: str | Path) -> str:
+        if self.home is not None:
+            path, home = Path(artifact).resolve(), Path(self.home).resolve()
+            if path.is_relative_to(home):
+                return path.relative_to(home).as_posix()
+        return str(artifact)
 
     def flush(self) -> Path | None:
         """Write the collected rows; returns the file written (None when there was nothing to write)."""

@@ -201,6 +201,7 @@ class StorageResource(dg.ConfigurableResource):
             asset_key=context.asset_key.to_user_string(),
             partition_key=context.partition_key,
             code_version=f"castlora-{pipeline.__version__}/{code_version}",
+            home=self.layout.home,
         )
 
 

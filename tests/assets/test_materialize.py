@@ -124,6 +124,7 @@ def test_lineage_rows_have_run_and_partition(materialized):
     assert set(frame["partition_key"]) == {"red__blue"}
     assert set(frame["asset_key"]) == TRAINED
     assert (frame["finished_at"] >= frame["started_at"]).all()
+    assert frame["artifact_uri"].str.startswith("pairs/red__blue/").all()  # relative to the data home
     versions = frame.groupby("asset_key")["code_version"].unique().to_dict()
     assert [str(v) for v in versions["segmix_bank"]] == ["castlora-0.1.0/segmix-bank-v1"]
 

@@ -37,3 +37,12 @@ def test_ancestors_walk_back_to_sources(tmp_path):
 def test_empty_recorder_writes_nothing(tmp_path):
     assert LineageRecorder(tmp_path, "r", "a", "p", "v").flush() is None
     assert read_lineage(tmp_path).num_rows == 0
+
+
+def test_artifacts_in_the_data_home_are_recorded_relative_to_it(tmp_path):
+    home = tmp_path / "home"
+    recorder = LineageRecorder(home / "lineage", "r", "segments", "a__b", "v", home=home)
+    recorder.record(home / "pairs" / "a__b" / "segments" / "m.png", "m1")
+    recorder.record(tmp_path / "photos" / "p.jpg", "p1")
+    frame = read_lineage(recorder.root if recorder.flush() else tmp_path).to_pandas()
+    assert list(frame["artifact_uri"]) == ["pairs/a__b/segments/m.png", str(tmp_path / "photos" / "p.jpg")]
