@@ -43,8 +43,7 @@ def _map_paths(frame: pd.DataFrame, convert: Callable[[Any], Any]) -> pd.DataFra
 def write_manifest(frame: pd.DataFrame, stage_dir: Path, name: str = MANIFEST_NAME) -> Path:
     target = stage_dir / name
     pair_folder = pair_folder_of(stage_dir)
-    if pair_folder is not None:
-        frame = _map_paths(frame, lambda value: stored_path(value, stage_dir, pair_folder))
+    frame = _map_paths(frame, lambda value: stored_path(value, stage_dir, pair_folder))
     write_parquet_atomic(pa.Table.from_pandas(frame, preserve_index=False), target)
     return target
 

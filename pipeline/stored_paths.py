@@ -26,13 +26,14 @@ def pair_folder_of(folder: Path) -> Path | None:
 
 
 def stored_path(value: Any, folder: Path, within: Path | None) -> Any:
-    """``value`` as a record in ``folder`` keeps it: relative to ``folder`` when it lies in ``within``."""
-    if within is None or not isinstance(value, str | os.PathLike) or not str(value):
+    """``value`` as a record in ``folder`` keeps it: relative to ``folder`` when it lies in ``within``, else
+    absolute (a relative value given to a writer means the working directory, never the record's folder)."""
+    if not isinstance(value, str | os.PathLike) or not str(value):
         return value
-    path = Path(value).resolve()  # a relative value means relative to the working directory, as it always did
-    if not path.is_relative_to(Path(within).resolve()):
-        return str(value)
-    return Path(os.path.relpath(path, Path(folder).resolve())).as_posix()
+    path = Path(value)
+    if within is not None and path.resolve().is_relative_to(Path(within).resolve()):
+        return Path(os.path.relpath(path.resolve(), Path(folder).resolve())).as_posix()
+    return str(path.absolute())
 
 
 def loaded_path(value: Any, folder: Path) -> Any:

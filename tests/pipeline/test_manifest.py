@@ -48,13 +48,16 @@ def test_paths_inside_the_pair_are_stored_relative_and_read_back_absolute(tmp_pa
     assert set(back["source_path"]) == {str(outside)}
 
 
-def test_outside_a_registered_pair_paths_stay_as_given(tmp_path):
-    """No pair.json above the folder (a notebook run): the manifest is written exactly as given."""
+def test_outside_a_registered_pair_paths_stay_absolute(tmp_path, monkeypatch):
+    """No pair.json above the folder (a notebook run): absolute paths as given; a relative one (meaning the
+    working directory) is made absolute, so reading it back never resolves it against the manifest's folder."""
     frame = _frame(tmp_path / "somewhere", tmp_path / "photos" / "a.jpg")
+    monkeypatch.chdir(tmp_path)
+    frame.loc[1, "path"] = "relative/1.png"
     write_manifest(frame, tmp_path / "out")
     raw = pd.read_parquet(tmp_path / "out" / "manifest.parquet")
-    assert list(raw["path"]) == list(frame["path"])
-    assert read_manifest(tmp_path / "out", "out")["path"].tolist() == list(frame["path"])
+    assert list(raw["path"]) == [frame["path"][0], str(tmp_path / "relative" / "1.png")]
+    assert read_manifest(tmp_path / "out", "out")["path"].tolist() == list(raw["path"])
 
 
 def test_missing_manifest_names_the_asset(tmp_path):
