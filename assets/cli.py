@@ -95,6 +95,20 @@ def summary(pair: str, layout: DataLayout) -> None:
     print("Open the UI with `make ui` (dagster dev on http://127.0.0.1:3000).")
 
 
+def import_mudi_folder(source: Path, destination: Path, pair: str | None, class_nouns: list[str]) -> Path:
+    from pipeline.mudi_import import import_mudi
+
+    nouns = {}
+    for item in class_nouns:
+        cid, sep, noun = item.partition("=")
+        if not sep or not cid.strip() or not noun.strip():
+            raise CastloraError(f"--class-noun {item!r}: use ID=NOUN, e.g. --class-noun a=corgi.")
+        nouns[cid.strip()] = noun.strip()
+    spec_file = import_mudi(source, destination, pair, nouns)
+    print(f"wrote {spec_file}; register it with `castlora register {destination}` or drop it into the inbox")
+    return spec_file
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="castlora", description=__doc__)
     parser.add_argument("--home", help="data home (default $CASTLORA_HOME or ./castlora_data)")
@@ -106,6 +120,13 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="register the bundled sample pair and materialize it")
     demo.add_argument("--sample", type=Path, default=SAMPLE_PAIR)
     sub.add_parser("pairs", help="list registered pairs")
+    mudi = sub.add_parser("import-mudi", help="turn a MuDI dataset folder (metadata.jsonl) into a pair folder")
+    mudi.add_argument("source", type=Path, help="the MuDI folder: photos, masks, metadata.jsonl")
+    mudi.add_argument("destination", type=Path, help="a new folder for the castlora pair (pair.yaml and files)")
+    mudi.add_argument("--pair", help="pair key (default: from the folder name, a_and_b -> a__b)")
+    mudi.add_argument(
+        "--class-noun", action="append", default=[], metavar="ID=NOUN", help="class noun of a character (repeatable)"
+    )
     args = parser.parse_args(argv)
 
     layout = DataLayout(resolve_home(args.home))
@@ -126,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
             ok = materialize(pair, layout)
             summary(pair, layout)
             return 0 if ok else 1
+        elif args.command == "import-mudi":
+            import_mudi_folder(args.source, args.destination, args.pair, args.class_noun)
         elif args.command == "pairs":
             from pipeline.registry import registered_pairs
 

@@ -17,7 +17,7 @@ from pipeline.manifest import read_manifest
 from pipeline.registry import references_fingerprint
 from pipeline.segment import SegmentConfig
 from pipeline.segmix import SegMixConfig
-from pipeline.stages.captions import run_captions
+from pipeline.stages.captions import USER_BACKEND, run_captions, user_caption_files
 from pipeline.stages.class_images import run_class_images
 from pipeline.stages.references import run_references
 from pipeline.stages.segments import USABLE, run_segments
@@ -200,6 +200,7 @@ def captions(
         backend,
         CaptionCache(storage.layout.cache / "captions"),
         recorder,
+        user_captions=user_caption_files(storage.spec(pair)),
     )
     recorder.flush()
     storage.publish(context, pair, "captions")
@@ -209,6 +210,7 @@ def captions(
             "model": backend.model or "-",
             "prompt_version": backend.prompt_version,
             "cache_hits": int(manifest["cached"].sum()),
+            "user_captions": int((manifest["backend"] == USER_BACKEND).sum()),
             "captions": table_md(manifest[["character_id", "caption", "cached"]]),
         }
     )

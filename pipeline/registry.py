@@ -41,12 +41,12 @@ def spec_fingerprint(spec: PairSpec) -> str:
 
 
 def references_fingerprint(spec: PairSpec) -> str:
-    """Changes when the spec or the bytes of any photo, mask or class image it names change.
+    """Changes when the spec or the bytes of any photo, mask, caption or class image it names change.
 
     The retraining schedule compares it with the one the ``references`` asset recorded, so an edited photo
     makes its pair stale while untouched pairs are left alone. A file that vanished hashes as ``missing``.
     """
-    folders = [Path(c.masks_dir) for c in spec.characters if c.masks_dir]
+    folders = [Path(d) for c in spec.characters for d in (c.masks_dir, c.captions_dir) if d]
     folders += [Path(f) for f in spec.class_images.values()]
     files = [Path(p) for c in spec.characters for p in c.photos]
     files += [f for folder in folders if folder.is_dir() for f in sorted(folder.iterdir()) if f.is_file()]
@@ -73,7 +73,12 @@ def _with_paths(spec: PairSpec, convert: Callable[[str], str]) -> PairSpec:
     """``spec`` with ``convert`` applied to every file and folder it names. The registered copy stores those
     inside the data home (inbox folders) relative to itself, so the home can move (``pipeline.stored_paths``)."""
     characters = tuple(
-        replace(c, photos=tuple(map(convert, c.photos)), masks_dir=convert(c.masks_dir) if c.masks_dir else None)
+        replace(
+            c,
+            photos=tuple(map(convert, c.photos)),
+            masks_dir=convert(c.masks_dir) if c.masks_dir else None,
+            captions_dir=convert(c.captions_dir) if c.captions_dir else None,
+        )
         for c in spec.characters
     )
     class_images = {k: convert(v) for k, v in spec.class_images.items()}

@@ -9,6 +9,7 @@ Example ``pair.yaml`` (paths are relative to the spec file)::
         token_phrase: olis dog
         photos: dog6            # a folder, or a list of files / file:// URIs
         masks: dog6_masks       # optional: user masks, same file stem as the photo (MuDI layout)
+        captions: dog6_captions # optional: user captions, <photo stem>.txt, containing the token phrase
       - id: dog2
         class_noun: dog
         token_phrase: vrin dog
@@ -41,6 +42,9 @@ class CharacterSpec:
     photos: tuple[str, ...]
     """Absolute paths of the candidate reference photos (validated later by the references stage)."""
     masks_dir: str | None = None
+    captions_dir: str | None = None
+    """Folder of the user's own captions, ``<photo stem>.txt`` (kohya-style sidecars); they win over the
+    captioning backend for the photos they cover and must contain the token phrase."""
 
 
 @dataclass(frozen=True)
@@ -62,7 +66,11 @@ class PairSpec:
         raise SpecError(f"Pair {self.pair!r} has no character {character_id!r}.")
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
+        raw = asdict(self)
+        for character in raw["characters"]:
+            if character["captions_dir"] is None:  # absent, not null: older specs keep their fingerprints
+                del character["captions_dir"]
+        return json.dumps(raw, indent=2, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> PairSpec:
@@ -161,12 +169,19 @@ def _parse_character(entry: Any, index: int, base_dir: Path, where: str, confine
         if not masks.is_dir():
             raise SpecError(f"{field_at}.masks: folder {masks} does not exist.")
         masks_dir = str(masks)
+    captions_dir = None
+    if entry.get("captions"):
+        captions = _resolve(entry["captions"], base_dir, f"{field_at}.captions", confine_to)
+        if not captions.is_dir():
+            raise SpecError(f"{field_at}.captions: folder {captions} does not exist.")
+        captions_dir = str(captions)
     return CharacterSpec(
         id=character_id,
         class_noun=str(entry["class_noun"]).strip(),
         token_phrase=str(entry["token_phrase"]).strip(),
         photos=photos,
         masks_dir=masks_dir,
+        captions_dir=captions_dir,
     )
 
 

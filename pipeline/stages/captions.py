@@ -1,19 +1,53 @@
 """Stage 3: one caption per reference photo, token phrase in place of the class noun.
 
-Captions are also written as kohya-style sidecar ``.txt`` files so other trainers can read the set.
+A photo with a user caption (the spec's ``captions`` folder, ``<photo stem>.txt``; MuDI's metadata ``text``
+after ``castlora import-mudi``) keeps it verbatim; the others are captioned by the backend. Captions are also
+written as kohya-style sidecar ``.txt`` files so other trainers can read the set.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import pandas as pd
 from PIL import Image
 
 from pipeline.captions import CaptionCache, Captioner, caption_image
-from pipeline.hashing import sha256_bytes
+from pipeline.errors import CastloraError
+from pipeline.hashing import sha256_bytes, sha256_file
 from pipeline.lineage import LineageRecorder
 from pipeline.manifest import prune_unlisted, write_manifest
+from pipeline.spec import PairSpec
+
+USER_BACKEND = "user"
+
+
+def user_caption_files(spec: PairSpec) -> dict[str, Path]:
+    """SHA-256 of a photo's bytes -> its user caption file, for characters whose spec names a ``captions``
+    folder (keyed by content, as the references manifest records each photo, so moved files still match)."""
+    found: dict[str, Path] = {}
+    for character in spec.characters:
+        if character.captions_dir:
+            for photo in character.photos:
+                candidate = Path(character.captions_dir) / f"{Path(photo).stem}.txt"
+                if candidate.is_file() and Path(photo).is_file():
+                    found[sha256_file(Path(photo))] = candidate
+    return found
+
+
+def _user_caption(path: Path, token_phrase: str) -> str:
+    try:
+        text = " ".join(path.read_text(encoding="utf-8").split())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CastloraError(f"User caption {path} cannot be read as UTF-8 text: {exc}") from exc
+    if token_phrase.lower() not in text.lower():
+        raise CastloraError(
+            f"User caption {path} does not contain the token phrase {token_phrase!r} (it says {text!r}): the "
+            "phrase is what ties the caption to the character. Add it, or delete the file to caption the photo "
+            "with the backend."
+        )
+    return text
 
 
 def run_captions(
@@ -22,42 +56,46 @@ def run_captions(
     captioner: Captioner,
     cache: CaptionCache,
     recorder: LineageRecorder,
+    user_captions: Mapping[str, Path] | None = None,
 ) -> pd.DataFrame:
+    """Caption every reference; ``user_captions`` (source photo SHA-256 -> caption file) win where given."""
     rows: list[dict] = []
     written: set[Path] = set()
-    model_ids = [captioner.model] if captioner.model else []
+    user_captions = user_captions or {}
     for record in references.to_dict("records"):
-        with Image.open(record["path"]) as opened:
-            image = opened.convert("RGB")
-        result = caption_image(captioner, cache, image, record["sha256"], record["class_noun"], record["token_phrase"])
+        user_file = user_captions.get(record["source_sha256"])
+        if user_file is not None:
+            text = _user_caption(Path(user_file), record["token_phrase"])
+            raw, cached, backend, model, prompt_version = text, False, USER_BACKEND, None, None
+        else:
+            with Image.open(record["path"]) as opened:
+                image = opened.convert("RGB")
+            result = caption_image(
+                captioner, cache, image, record["sha256"], record["class_noun"], record["token_phrase"]
+            )
+            text, raw, cached = result.text, result.raw, result.cached
+            backend, model, prompt_version = captioner.backend, captioner.model, captioner.prompt_version
         path = out_dir / record["character_id"] / f"{record['sha256'][:16]}.txt"
         path.parent.mkdir(parents=True, exist_ok=True)
-        data = result.text.encode("utf-8")
+        data = text.encode("utf-8")
         path.write_bytes(data)
         written.add(path)
         sha = sha256_bytes(data)
-        recorder.record(
-            path,
-            sha,
-            [record["sha256"]],
-            {
-                "backend": captioner.backend,
-                "prompt_version": captioner.prompt_version,
-                "cached": result.cached,
-            },
-            model_ids,
-        )
+        params = {"backend": backend, "prompt_version": prompt_version, "cached": cached}
+        if user_file is not None:
+            params["user_caption"] = str(user_file)
+        recorder.record(path, sha, [record["sha256"]], params, [model] if model else [])
         rows.append(
             {
                 "character_id": record["character_id"],
                 "reference_sha256": record["sha256"],
                 "reference_path": record["path"],
-                "caption": result.text,
-                "raw_caption": result.raw,
-                "backend": captioner.backend,
-                "model": captioner.model,
-                "prompt_version": captioner.prompt_version,
-                "cached": result.cached,
+                "caption": text,
+                "raw_caption": raw,
+                "backend": backend,
+                "model": model,
+                "prompt_version": prompt_version,
+                "cached": cached,
                 "caption_path": str(path),
                 "caption_sha256": sha,
             }

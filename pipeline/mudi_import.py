@@ -1,0 +1,165 @@
+"""Import a dataset folder in MuDI's layout as a castlora pair folder (``pair.yaml`` + photos, masks, captions).
+
+MuDI's layout (its ``dataset/category/<a>_and_<b>/``): the photos, the masks (grayscale, >128 = subject) and a
+``metadata.jsonl`` whose first line maps character ids to token phrases, ``{"id": {"a": "olis corgi", ...}}``,
+followed by one line per photo, ``{"id": "a", "file_name": "a00.jpg", "mask_path": "mask_a00.jpg",
+"text": "A photo of a olis corgi ..."}``. The token phrase is the rare token followed by the class noun, so the
+class noun is the phrase without its first word unless given. Files are copied, never moved; the result is an
+ordinary pair folder that ``castlora register`` (or the inbox) takes: masks become user masks and ``text``
+becomes the user caption of its photo.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import SpecError
+from pipeline.paths import validate_key
+
+METADATA_FILE = "metadata.jsonl"
+
+
+@dataclass
+class _Character:
+    id: str
+    token_phrase: str
+    class_noun: str
+    photos: list[dict[str, Any]] = field(default_factory=list)
+
+
+def mudi_pair_key(folder_name: str) -> str:
+    """``dog6_and_dog2`` -> ``dog6__dog2`` (MuDI joins the two subjects with ``_and_``)."""
+    return re.sub(r"[^a-z0-9_-]", "-", folder_name.lower().replace("_and_", "__"))
+
+
+def _read_metadata(path: Path) -> tuple[dict[str, str], list[tuple[int, dict[str, Any]]]]:
+    if not path.is_file():
+        raise SpecError(f"{path} does not exist: a MuDI dataset folder holds its photo list in {METADATA_FILE}.")
+    phrases: dict[str, str] | None = None
+    entries: list[tuple[int, dict[str, Any]]] = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise SpecError(f"{path}:{number}: not valid JSON ({exc.msg}).") from exc
+        if not isinstance(entry, dict):
+            raise SpecError(f"{path}:{number}: expected a JSON object, got {type(entry).__name__}.")
+        if isinstance(entry.get("id"), dict):
+            phrases = {str(k): str(v).strip() for k, v in entry["id"].items()}
+        else:
+            entries.append((number, entry))
+    if not phrases:
+        raise SpecError(
+            f'{path}: no line maps character ids to token phrases, e.g. {{"id": {{"a": "olis corgi", "b": '
+            '"hta chow chow"}}}} (MuDI writes it first).'
+        )
+    return phrases, entries
+
+
+def _characters(path: Path, phrases: dict[str, str], class_nouns: dict[str, str]) -> dict[str, _Character]:
+    characters = {}
+    for cid, phrase in phrases.items():
+        try:
+            validate_key(cid, "character id")
+        except ValueError as exc:
+            raise SpecError(f"{path}: {exc}") from exc
+        noun = class_nouns.get(cid) or (phrase.split(maxsplit=1)[1] if len(phrase.split()) > 1 else "")
+        if not noun:
+            raise SpecError(
+                f"{path}: the token phrase {phrase!r} of {cid!r} has no class noun after its rare token; give one "
+                f"with --class-noun {cid}=<noun>."
+            )
+        characters[cid] = _Character(cid, phrase, noun)
+    unknown = set(class_nouns) - set(characters)
+    if unknown:
+        raise SpecError(
+            f"--class-noun names {sorted(unknown)}, which {path} does not list (ids: {sorted(characters)})."
+        )
+    return characters
+
+
+def import_mudi(
+    source: Path, destination: Path, pair_key: str | None = None, class_nouns: dict[str, str] | None = None
+) -> Path:
+    """Write a castlora pair folder at ``destination`` from the MuDI dataset folder ``source``; returns the
+    ``pair.yaml`` written. ``destination`` must not exist yet or be empty (nothing is overwritten)."""
+    source, destination = Path(source), Path(destination)
+    metadata = source / METADATA_FILE
+    phrases, entries = _read_metadata(metadata)
+    characters = _characters(metadata, phrases, class_nouns or {})
+    key = pair_key or mudi_pair_key(source.name)
+    try:
+        validate_key(key)
+    except ValueError as exc:
+        raise SpecError(f"{exc} (derived from the folder name {source.name!r}); give one with --pair.") from exc
+    for number, entry in entries:
+        where = f"{metadata}:{number}"
+        cid, name = entry.get("id"), entry.get("file_name")
+        if cid not in characters:
+            raise SpecError(f"{where}: id {cid!r} is not one of the characters {sorted(characters)}.")
+        if not isinstance(name, str) or not name or Path(name).name != name:
+            raise SpecError(f"{where}: 'file_name' must name a file in {source}, got {name!r}.")
+        for field_name in ("file_name", "mask_path"):
+            value = entry.get(field_name)
+            if value is not None and not (source / str(value)).is_file():
+                raise SpecError(f"{where}: {field_name} {value!r} does not exist in {source}.")
+        if entry.get("mask_path") is not None and Path(str(entry["mask_path"])).name != entry["mask_path"]:
+            raise SpecError(f"{where}: 'mask_path' must name a file in {source}, got {entry['mask_path']!r}.")
+        characters[cid].photos.append(entry)
+    empty = [cid for cid, c in characters.items() if not c.photos]
+    if empty:
+        raise SpecError(f"{metadata}: no photo lines for character(s) {empty}.")
+    if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
+        raise SpecError(f"{destination} already exists and is not an empty folder; choose a new destination.")
+    # Written beside the destination and renamed into place: an interrupted import leaves no half folder.
+    staging = destination.with_name(f".{destination.name}.importing")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        _write_pair_folder(source, staging, key, characters)
+        if destination.exists():
+            destination.rmdir()
+        staging.rename(destination)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return destination / "pair.yaml"
+
+
+def _write_pair_folder(source: Path, destination: Path, key: str, characters: dict[str, _Character]) -> None:
+    spec_characters = []
+    for character in characters.values():
+        entry_fields: dict[str, Any] = {
+            "id": character.id,
+            "class_noun": character.class_noun,
+            "token_phrase": character.token_phrase,
+            "photos": character.id,
+        }
+        for entry in character.photos:
+            stem = Path(entry["file_name"]).stem
+            _copy(source / entry["file_name"], destination / character.id / entry["file_name"])
+            if entry.get("mask_path"):
+                mask = source / entry["mask_path"]
+                _copy(mask, destination / f"{character.id}_masks" / f"{stem}{mask.suffix}")
+                entry_fields["masks"] = f"{character.id}_masks"
+            if str(entry.get("text") or "").strip():
+                caption = destination / f"{character.id}_captions" / f"{stem}.txt"
+                caption.parent.mkdir(parents=True, exist_ok=True)
+                caption.write_text(str(entry["text"]).strip() + "\n", encoding="utf-8")
+                entry_fields["captions"] = f"{character.id}_captions"
+        spec_characters.append(entry_fields)
+    header = f"# Imported from the MuDI dataset folder {source.resolve()} by castlora import-mudi.\n"
+    body = yaml.safe_dump({"pair": key, "characters": spec_characters}, sort_keys=False)
+    (destination / "pair.yaml").write_text(header + body)
+
+
+def _copy(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
