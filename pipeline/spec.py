@@ -163,26 +163,24 @@ def _parse_character(entry: Any, index: int, base_dir: Path, where: str, confine
     except ValueError as exc:
         raise SpecError(f"{field_at}.id: {exc}") from exc
     photos = _collect_photos(entry["photos"], base_dir, f"{field_at}.photos", confine_to)
-    masks_dir = None
-    if entry.get("masks"):
-        masks = _resolve(entry["masks"], base_dir, f"{field_at}.masks", confine_to)
-        if not masks.is_dir():
-            raise SpecError(f"{field_at}.masks: folder {masks} does not exist.")
-        masks_dir = str(masks)
-    captions_dir = None
-    if entry.get("captions"):
-        captions = _resolve(entry["captions"], base_dir, f"{field_at}.captions", confine_to)
-        if not captions.is_dir():
-            raise SpecError(f"{field_at}.captions: folder {captions} does not exist.")
-        captions_dir = str(captions)
     return CharacterSpec(
         id=character_id,
         class_noun=str(entry["class_noun"]).strip(),
         token_phrase=str(entry["token_phrase"]).strip(),
         photos=photos,
-        masks_dir=masks_dir,
-        captions_dir=captions_dir,
+        masks_dir=_optional_folder(entry, "masks", base_dir, field_at, confine_to),
+        captions_dir=_optional_folder(entry, "captions", base_dir, field_at, confine_to),
     )
+
+
+def _optional_folder(entry: dict, name: str, base_dir: Path, field_at: str, confine_to: Path | None) -> str | None:
+    """The folder an optional field names (masks, captions), which must exist; None when the field is absent."""
+    if not entry.get(name):
+        return None
+    folder = _resolve(entry[name], base_dir, f"{field_at}.{name}", confine_to)
+    if not folder.is_dir():
+        raise SpecError(f"{field_at}.{name}: folder {folder} does not exist.")
+    return str(folder)
 
 
 def _resolve(value: Any, base_dir: Path, field_at: str, confine_to: Path | None = None) -> Path:
