@@ -103,17 +103,17 @@ def import_mudi(
         raise SpecError(f"{exc} (derived from the folder name {source.name!r}); give one with --pair.") from exc
     for number, entry in entries:
         where = f"{metadata}:{number}"
-        cid, name = entry.get("id"), entry.get("file_name")
+        cid = entry.get("id")
         if cid not in characters:
             raise SpecError(f"{where}: id {cid!r} is not one of the characters {sorted(characters)}.")
-        if not isinstance(name, str) or not name or Path(name).name != name:
-            raise SpecError(f"{where}: 'file_name' must name a file in {source}, got {name!r}.")
-        for field_name in ("file_name", "mask_path"):
+        for field_name in ("file_name", "mask_path"):  # the photo, and its optional mask
             value = entry.get(field_name)
-            if value is not None and not (source / str(value)).is_file():
+            if value is None and field_name == "mask_path":
+                continue
+            if not isinstance(value, str) or not value or Path(value).name != value:
+                raise SpecError(f"{where}: {field_name!r} must name a file in {source}, got {value!r}.")
+            if not (source / value).is_file():
                 raise SpecError(f"{where}: {field_name} {value!r} does not exist in {source}.")
-        if entry.get("mask_path") is not None and Path(str(entry["mask_path"])).name != entry["mask_path"]:
-            raise SpecError(f"{where}: 'mask_path' must name a file in {source}, got {entry['mask_path']!r}.")
         characters[cid].photos.append(entry)
     empty = [cid for cid, c in characters.items() if not c.photos]
     if empty:

@@ -142,12 +142,10 @@ def parse_spec(
     if len(set(phrases)) != len(phrases):
         raise SpecError(f"{where}: token phrases must differ between characters, got {phrases}.")
 
-    class_images: dict[str, str] = {}
-    for noun, folder in (raw.get("class_images") or {}).items():
-        resolved = _resolve(folder, base_dir, f"{where}: class_images.{noun}", confine_to)
-        if not resolved.is_dir():
-            raise SpecError(f"{where}: class_images.{noun}: folder {resolved} does not exist.")
-        class_images[str(noun)] = str(resolved)
+    class_images = {
+        str(noun): _existing_folder(folder, base_dir, f"{where}: class_images.{noun}", confine_to)
+        for noun, folder in (raw.get("class_images") or {}).items()
+    }
     return PairSpec(pair=str(key), characters=characters, class_images=class_images, source=source)
 
 
@@ -175,11 +173,13 @@ def _parse_character(entry: Any, index: int, base_dir: Path, where: str, confine
 
 def _optional_folder(entry: dict, name: str, base_dir: Path, field_at: str, confine_to: Path | None) -> str | None:
     """The folder an optional field names (masks, captions), which must exist; None when the field is absent."""
-    if not entry.get(name):
-        return None
-    folder = _resolve(entry[name], base_dir, f"{field_at}.{name}", confine_to)
+    return _existing_folder(entry[name], base_dir, f"{field_at}.{name}", confine_to) if entry.get(name) else None
+
+
+def _existing_folder(value: Any, base_dir: Path, field: str, confine_to: Path | None) -> str:
+    folder = _resolve(value, base_dir, field, confine_to)
     if not folder.is_dir():
-        raise SpecError(f"{field_at}.{name}: folder {folder} does not exist.")
+        raise SpecError(f"{field}: folder {folder} does not exist.")
     return str(folder)
 
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 from pipeline.captions import CaptionCache, Captioner, caption_image
 from pipeline.errors import CastloraError
-from pipeline.hashing import sha256_bytes, sha256_file
+from pipeline.hashing import sha256_bytes
 from pipeline.lineage import LineageRecorder
 from pipeline.manifest import prune_unlisted, write_manifest
 from pipeline.spec import PairSpec
@@ -23,16 +23,16 @@ from pipeline.spec import PairSpec
 USER_BACKEND = "user"
 
 
-def user_caption_files(spec: PairSpec) -> dict[str, Path]:
-    """SHA-256 of a photo's bytes -> its user caption file, for characters whose spec names a ``captions``
-    folder (keyed by content, as the references manifest records each photo, so moved files still match)."""
-    found: dict[str, Path] = {}
+def user_caption_files(spec: PairSpec) -> dict[tuple[str, str], Path]:
+    """(character id, photo stem) -> the user caption file ``<captions folder>/<stem>.txt``, for characters
+    whose spec names a ``captions`` folder (stems, unlike paths, survive a moved data home)."""
+    found: dict[tuple[str, str], Path] = {}
     for character in spec.characters:
         if character.captions_dir:
             for photo in character.photos:
                 candidate = Path(character.captions_dir) / f"{Path(photo).stem}.txt"
-                if candidate.is_file() and Path(photo).is_file():
-                    found[sha256_file(Path(photo))] = candidate
+                if candidate.is_file():
+                    found[(character.id, Path(photo).stem)] = candidate
     return found
 
 
@@ -56,14 +56,14 @@ def run_captions(
     captioner: Captioner,
     cache: CaptionCache,
     recorder: LineageRecorder,
-    user_captions: Mapping[str, Path] | None = None,
+    user_captions: Mapping[tuple[str, str], Path] | None = None,
 ) -> pd.DataFrame:
-    """Caption every reference; ``user_captions`` (source photo SHA-256 -> caption file) win where given."""
+    """Caption every reference; ``user_captions`` ((character id, source photo stem) -> caption file) win."""
     rows: list[dict] = []
     written: set[Path] = set()
     user_captions = user_captions or {}
     for record in references.to_dict("records"):
-        user_file = user_captions.get(record["source_sha256"])
+        user_file = user_captions.get((record["character_id"], Path(record["source"]).stem))
         if user_file is not None:
             text = _user_caption(Path(user_file), record["token_phrase"])
             raw, cached, backend, model, prompt_version = text, False, USER_BACKEND, None, None
