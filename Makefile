@@ -10,15 +10,28 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export DAGSTER_DISABLE_TELEMETRY := 1
 
-.PHONY: setup demo test ui lint format bench clean
+.PHONY: setup demo test ui lint format bench lock upgrade-check clean
 
 setup: $(STAMP)
 
-# Reinstall when the project's dependencies change; torch/torchvision are pinned in pyproject.toml.
-$(STAMP): pyproject.toml
+# The venv is exactly requirements/dev.lock (every package pinned with its hashes, see `make lock`); castlora itself
+# is then installed editable on top, with the locked setuptools rather than an isolated build env's newest one.
+# Reinstall when the lock or the project's metadata changes.
+$(STAMP): requirements/dev.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --require-hashes -r requirements/dev.lock
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $@
+
+# Regenerate the checked-in locks from pyproject.toml's ranges, keeping every locked version the ranges still admit.
+# Add UPGRADE=1 to move every package to its newest release instead (then run `make test` before committing).
+lock: $(STAMP)
+	scripts/lock.sh $(BIN)/uv requirements $(if $(UPGRADE),--upgrade)
+
+# Resolve the newest releases pyproject.toml admits into a scratch venv, run the fast tests against them and report
+# which packages moved and what broke. Changes nothing in the repository or .venv; see README "Upgrading dependencies".
+upgrade-check: $(STAMP)
+	scripts/upgrade-check.sh $(BIN)/uv
 
 demo: $(STAMP)
 	$(BIN)/castlora demo
