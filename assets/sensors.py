@@ -38,7 +38,7 @@ def inbox_sensor(context: dg.SensorEvaluationContext, storage: StorageResource) 
             continue
         try:
             storage.register(entry.spec)  # with S3, publishes the spec so every worker can read it
-        except Exception as exc:  # noqa: BLE001 - one folder that cannot be registered must not stop the others
+        except Exception as exc:  # one folder that cannot be registered must not stop the others
             context.log.error(f"Inbox folder {entry.folder} not registered: {type(exc).__name__}: {exc}")
             skipped.append(f"{entry.folder.name}: not registered ({type(exc).__name__}: {str(exc)[:300]})")
             continue

@@ -118,6 +118,6 @@ def scan_inbox(layout: DataLayout) -> list[InboxEntry]:
             entries.append(InboxEntry(folder, load_spec(folder, pair_key=folder.name, confine=True), None))
         except CastloraError as exc:
             entries.append(InboxEntry(folder, None, str(exc)))
-        except Exception as exc:  # noqa: BLE001 - anything else in one folder must not stop the sensor tick
+        except Exception as exc:  # anything else in one folder must not stop the sensor tick
             entries.append(InboxEntry(folder, None, f"unexpected {type(exc).__name__}: {str(exc)[:300]}"))
     return entries

@@ -16,6 +16,9 @@ Example ``pair.yaml`` (paths are relative to the spec file)::
         photos: dog2
     class_images:               # optional: prior-preservation images per class noun
       dog: class_dogs           # a folder to import; omit to generate them with the base model
+
+Every value is text (YAML reads unquoted ``010`` as 8, so numbers must be quoted), unknown fields are errors,
+aliases are refused, and relative paths (and relative ``file:`` URIs) are relative to the spec's folder.
 """
 
 from __future__ import annotations
@@ -138,9 +141,9 @@ def _load_spec(path: Path, pair_key: str | None, confine: bool) -> PairSpec:
     if path.stat().st_size > MAX_SPEC_BYTES:
         raise SpecError(f"{path}: {path.stat().st_size} bytes is too large for a pair spec (limit {MAX_SPEC_BYTES}).")
     try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_SpecLoader)  # noqa: S506 - a SafeLoader
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_SpecLoader)  # a SafeLoader subclass
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise SpecError(f"{path}: not valid YAML/JSON: {_capped(str(exc), 500)}") from exc
+        raise SpecError(f"{path}: not valid YAML/JSON: {_yaml_reason(exc)}") from exc
     root = path.parent.resolve() if confine else None
     return parse_spec(raw, base_dir=path.parent, source=str(path.resolve()), pair_key=pair_key, confine_to=root)
 
@@ -165,9 +168,9 @@ class _Unquoted:
     kind: str
 
 
-for _tag, _kind in (("int", "number"), ("float", "number"), ("bool", "true/false value"), ("timestamp", "date")):
+for _tag, _label in (("int", "number"), ("float", "number"), ("bool", "true/false value"), ("timestamp", "date")):
     _SpecLoader.add_constructor(
-        f"tag:yaml.org,2002:{_tag}", lambda loader, node, kind=_kind: _Unquoted(str(node.value), kind)
+        f"tag:yaml.org,2002:{_tag}", lambda loader, node, label=_label: _Unquoted(str(node.value), label)
     )
 
 
@@ -249,9 +252,7 @@ def check_confinement(spec: PairSpec, named_root: Path | None = None) -> PairSpe
     except CastloraError:
         raise
     except _FS_ERRORS as exc:
-        raise ConfinementError(
-            f"Pair {spec.pair!r}: a file cannot be checked ({_fs_reason(exc)})."
-        ) from exc
+        raise ConfinementError(f"Pair {spec.pair!r}: a file cannot be checked ({_fs_reason(exc)}).") from exc
     return spec
 
 
@@ -354,6 +355,17 @@ def _kind(value: Any) -> str:
     if isinstance(value, dict):
         return "mapping"
     return type(value).__name__
+
+
+def _yaml_reason(exc: Exception) -> str:
+    """One line: what is wrong and where (no snippet of the file, which PyYAML would print over several lines)."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}"
+        return _capped(" ".join(f"{exc.context or ''} {exc.problem} at {where}".split()), 300)
+    if isinstance(exc, UnicodeDecodeError):
+        return f"not UTF-8 text (invalid byte at position {exc.start})"
+    return _capped(" ".join(str(exc).split()), 300)
 
 
 def _fs_reason(exc: BaseException) -> str:

@@ -58,9 +58,9 @@ def _user_caption(path: Path, token_phrase: str) -> str:
         raise CastloraError(f"User caption {path} is over {MAX_CAPTION_BYTES} bytes; a caption is one sentence.")
     if token_phrase.lower() not in text.lower():
         raise CastloraError(
-            f"User caption {path} ({len(text.split())} words) does not contain the token phrase {token_phrase!r}: "
-            "the phrase is what ties the caption to the character. Add it, or delete the file to caption the "
-            "photo with the backend."
+            f"User caption {path} does not contain the token phrase {token_phrase!r} (it has {len(text.split())} "
+            "words; its text is not shown): the phrase is what ties the caption to the character. Add it, or delete "
+            "the file to caption the photo with the backend."
         )
     return text
 

@@ -2,6 +2,7 @@
 stopping the others, and a spec that means what the user meant. Every hostile file is built in a temp dir."""
 
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -153,17 +154,21 @@ def test_a_relative_file_uri_resolves_against_the_spec_folder(tmp_path, make_pai
 
 
 def _hostile(folder: Path, case: str) -> None:
-    """Turn the make_pair folder into one of the hostile cases."""
+    """Turn the make_pair folder into one of the hostile cases (the first character's photos, or class_images)."""
     spec = folder / "pair.yaml"
+
+    def first_photos(value: str) -> None:
+        spec.write_text(re.sub(r"photos: \w+\n", lambda _: f"photos: {value}\n", spec.read_text(), count=1))
+
     if case == "class_images_list":
         _add(folder, "class_images: [dog]\n")
     elif case == "symlink_loop":
         (folder / "loop").symlink_to(folder / "loop")
-        spec.write_text(spec.read_text().replace("photos: a\n", "photos: loop\n"))
+        first_photos("loop")
     elif case == "long_name":
-        spec.write_text(spec.read_text().replace("photos: a\n", f"photos: {'x' * 300}\n"))
+        first_photos("x" * 300)
     elif case == "nul_byte":
-        spec.write_text(spec.read_text().replace("photos: a\n", 'photos: "a\\0b"\n'))
+        first_photos('"a\\0b"')
     elif case == "long_name_in_class_images":
         _add(folder, f"class_images:\n  dog: {'y' * 300}/z\n")
 
@@ -214,7 +219,11 @@ def test_errors_are_capped_in_length(tmp_path, make_pair):
 
 @pytest.mark.parametrize(
     ("line", "field", "typed"),
-    [("pair: 010", "field 'pair'", "010"), ("pair: 1e3", "field 'pair'", "1e3"), ("pair: yes", "field 'pair'", "yes")],
+    [
+        ("pair: 010", "field 'pair'", "010"),
+        ("pair: 1_000", "field 'pair'", "1_000"),
+        ("pair: yes", "field 'pair'", "yes"),
+    ],
 )
 def test_unquoted_numbers_are_refused_with_a_hint_to_quote_them(tmp_path, make_pair, line, field, typed):
     folder = make_pair("a__b")
@@ -239,7 +248,11 @@ def test_unquoted_number_ids_are_refused(make_pair):
 @pytest.mark.parametrize(
     ("old", "new", "message"),
     [
-        ("class_noun: dog\n    token_phrase: tok0", "class_noun: '   '\n    token_phrase: tok0", r"\.class_noun: is empty"),
+        (
+            "class_noun: dog\n    token_phrase: tok0",
+            "class_noun: '   '\n    token_phrase: tok0",
+            r"\.class_noun: is empty",
+        ),
         ("token_phrase: tok0 dog", "token_phrase: '  '", r"\.token_phrase: is empty"),
         ("class_noun: dog\n    token_phrase: tok0", "class_noun: [dog, cat]\n    token_phrase: tok0", "got a list"),
         ("token_phrase: tok1 dog", "token_phrase: ' TOK0   Dog'", "token phrases must differ"),
