@@ -155,6 +155,7 @@ def segments(
         seg_config,
         recorder,
         model_ids=models.segmenter_model_ids(),
+        confine_to=spec.confined_to,
     )
     recorder.flush()
     flagged = manifest[manifest["status"] != USABLE]

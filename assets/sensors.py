@@ -36,7 +36,12 @@ def inbox_sensor(context: dg.SensorEvaluationContext, storage: StorageResource) 
             context.log.error(f"Inbox folder {entry.folder} skipped: {entry.error}")
             skipped.append(f"{entry.folder.name}: {entry.error}")
             continue
-        storage.register(entry.spec)  # with S3, publishes the spec so every worker can read it
+        try:
+            storage.register(entry.spec)  # with S3, publishes the spec so every worker can read it
+        except Exception as exc:  # one folder that cannot be registered must not stop the others
+            context.log.error(f"Inbox folder {entry.folder} not registered: {type(exc).__name__}: {exc}")
+            skipped.append(f"{entry.folder.name}: not registered ({type(exc).__name__}: {str(exc)[:300]})")
+            continue
         if entry.pair_key not in known:
             new_keys.append(entry.pair_key)
         # The run key changes with the spec and photo list, so edits re-run the pair and repeats do not.

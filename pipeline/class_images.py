@@ -19,6 +19,7 @@ from PIL import Image
 
 from pipeline.errors import CastloraError
 from pipeline.images import IMAGE_SUFFIXES
+from pipeline.paths import confined_path
 
 CLASS_NOUN_FIELD = "{class_noun}"
 
@@ -105,8 +106,9 @@ def generate_class_images(
                 yield index, seed, image
 
 
-def list_class_image_files(folder: Path) -> list[Path]:
-    """Image files directly in ``folder`` (hidden files excluded), sorted by name; error if there are none."""
+def list_class_image_files(folder: Path, confine_to: Path | None = None) -> list[Path]:
+    """Image files directly in ``folder`` (hidden files excluded), sorted by name; error if there are none.
+    With ``confine_to`` (an inbox pair folder) each one is checked to lie inside it, right before it is read."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CastloraError(
@@ -118,6 +120,9 @@ def list_class_image_files(folder: Path) -> list[Path]:
         for path in folder.iterdir()
         if path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES
     )
+    if confine_to is not None:
+        for path in files:
+            confined_path(path, Path(confine_to), f"Class image in {folder}")
     if not files:
         raise CastloraError(
             f"Class image folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); "

@@ -39,3 +39,7 @@ class StorageError(CastloraError):
 
 class DataHomeError(CastloraError):
     """The data home (or a folder in it) is not a usable, writable folder."""
+
+
+class ConfinementError(SpecError):
+    """A file an inbox spec names (or a file in a folder it names) lies, or links, outside its pair folder."""

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import DataHomeError, PairKeyError
+from pipeline.errors import ConfinementError, DataHomeError, PairKeyError
 
 DEFAULT_HOME = "castlora_data"
 HOME_ENV = "CASTLORA_HOME"
@@ -62,6 +62,25 @@ def safe_child(root: Path, *parts: str) -> Path:
     if candidate != root and root not in candidate.parents:
         raise PairKeyError(f"Path {'/'.join(parts)!r} escapes {root}; refusing to use it.")
     return candidate
+
+
+def confined_path(path: str | os.PathLike[str], root: Path, what: str) -> Path:
+    """``path`` resolved (symlinks followed), refused unless it lies inside ``root``.
+
+    Inbox folders may come from anyone who can write to the inbox, so every file their spec names is re-checked
+    with this right before it is read: a file swapped for a symlink after registration is caught at that read.
+    """
+    try:
+        root, resolved = Path(root).resolve(), Path(path).resolve()
+        inside = resolved == root or root in resolved.parents
+    except (OSError, RuntimeError, ValueError) as exc:  # link loops, over-long names, NUL bytes
+        raise ConfinementError(f"{what} {str(path)[:300]!r} cannot be resolved ({type(exc).__name__}).") from exc
+    if not inside:
+        raise ConfinementError(
+            f"{what} {str(path)[:300]!r} points outside the pair folder {root}; inbox pair folders may only use "
+            "files inside themselves (replace the link with the file itself)."
+        )
+    return resolved
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -10,7 +11,7 @@ from pipeline.atomic import write_text_atomic
 from pipeline.errors import CastloraError, PairKeyError
 from pipeline.hashing import sha256_bytes, sha256_file, sha256_json
 from pipeline.paths import PAIR_SPEC_FILE, DataLayout, validate_key
-from pipeline.spec import PairSpec, find_spec_file, load_spec
+from pipeline.spec import PairSpec, check_confinement, find_spec_file, load_spec
 from pipeline.stored_paths import loaded_path, stored_path
 
 
@@ -37,7 +38,7 @@ def register_pair(layout: DataLayout, spec: PairSpec) -> Path:
 
 def spec_fingerprint(spec: PairSpec) -> str:
     """Changes whenever the spec or the list of photo files changes (used as the sensor's run key)."""
-    return sha256_bytes(spec.to_json().encode())[:16]
+    return sha256_bytes(_fingerprinted(spec).to_json().encode())[:16]
 
 
 def references_fingerprint(spec: PairSpec) -> str:
@@ -51,7 +52,13 @@ def references_fingerprint(spec: PairSpec) -> str:
     files = [Path(p) for c in spec.characters for p in c.photos]
     files += [f for folder in folders if folder.is_dir() for f in sorted(folder.iterdir()) if f.is_file()]
     contents = {str(f): sha256_file(f) if f.is_file() else "missing" for f in files}
-    return sha256_json({"spec": spec.to_json(), "files": contents})[:16]
+    return sha256_json({"spec": _fingerprinted(spec).to_json(), "files": contents})[:16]
+
+
+def _fingerprinted(spec: PairSpec) -> PairSpec:
+    """``confined_to`` is the source's folder, already in the spec: leaving it out keeps older fingerprints (and
+    run keys) unchanged, so adding it did not re-run every inbox pair."""
+    return replace(spec, confined_to=None)
 
 
 def load_registered(layout: DataLayout, pair_key: str) -> PairSpec:
@@ -66,7 +73,10 @@ def load_registered(layout: DataLayout, pair_key: str) -> PairSpec:
         spec = PairSpec.from_json(path.read_text(encoding="utf-8"))
     except (ValueError, KeyError, TypeError) as exc:
         raise CastloraError(f"{path} is corrupt ({exc}); register the pair again.") from exc
-    return _with_paths(spec, lambda p: loaded_path(p, path.parent))
+    # Check-then-use: an inbox pair's files are re-checked against its folder every time a stage loads the spec.
+    # The folder is checked as named (loading resolves links), so a pair folder swapped for a symlink is caught.
+    named_root = Path(os.path.normpath(path.parent / spec.confined_to)) if spec.confined_to else None
+    return check_confinement(_with_paths(spec, lambda p: loaded_path(p, path.parent)), named_root)
 
 
 def _with_paths(spec: PairSpec, convert: Callable[[str], str]) -> PairSpec:
@@ -83,7 +93,8 @@ def _with_paths(spec: PairSpec, convert: Callable[[str], str]) -> PairSpec:
     )
     class_images = {k: convert(v) for k, v in spec.class_images.items()}
     source = convert(spec.source) if spec.source else spec.source
-    return replace(spec, characters=characters, class_images=class_images, source=source)
+    confined_to = convert(spec.confined_to) if spec.confined_to else None
+    return replace(spec, characters=characters, class_images=class_images, source=source, confined_to=confined_to)
 
 
 def registered_pairs(layout: DataLayout) -> list[str]:
@@ -94,16 +105,19 @@ def registered_pairs(layout: DataLayout) -> list[str]:
 
 
 def scan_inbox(layout: DataLayout) -> list[InboxEntry]:
-    """Every inbox folder that holds a spec file, parsed; a malformed one carries its error instead."""
+    """Every inbox folder that holds a spec file, parsed; a malformed one carries its error instead, whatever
+    went wrong in it (one bad folder never stops the others)."""
     if not layout.inbox.is_dir():
         return []
     entries: list[InboxEntry] = []
     for folder in sorted(p for p in layout.inbox.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if find_spec_file(folder) is None:
-            continue
         try:
+            if find_spec_file(folder) is None:
+                continue
             validate_key(folder.name, "inbox folder name (used as the pair key)")
             entries.append(InboxEntry(folder, load_spec(folder, pair_key=folder.name, confine=True), None))
         except CastloraError as exc:
             entries.append(InboxEntry(folder, None, str(exc)))
+        except Exception as exc:  # anything else in one folder must not stop the sensor tick
+            entries.append(InboxEntry(folder, None, f"unexpected {type(exc).__name__}: {str(exc)[:300]}"))
     return entries

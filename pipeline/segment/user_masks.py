@@ -11,6 +11,7 @@ from PIL import Image, UnidentifiedImageError
 
 from pipeline.errors import SegmentationError
 from pipeline.images import IMAGE_SUFFIXES
+from pipeline.paths import confined_path
 from pipeline.segment.base import SegmentConfig, Segmenter, SegmentResult, mask_status
 from pipeline.segment.masks import mask_bbox
 
@@ -24,8 +25,10 @@ def user_mask_candidates(stem: str) -> tuple[str, ...]:
     return (stem, f"{stem}_mask", f"mask_{stem}")
 
 
-def find_user_mask(masks_dir: Path, photo_path: Path) -> Path | None:
-    """The user's mask for ``photo_path``: same stem, ``<stem>_mask`` or ``mask_<stem>``; any image type."""
+def find_user_mask(masks_dir: Path, photo_path: Path, confine_to: Path | None = None) -> Path | None:
+    """The user's mask for ``photo_path``: same stem, ``<stem>_mask`` or ``mask_<stem>``; any image type.
+
+    ``confine_to`` (an inbox pair folder) is re-checked for the mask found, right before it is read."""
     masks_dir, photo_path = Path(masks_dir), Path(photo_path)
     if not masks_dir.is_dir():
         return None
@@ -36,6 +39,8 @@ def find_user_mask(masks_dir: Path, photo_path: Path) -> Path | None:
     for stem in user_mask_candidates(photo_path.stem):
         for candidate in by_stem.get(stem, []):
             if not _same_file(candidate, photo_path):  # the masks folder may also hold the photos
+                if confine_to is not None:
+                    confined_path(candidate, Path(confine_to), "User mask")
                 return candidate
     return None
 

@@ -18,34 +18,49 @@ from pipeline.errors import CastloraError
 from pipeline.hashing import sha256_bytes
 from pipeline.lineage import LineageRecorder
 from pipeline.manifest import prune_unlisted, write_manifest
+from pipeline.paths import confined_path
 from pipeline.spec import PairSpec
 
 USER_BACKEND = "user"
+MAX_CAPTION_BYTES = 64 * 1024
 
 
 def user_caption_files(spec: PairSpec) -> dict[tuple[str, str], Path]:
     """(character id, photo stem) -> the user caption file ``<captions folder>/<stem>.txt``, for characters
-    whose spec names a ``captions`` folder (stems, unlike paths, survive a moved data home)."""
+    whose spec names a ``captions`` folder (stems, unlike paths, survive a moved data home). For an inbox spec
+    each file is checked against the pair folder here, right before the stage reads it."""
     found: dict[tuple[str, str], Path] = {}
     for character in spec.characters:
         if character.captions_dir:
             for photo in character.photos:
                 candidate = Path(character.captions_dir) / f"{Path(photo).stem}.txt"
                 if candidate.is_file():
+                    if spec.confined_to:
+                        confined_path(candidate, Path(spec.confined_to), f"User caption of {character.id!r}")
                     found[(character.id, Path(photo).stem)] = candidate
     return found
 
 
 def _user_caption(path: Path, token_phrase: str) -> str:
+    """The caption in ``path``. Errors name the file and what was expected but never quote its contents: they
+    reach logs and the UI, and the file might not hold what its name says."""
     try:
-        text = " ".join(path.read_text(encoding="utf-8").split())
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CastloraError(f"User caption {path} cannot be read as UTF-8 text: {exc}") from exc
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_CAPTION_BYTES + 1)
+        text = " ".join(data.decode("utf-8").split())
+    except UnicodeDecodeError as exc:
+        raise CastloraError(
+            f"User caption {path} is not UTF-8 text (invalid byte at position {exc.start}); save it as UTF-8."
+        ) from exc
+    except OSError as exc:
+        raise CastloraError(f"User caption {path} cannot be read ({type(exc).__name__}: {exc.strerror}).") from exc
+    if len(data) > MAX_CAPTION_BYTES:
+        raise CastloraError(f"User caption {path} is over {MAX_CAPTION_BYTES} bytes; a caption is one sentence.")
     if token_phrase.lower() not in text.lower():
         raise CastloraError(
-            f"User caption {path} does not contain the token phrase {token_phrase!r} (it says {text!r}): the "
-            "phrase is what ties the caption to the character. Add it, or delete the file to caption the photo "
-            "with the backend."
+            f"User caption {path} does not contain the token phrase {token_phrase!r} (it has {len(text.split())} "
+            "words; its text is not shown): the phrase is what ties the caption to the character. Add it, or delete "
+            "the file to caption the photo with the backend."
         )
     return text
 

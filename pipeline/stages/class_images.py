@@ -55,8 +55,8 @@ def _generate(
     return rows
 
 
-def _import(folder: Path, out_dir: Path, recorder: LineageRecorder) -> list[dict]:
-    intake = intake_photos(list_class_image_files(folder), IntakeConfig(min_side=64, min_photos=1))
+def _import(folder: Path, out_dir: Path, recorder: LineageRecorder, confine_to: Path | None = None) -> list[dict]:
+    intake = intake_photos(list_class_image_files(folder, confine_to), IntakeConfig(min_side=64, min_photos=1))
     rows = []
     for photo in intake.accepted:
         path = out_dir / f"imported_{photo.pixel_sha256[:16]}.png"
@@ -85,7 +85,8 @@ def run_class_images(
     for class_noun in spec.class_nouns:
         slug_dir = out_dir / noun_slug(class_noun)
         if class_noun in spec.class_images:
-            images = _import(Path(spec.class_images[class_noun]), slug_dir, recorder)
+            confine = Path(spec.confined_to) if spec.confined_to else None
+            images = _import(Path(spec.class_images[class_noun]), slug_dir, recorder, confine)
         else:
             gen_dir = slug_dir / f"gen-{settings_hash}"
             images = _generate(class_noun, gen_dir, config, load_pipeline, base_model_id, recorder)

@@ -68,8 +68,10 @@ def run_segments(
     config: SegmentConfig,
     recorder: LineageRecorder,
     model_ids: Sequence[str] = (),
+    confine_to: str | None = None,
 ) -> pd.DataFrame:
-    """Segment every photo of the references manifest; ``masks_dirs``: character id → user mask folder."""
+    """Segment every photo of the references manifest; ``masks_dirs``: character id → user mask folder, whose
+    masks must stay inside ``confine_to`` (an inbox pair folder) when it is given."""
     rows: list[dict] = []
     written: set[Path] = set()
     params = asdict(config)
@@ -78,7 +80,10 @@ def run_segments(
         records = group.to_dict("records")
         images = [Image.open(r["path"]).convert("RGB") for r in records]
         masks_dir = masks_dirs.get(character_id)
-        user_masks = [find_user_mask(Path(masks_dir), Path(r["source"])) if masks_dir else None for r in records]
+        confine = Path(confine_to) if confine_to else None
+        user_masks = [
+            find_user_mask(Path(masks_dir), Path(r["source"]), confine) if masks_dir else None for r in records
+        ]
         results = segment_with_user_masks(load_segmenter, images, user_masks, class_noun, config)
         for record, image, result, user_mask in zip(records, images, results, user_masks, strict=True):
             stem = out_dir / character_id / record["sha256"][:16]

@@ -27,6 +27,30 @@ def test_bad_spec_gives_clear_error_and_exit_code(tmp_path, capsys, monkeypatch)
     assert "castlora:" in err and "pair.yaml" in err and "Invalid pair key" in err
 
 
+@pytest.mark.parametrize("case", ["class_images: [dog]\n", "loop", "long_name", "nul_byte", "alias"])
+def test_hostile_specs_exit_2_with_one_line(tmp_path, make_pair, capsys, monkeypatch, case):
+    """A hostile or careless spec is one line on stderr and exit code 2, never a traceback."""
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    folder = make_pair("a__b")
+    spec = folder / "pair.yaml"
+    text = spec.read_text()
+    if case == "loop":
+        (folder / "loop").symlink_to(folder / "loop")
+        text = text.replace("photos: a\n", "photos: loop\n")
+    elif case == "long_name":
+        text = text.replace("photos: a\n", f"photos: {'x' * 300}\n")
+    elif case == "nul_byte":
+        text = text.replace("photos: a\n", 'photos: "a\\0b"\n')
+    elif case == "alias":
+        text = text.replace("class_noun: dog", "class_noun: &n dog", 1).replace("class_noun: dog", "class_noun: *n")
+    else:
+        text += case
+    spec.write_text(text)
+    assert cli.main(["--home", str(tmp_path / "home"), "register", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("castlora: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
 def test_materialize_unknown_pair_is_refused(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("DAGSTER_HOME", raising=False)
     assert cli.main(["--home", str(tmp_path / "home"), "materialize", "nope__pair"]) == 2
