@@ -17,11 +17,16 @@ from pipeline.paths import DataLayout, resolve_home
 SAMPLE_PAIR = Path(__file__).resolve().parent.parent / "samples" / "dog6__dog2"
 
 
+def _dagster_home(layout: DataLayout) -> Path:
+    if not os.environ.get("DAGSTER_HOME"):
+        os.environ["DAGSTER_HOME"] = str(layout.ensure(layout.home / "dagster_home"))
+    return Path(os.environ["DAGSTER_HOME"])
+
+
 def _instance(layout: DataLayout):
     import dagster as dg
 
-    if not os.environ.get("DAGSTER_HOME"):
-        os.environ["DAGSTER_HOME"] = str(layout.ensure(layout.home / "dagster_home"))
+    _dagster_home(layout)
     from assets.instance import ensure_instance
 
     # sqlite unless CASTLORA_POSTGRES_URL is set; GPU pool limit, run retries, telemetry off (assets/instance.py).
@@ -31,18 +36,38 @@ def _instance(layout: DataLayout):
 
 def register(folder: Path, layout: DataLayout) -> str:
     from assets.definitions import build_resources
+    from assets.instance import instance_lock
     from assets.partitions import character_pairs
     from pipeline.spec import load_spec
 
     spec = load_spec(folder)
     # The storage resource registers locally and, with CASTLORA_S3_BUCKET set, publishes the spec too.
     storage = build_resources({**os.environ, "CASTLORA_HOME": str(layout.home)})["storage"]
-    path = storage.register(spec)
-    instance = _instance(layout)
-    if not instance.has_dynamic_partition(character_pairs.name, spec.pair):
-        instance.add_dynamic_partitions(character_pairs.name, [spec.pair])
+    # One register at a time per instance: the instance (created on a fresh home) and the partition first,
+    # the spec last, so a command that fails leaves the spec of the last one that succeeded.
+    with instance_lock(_dagster_home(layout)):
+        instance = _instance(layout)
+        if not instance.has_dynamic_partition(character_pairs.name, spec.pair):
+            instance.add_dynamic_partitions(character_pairs.name, [spec.pair])
+        path = _write_spec(storage, spec, layout)
     print(f"registered pair {spec.pair!r} ({len(spec.characters)} characters) -> {path}")
     return spec.pair
+
+
+def _write_spec(storage, spec, layout: DataLayout) -> Path:
+    """``storage.register(spec)``; if it fails (publishing to S3), the spec that was in force is put back."""
+    from pipeline.atomic import write_text_atomic
+
+    target = layout.spec_path(spec.pair)
+    previous = target.read_text(encoding="utf-8") if target.is_file() else None
+    try:
+        return storage.register(spec)
+    except BaseException:
+        if previous is None:
+            target.unlink(missing_ok=True)
+        else:
+            write_text_atomic(previous, target)
+        raise
 
 
 def materialize(pair: str, layout: DataLayout) -> bool:

@@ -9,9 +9,12 @@ killed runs re-executed up to ``CASTLORA_RUN_RETRIES`` times, user errors not; t
 
 from __future__ import annotations
 
+import fcntl
 import os
 import sys
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,7 @@ POSTGRES_URL_VAR = "CASTLORA_POSTGRES_URL"
 GPU_SLOTS_VAR = "CASTLORA_GPU_SLOTS"
 RUN_RETRIES_VAR = "CASTLORA_RUN_RETRIES"
 CONFIG_FILENAME = "dagster.yaml"
+LOCK_FILENAME = ".castlora-instance.lock"
 # dagster-postgres connects through SQLAlchemy with psycopg2, so the URL names that driver.
 POSTGRES_SCHEME = "postgresql+psycopg2://"
 
@@ -99,17 +103,48 @@ def render_instance_yaml(settings: InstanceSettings) -> str:
     return header + yaml.safe_dump(render_instance_config(settings), sort_keys=False)
 
 
-def ensure_instance(dagster_home: Path | str, settings: InstanceSettings | None = None) -> Path:
-    """Write ``dagster.yaml`` when missing or different, and give the ``gpu`` pool its limit; return the file."""
-    settings = InstanceSettings.from_env() if settings is None else settings
+_locks_held = threading.local()
+
+
+@contextmanager
+def instance_lock(dagster_home: Path | str) -> Iterator[None]:
+    """Hold an exclusive file lock (``fcntl.flock``) on ``$DAGSTER_HOME/.castlora-instance.lock``.
+
+    The first process to open a fresh sqlite instance creates its tables; two doing it at once (two
+    ``castlora register`` calls, or one beside ``make ui``) race and one fails half-way. Re-entrant within a
+    thread, so a caller can hold it across ``ensure_instance`` and what must follow it (registering a pair).
+    """
     home = Path(dagster_home)
     home.mkdir(parents=True, exist_ok=True)
-    path = home / CONFIG_FILENAME
-    text = render_instance_yaml(settings)
-    if not path.is_file() or path.read_text() != text:
-        # Atomic replace: a dagster process starting now reads the old file or the new one, never half of one.
-        write_text_atomic(text, path)
-    apply_pool_limit(home, settings)
+    key = str(home.resolve())
+    held: set[str] = getattr(_locks_held, "homes", None) or set()
+    _locks_held.homes = held
+    if key in held:
+        yield
+        return
+    with open(home / LOCK_FILENAME, "a+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released by the OS if this process dies
+        held.add(key)
+        try:
+            yield
+        finally:
+            held.discard(key)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def ensure_instance(dagster_home: Path | str, settings: InstanceSettings | None = None) -> Path:
+    """Write ``dagster.yaml`` when missing or different, and give the ``gpu`` pool its limit; return the file.
+
+    Runs under ``instance_lock``: opening the instance here is what creates its storage on a fresh home."""
+    settings = InstanceSettings.from_env() if settings is None else settings
+    home = Path(dagster_home)
+    with instance_lock(home):
+        path = home / CONFIG_FILENAME
+        text = render_instance_yaml(settings)
+        if not path.is_file() or path.read_text() != text:
+            # Atomic replace: a dagster process starting now reads the old file or the new one, never half of one.
+            write_text_atomic(text, path)
+        apply_pool_limit(home, settings)
     return path
 
 

@@ -30,6 +30,8 @@ GROUP = "castlora"
 class ReferencesConfig(dg.Config):
     min_side: int = 256
     max_side: int = 1536
+    max_aspect_ratio: float = 4.0
+    """Longer / shorter side above this is refused (e.g. 4.0 allows up to 4:1)."""
     min_photos: int = 3
 
 
@@ -108,7 +110,12 @@ def references(
     pair = pair_key(context)
     spec = storage.spec(pair)
     recorder = storage.recorder(context)
-    intake = IntakeConfig(min_side=config.min_side, max_side=config.max_side, min_photos=config.min_photos)
+    intake = IntakeConfig(
+        min_side=config.min_side,
+        max_side=config.max_side,
+        max_aspect_ratio=config.max_aspect_ratio,
+        min_photos=config.min_photos,
+    )
     out = run_references(spec, storage.output_dir(pair, "references"), intake, recorder)
     recorder.flush()
     for row in out.rejected.itertuples():

@@ -11,6 +11,7 @@ becomes the user caption of its photo.
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 import shutil
@@ -44,7 +45,19 @@ def _read_metadata(path: Path) -> tuple[dict[str, str], list[tuple[int, dict[str
         raise SpecError(f"{path} does not exist: a MuDI dataset folder holds its photo list in {METADATA_FILE}.")
     phrases: dict[str, str] | None = None
     entries: list[tuple[int, dict[str, Any]]] = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    except OSError as exc:
+        raise SpecError(f"{path} cannot be read: {exc.strerror or exc}.") from None
+    # Bytes split and decoded line by line, so an encoding error names its line.
+    for number, raw in enumerate(data.splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise SpecError(
+                f"{path}:{number}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
+                "save the file as UTF-8."
+            ) from None
         if not line.strip():
             continue
         try:
@@ -101,6 +114,7 @@ def import_mudi(
         validate_key(key)
     except ValueError as exc:
         raise SpecError(f"{exc} (derived from the folder name {source.name!r}); give one with --pair.") from exc
+    stems: dict[tuple[str, str], tuple[str, int]] = {}  # (character, photo stem) -> (file name, line)
     for number, entry in entries:
         where = f"{metadata}:{number}"
         cid = entry.get("id")
@@ -114,6 +128,8 @@ def import_mudi(
                 raise SpecError(f"{where}: {field_name!r} must name a file in {source}, got {value!r}.")
             if not (source / value).is_file():
                 raise SpecError(f"{where}: {field_name} {value!r} does not exist in {source}.")
+        _check_stem(where, entry["file_name"], cid, stems, number)
+        _check_text(where, entry.get("text"), characters[cid])
         characters[cid].photos.append(entry)
     empty = [cid for cid, c in characters.items() if not c.photos]
     if empty:
@@ -131,6 +147,36 @@ def import_mudi(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return destination / "pair.yaml"
+
+
+def _check_stem(
+    where: str, file_name: str, cid: str, stems: dict[tuple[str, str], tuple[str, int]], number: int
+) -> None:
+    """Captions and masks are matched to a photo by its stem: two photos of one character sharing a stem
+    (``a00.jpg`` and ``a00.png``) would share one caption and one mask."""
+    stem = Path(file_name).stem
+    if (cid, stem) in stems:
+        other, other_line = stems[cid, stem]
+        raise SpecError(
+            f"{where}: {file_name!r} and {other!r} (line {other_line}) of character {cid!r} share the name "
+            f"{stem!r}; captions and masks are matched to photos by name without extension, so rename one."
+        )
+    stems[cid, stem] = (file_name, number)
+
+
+def _check_text(where: str, text: Any, character: _Character) -> None:
+    """A ``text`` becomes the photo's user caption, which must name the character by its token phrase (the same
+    rule the captions stage applies: case and spacing aside)."""
+    if text is None:
+        return
+    if not isinstance(text, str):
+        raise SpecError(f"{where}: 'text' must be a string, got {type(text).__name__}.")
+    words = " ".join(text.split()).lower()
+    if words and " ".join(character.token_phrase.split()).lower() not in words:
+        raise SpecError(
+            f"{where}: 'text' does not contain the token phrase {character.token_phrase!r} of character "
+            f"{character.id!r}; it becomes the photo's caption, which must name the character by that phrase."
+        )
 
 
 def _write_pair_folder(source: Path, destination: Path, key: str, characters: dict[str, _Character]) -> None:

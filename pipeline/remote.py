@@ -24,6 +24,7 @@ from pipeline.atomic import atomic_path
 from pipeline.errors import PairKeyError, StorageError
 from pipeline.hashing import sha256_file
 from pipeline.paths import safe_child
+from pipeline.redact import without_credentials
 
 MARKER_NAME = "_castlora_done.json"
 MARKER_FORMAT = 1
@@ -73,7 +74,8 @@ class S3Location:
 
     @property
     def endpoint(self) -> str:
-        return self.endpoint_url or f"AWS S3 ({self.region})"
+        """For messages: the endpoint URL without any user:password@ in it."""
+        return without_credentials(self.endpoint_url) if self.endpoint_url else f"AWS S3 ({self.region})"
 
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
@@ -166,7 +168,7 @@ class S3Store:
         for secret in self.secrets:
             if secret:
                 text = text.replace(secret, "***")
-        return text
+        return without_credentials(text)  # botocore quotes the endpoint URL it failed to reach
 
     def _error(self, action: str, key: str, exc: BaseException, attempts: int, hint: str = "") -> StorageError:
         reason = self._redact(f"{type(exc).__name__}: {exc}")

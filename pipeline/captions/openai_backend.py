@@ -17,7 +17,6 @@ import re
 import time
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import openai
 from PIL import Image
@@ -25,6 +24,7 @@ from PIL import Image
 from pipeline.captions.base import PROMPT_VERSION, clean_caption, instruction_for
 from pipeline.errors import CaptionError
 from pipeline.images import to_rgb
+from pipeline.redact import without_credentials
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +67,6 @@ def encode_image_data_url(image: Image.Image, max_side: int = MAX_IMAGE_SIDE) ->
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _without_credentials(url: str) -> str:
-    """Drop any user:password@ from a URL before it goes into a message."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
-
-
 class _Redactor:
     """Scrubs the API key, recognisable fragments of it and key-like tokens from text."""
 
@@ -90,7 +82,7 @@ class _Redactor:
             text = text.replace(self.secret, "[redacted]")
             for fragment in self.fragments:
                 text = re.sub(r"\S*" + re.escape(fragment) + r"\S*", "[redacted]", text)
-        return self._KEY_LIKE.sub("[redacted]", text)
+        return self._KEY_LIKE.sub("[redacted]", without_credentials(text))
 
 
 class OpenAICaptioner:
@@ -122,7 +114,7 @@ class OpenAICaptioner:
             base_url = self.config.base_url
             if base_url is not None and not base_url.startswith(("http://", "https://")):
                 raise CaptionError(
-                    f"Caption backend base_url {_without_credentials(base_url)!r} must start with http:// or "
+                    f"Caption backend base_url {without_credentials(base_url)!r} must start with http:// or "
                     "https:// (e.g. http://localhost:8000/v1)."
                 )
             key = self._api_key()
@@ -134,13 +126,13 @@ class OpenAICaptioner:
     def shown_base_url(self) -> str:
         """base_url for messages: the configured one, else what the client resolved (OPENAI_BASE_URL)."""
         base = self.config.base_url or (str(self._client.base_url) if self._client else "")
-        return _without_credentials(base) if base else "(OpenAI default)"
+        return without_credentials(base) if base else "(OpenAI default)"
 
     @property
     def endpoint(self) -> str:
         """Chat-completions URL, for messages (credentials stripped)."""
         base = str(self._client.base_url) if self._client else (self.config.base_url or "")
-        return _without_credentials(base.rstrip("/") + "/chat/completions")
+        return without_credentials(base.rstrip("/") + "/chat/completions")
 
     # --- captioning ------------------------------------------------------------------------------------
 

@@ -1,6 +1,12 @@
+import shutil
+import threading
+from pathlib import Path
+
 import pytest
 
 from assets import cli
+from pipeline.paths import DataLayout
+from pipeline.registry import load_registered
 
 
 def test_register_adds_partition_and_lists_pair(tmp_path, make_pair, monkeypatch, capsys):
@@ -66,3 +72,66 @@ def test_demo_command_runs_end_to_end(demo_home):
     bank = demo_home.data_home / "pairs" / "dog6__dog2" / "segmix_bank" / "manifest.parquet"
     assert bank.is_file()
     assert (demo_home.dagster_home / "dagster.yaml").is_file()
+
+
+def _variant(folder: Path, target: Path, token: str) -> Path:
+    """A copy of the pair folder whose characters have other token phrases (``tok0 dog`` -> ``<token>0 dog``)."""
+    shutil.copytree(folder, target)
+    spec_file = target / "pair.yaml"
+    spec_file.write_text(spec_file.read_text().replace("token_phrase: tok", f"token_phrase: {token}"))
+    return target
+
+
+def test_concurrent_registers_on_a_fresh_home_all_succeed_and_one_spec_wins(tmp_path, make_pair, monkeypatch):
+    """Three `castlora register` calls start together on a fresh home (threads: each opens its own connections to
+    the instance, as processes would); each must succeed, and the spec left is one of theirs."""
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    layout = DataLayout(tmp_path / "home")
+    tokens = ("zap", "vim", "kex")
+    base = make_pair("a__b")
+    folders = [_variant(base, tmp_path / f"v{n}", token) for n, token in enumerate(tokens)]
+    start = threading.Barrier(len(folders))
+    errors: list[BaseException] = []
+
+    def racer(folder: Path) -> None:
+        start.wait()
+        try:
+            cli.register(folder, layout)
+        except BaseException as exc:  # collected: an exception in a thread would otherwise pass unseen
+            errors.append(exc)
+
+    threads = [threading.Thread(target=racer, args=(folder,)) for folder in folders]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not errors, [f"{type(e).__name__}: {e}" for e in errors]
+    phrases = [c.token_phrase for c in load_registered(layout, "a__b").characters]
+    assert phrases in [[f"{token}0 dog", f"{token}1 dog"] for token in tokens]
+    import dagster as dg
+
+    with dg.DagsterInstance.from_config(str(layout.home / "dagster_home")) as instance:
+        assert instance.get_dynamic_partitions("character_pairs") == ["a__b"]
+
+
+def test_failed_register_leaves_the_spec_of_the_last_one_that_succeeded(tmp_path, make_pair, monkeypatch, capsys):
+    from tests.servers.s3 import free_port
+
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    home = tmp_path / "home"
+    first = make_pair("a__b")
+    assert cli.main(["--home", str(home), "register", str(first)]) == 0
+    spec_path = DataLayout(home).spec_path("a__b")
+    registered = spec_path.read_text()
+
+    # The second publishes to an S3 endpoint that is down: its command fails, so its spec must not stay in force.
+    monkeypatch.setenv("CASTLORA_S3_BUCKET", "castlora-test")
+    monkeypatch.setenv("CASTLORA_S3_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test-secret")
+    assert cli.main(["--home", str(home), "register", str(_variant(first, tmp_path / "second", "zap"))]) == 2
+    assert "castlora:" in capsys.readouterr().err
+    assert spec_path.read_text() == registered
+    monkeypatch.delenv("DAGSTER_HOME")  # main() set it to the first home's instance
+    assert cli.main(["--home", str(tmp_path / "other"), "register", str(first)]) == 2
+    assert not DataLayout(tmp_path / "other").spec_path("a__b").exists()  # none was in force: none is left

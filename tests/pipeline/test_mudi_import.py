@@ -148,3 +148,56 @@ def test_cli_import_then_register(tmp_path, capsys):
     assert spec.characters[0].class_noun == "dog" and spec.characters[0].captions_dir is None
     assert cli_main(["import-mudi", str(folder), str(tmp_path / "pair2"), "--class-noun", "a"]) == 2
     assert "use ID=NOUN" in capsys.readouterr().err
+
+
+def _rewrite_line(folder: Path, number: int, **changes) -> None:
+    """Change fields of line ``number`` (1-based) of metadata.jsonl."""
+    path = folder / "metadata.jsonl"
+    lines = path.read_text().splitlines()
+    lines[number - 1] = json.dumps({**json.loads(lines[number - 1]), **changes})
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _same_stem(folder: Path) -> None:
+    (folder / "a00.png").write_bytes((folder / "a00.jpg").read_bytes())
+    with (folder / "metadata.jsonl").open("a") as handle:
+        handle.write(json.dumps({"id": "a", "file_name": "a00.png", "text": _text("a", 0)}) + "\n")
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (_same_stem, r"metadata\.jsonl:8: 'a00\.png' and 'a00\.jpg' \(line 2\) of character 'a' share the name 'a00'"),
+        (
+            lambda f: _rewrite_line(f, 3, text="A photo of a corgi on the grass."),
+            r"metadata\.jsonl:3: 'text' does not contain the token phrase 'olis corgi' of character 'a'",
+        ),
+        (lambda f: _rewrite_line(f, 5, text=["not", "text"]), r"metadata\.jsonl:5: 'text' must be a string"),
+    ],
+    ids=["same stem", "text without the token phrase", "text not a string"],
+)
+def test_photos_sharing_a_name_and_captions_without_the_phrase_are_refused_at_import(tmp_path, damage, message):
+    folder = mudi_folder(tmp_path)
+    damage(folder)
+    with pytest.raises(SpecError, match=message):
+        import_mudi(folder, tmp_path / "pair")
+    assert not (tmp_path / "pair").exists()
+
+
+def test_token_phrase_is_found_whatever_its_case_and_spacing(tmp_path):
+    folder = mudi_folder(tmp_path)
+    _rewrite_line(folder, 3, text="OLIS   Corgi\tsits.")
+    spec = load_spec(import_mudi(folder, tmp_path / "pair"))
+    assert (Path(spec.characters[0].captions_dir) / "a01.txt").read_text().strip() == "OLIS   Corgi\tsits."
+
+
+def test_metadata_that_is_not_utf8_is_one_line_naming_file_and_line(tmp_path, capsys):
+    folder = mudi_folder(tmp_path)
+    lines = (folder / "metadata.jsonl").read_bytes().splitlines()
+    lines[3] = lines[3].replace(b"number", b"n\xe9mero")  # Latin-1, as an old editor would save it
+    (folder / "metadata.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    assert cli_main(["--home", str(tmp_path / "home"), "import-mudi", str(folder), str(tmp_path / "pair")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"{folder / 'metadata.jsonl'}:4: not UTF-8 text (byte 0xe9" in err
+    assert not (tmp_path / "pair").exists()

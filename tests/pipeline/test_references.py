@@ -1,12 +1,13 @@
 import io
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
 from pipeline.errors import NotEnoughReferencesError
-from pipeline.images import IntakeConfig, intake_photos
+from pipeline.images import IntakeConfig, intake_photos, load_mask
 from pipeline.lineage import LineageRecorder, read_lineage
 from pipeline.spec import load_spec
 from pipeline.stages.references import run_references
@@ -101,3 +102,171 @@ def test_rerun_removes_files_of_dropped_photos(tmp_path, make_pair):
     on_disk = {str(p) for p in (tmp_path / "out").rglob("*.png")}
     assert len(first.manifest) == 8 and len(second.manifest) == 7
     assert on_disk == set(second.manifest["path"])
+
+
+# -- every colour mode converted faithfully (or refused by name) ----------------------------------------------
+
+_W, _H = 160, 120
+
+
+def _ramp(high: float, dtype) -> np.ndarray:
+    """A horizontal gradient from 0 to ``high`` with a vertical one added, so every pixel differs a little."""
+    x = np.linspace(0.0, 1.0, _W)[None, :]
+    y = np.linspace(0.0, 1.0, _H)[:, None]
+    return ((0.8 * x + 0.2 * y) * high).astype(dtype)
+
+
+def _grey(expected: np.ndarray) -> np.ndarray:
+    return np.repeat(expected[..., None], 3, axis=2)
+
+
+def _sixteen_bit_png(path: Path) -> np.ndarray:
+    values = _ramp(65535, np.uint16)
+    Image.fromarray(values).save(path)
+    return _grey(np.rint(values / 257.0))
+
+
+def _sixteen_bit_big_endian_tiff(path: Path) -> np.ndarray:
+    values = _ramp(65535, np.uint16)
+    Image.frombytes("I;16B", (_W, _H), values.astype(">u2").tobytes()).save(path)
+    return _grey(np.rint(values / 257.0))
+
+
+def _thirty_two_bit_tiff(path: Path) -> np.ndarray:
+    values = _ramp(65535, np.int32)
+    Image.fromarray(values).save(path)
+    return _grey(np.rint(values / 257.0))
+
+
+def _float_tiff(path: Path) -> np.ndarray:
+    values = _ramp(1.0, np.float32)
+    Image.fromarray(values).save(path)
+    return _grey(np.rint(values * 255.0))
+
+
+def _cmyk_tiff(path: Path, icc_profile: bytes | None = None) -> np.ndarray:
+    cmyk = np.zeros((_H, _W, 4), np.uint8)
+    cmyk[:, :40] = (255, 0, 0, 0)  # cyan
+    cmyk[:, 40:80] = (0, 255, 255, 0)  # red
+    cmyk[:, 80:120] = (0, 0, 0, 128)  # mid grey
+    cmyk[:, 120:] = (0, 0, 0, 0)  # white
+    Image.frombytes("CMYK", (_W, _H), cmyk.tobytes()).save(
+        path, **({"icc_profile": icc_profile} if icc_profile else {})
+    )
+    expected = np.zeros((_H, _W, 3))
+    expected[:, :40] = (0, 255, 255)
+    expected[:, 40:80] = (255, 0, 0)
+    expected[:, 80:120] = 127
+    expected[:, 120:] = 255
+    return expected
+
+
+def _lab_tiff(path: Path) -> np.ndarray:
+    # Pillow's LAB: L 0..255 for 0..100, a and b offset by 128; L=128, a=b=128 is neutral grey L*=50.
+    Image.new("LAB", (_W, _H), (128, 128, 128)).save(path)
+    return np.full((_H, _W, 3), 119.0)  # sRGB of L*=50
+
+
+def _palette_alpha_png(path: Path) -> np.ndarray:
+    indices = np.zeros((_H, _W), np.uint8)
+    indices[:, _W // 2 :] = 1
+    indices[: _H // 2, : _W // 4] = 2
+    image = Image.frombytes("P", (_W, _H), indices.tobytes())
+    image.putpalette([10, 20, 30, 200, 100, 50, 0, 0, 0] + [0] * (256 - 3) * 3)
+    image.save(path, transparency=2)  # index 2 fully transparent
+    expected = np.zeros((_H, _W, 3))
+    expected[:] = (10, 20, 30)
+    expected[:, _W // 2 :] = (200, 100, 50)
+    expected[: _H // 2, : _W // 4] = 255  # transparent: white background
+    return expected
+
+
+def _la_png(path: Path) -> np.ndarray:
+    grey = _ramp(255, np.uint8)
+    alpha = np.full_like(grey, 255)
+    alpha[:, :20] = 0
+    Image.fromarray(np.stack([grey, alpha], axis=2)).save(path)
+    expected = _grey(grey.astype(float))
+    expected[:, :20] = 255
+    return expected
+
+
+def _one_bit_png(path: Path) -> np.ndarray:
+    bits = np.zeros((_H, _W), bool)
+    bits[::2] = True
+    Image.fromarray(bits).convert("1").save(path)
+    return _grey(np.where(bits, 255.0, 0.0))
+
+
+MODE_CASES = {
+    "16-bit greyscale PNG": ("grey16.png", _sixteen_bit_png),
+    "16-bit big-endian TIFF": ("grey16b.tif", _sixteen_bit_big_endian_tiff),
+    "32-bit integer TIFF": ("grey32.tif", _thirty_two_bit_tiff),
+    "float TIFF": ("float.tif", _float_tiff),
+    "CMYK TIFF": ("cmyk.tif", _cmyk_tiff),
+    "CMYK TIFF with an unusable ICC profile": ("cmyk_icc.tif", lambda path: _cmyk_tiff(path, b"not a profile")),
+    "CIELAB TIFF": ("lab.tif", _lab_tiff),
+    "palette with transparency": ("palette.png", _palette_alpha_png),
+    "greyscale with alpha": ("la.png", _la_png),
+    "1-bit": ("bits.png", _one_bit_png),
+}
+
+
+@pytest.mark.parametrize("case", MODE_CASES, ids=list(MODE_CASES))
+def test_every_mode_keeps_its_pixel_values(tmp_path, case):
+    name, build = MODE_CASES[case]
+    expected = build(tmp_path / name)
+    (accepted,) = intake_photos([tmp_path / name], IntakeConfig(min_side=64)).accepted
+    assert accepted.image.mode == "RGB" and accepted.image.size == (_W, _H)
+    # Equal up to 8-bit quantisation: one level of rounding either way.
+    difference = np.abs(np.asarray(accepted.image, dtype=float) - expected)
+    assert difference.max() <= 1, f"{case}: off by up to {difference.max()} levels"
+
+
+def test_sixteen_bit_mask_is_not_all_subject(tmp_path):
+    values = np.zeros((_H, _W), np.uint16)
+    values[:, : _W // 2] = 65535
+    values[:, _W // 2 :] = 20000  # 78 in 8 bits: background, though far above 128 as a raw number
+    Image.fromarray(values).save(tmp_path / "mask.png")
+    mask = load_mask(tmp_path / "mask.png")
+    assert mask[:, : _W // 2].all() and not mask[:, _W // 2 :].any()
+
+
+@pytest.mark.parametrize(
+    ("mode", "values", "expected"),
+    [
+        ("F", np.full((_H, _W), 3.5, np.float32), "mode F"),
+        ("F", np.full((_H, _W), np.nan, np.float32), "mode F"),
+        ("I", np.full((_H, _W), 100_000, np.int32), "mode I"),
+    ],
+    ids=["float beyond 0..1", "float NaN", "32-bit beyond 16-bit range"],
+)
+def test_modes_without_a_faithful_reading_are_refused_by_name(tmp_path, mode, values, expected):
+    Image.fromarray(values).save(tmp_path / "odd.tif")
+    result = intake_photos([tmp_path / "odd.tif"], IntakeConfig(min_side=64))
+    assert not result.accepted
+    (rejected,) = result.rejected
+    assert expected in rejected.reason and "export it as 8- or 16-bit" in rejected.reason
+
+
+# -- size and shape ------------------------------------------------------------------------------------------
+
+
+def test_min_side_is_checked_after_downscaling(tmp_path):
+    subject_photo((300, 1200), seed=7).save(tmp_path / "tall.png")  # 4:1, allowed; 1024 long side -> 256x1024
+    config = IntakeConfig(min_side=260, max_side=1024)
+    (rejected,) = intake_photos([tmp_path / "tall.png"], config).rejected
+    assert "too small: 256x1024 after downscaling 300x1200" in rejected.reason and "260px" in rejected.reason
+
+
+def test_extreme_aspect_ratios_are_refused_with_the_figure_and_the_limit(tmp_path):
+    subject_photo((300, 3000), seed=8).save(tmp_path / "strip.png")
+    subject_photo((1200, 300), seed=9).save(tmp_path / "wide.png")  # exactly 4:1: accepted
+    result = intake_photos([tmp_path / "strip.png", tmp_path / "wide.png"], IntakeConfig())
+    (rejected,) = result.rejected
+    assert Path(rejected.source).name == "strip.png"
+    assert "aspect ratio 10.0:1 (300x3000)" in rejected.reason and "limit of 4:1" in rejected.reason
+    (accepted,) = result.accepted
+    assert accepted.image.size == (1200, 300)
+    loose = intake_photos([tmp_path / "strip.png"], IntakeConfig(min_side=64, max_aspect_ratio=12))
+    assert loose.accepted[0].image.size == (154, 1536)

@@ -179,6 +179,22 @@ def test_endpoint_down_gives_a_clear_error_and_marks_nothing_done(s3_bucket, tmp
     assert s3_bucket.object_keys() == []  # the real bucket of that name got nothing, least of all a marker
 
 
+def test_credentials_in_the_endpoint_url_never_reach_a_message(tmp_path):
+    local = stage_folder(tmp_path / "out", FILES)
+    port = free_port()
+    location = S3Location("bucket", "castlora", f"http://castlora-user:hunter2-secret@127.0.0.1:{port}", "us-east-1")
+    factory = boto3_client_factory(location, TEST_ACCESS_KEY, TEST_SECRET_KEY, botocore_attempts=1)
+    store = S3Store(location, factory, RetryPolicy(2, 0.001, 0.01), (TEST_SECRET_KEY,), sleep=lambda _: None)
+
+    with pytest.raises(StorageError) as raised:
+        store.publish_tree(local, "pairs/a__b/references")
+
+    message = str(raised.value)
+    assert f"at http://127.0.0.1:{port} failed" in message
+    assert "hunter2-secret" not in message and "castlora-user" not in message
+    assert location.endpoint == f"http://127.0.0.1:{port}"
+
+
 def test_fetch_refuses_a_marker_that_names_a_path_outside_the_folder(s3_bucket, tmp_path):
     marker = {"format": 1, "files": [{"name": "../../escape.txt", "size": 1, "sha256": "0" * 64}]}
     s3_bucket.client.put_object(

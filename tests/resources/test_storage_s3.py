@@ -134,6 +134,19 @@ def test_sensor_survives_s3_being_down(tmp_path, make_pair):
     assert TEST_SECRET_KEY not in result.skip_reason.skip_message
 
 
+def test_credentials_in_the_endpoint_url_are_never_shown(tmp_path, make_pair):
+    from tests.servers.s3 import Bucket, free_port
+
+    down = Bucket(f"http://castlora-user:hunter2-secret@127.0.0.1:{free_port()}", "no-such-server")
+    storage = s3_storage(down, tmp_path / "home")
+    with pytest.raises(StorageError) as raised:
+        storage.register(load_spec(make_pair("a__b")))
+    with dg.instance_for_test() as instance:
+        result = inbox_sensor(dg.build_sensor_context(instance=instance, resources={"storage": storage}))
+    for message in (str(raised.value), result.skip_reason.skip_message):
+        assert "127.0.0.1" in message and "hunter2-secret" not in message and "castlora-user" not in message
+
+
 def test_credentials_from_env_vars_are_used_and_never_shown(moto_s3_iam, tmp_path, monkeypatch):
     bucket = moto_s3_iam.create_bucket()
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
