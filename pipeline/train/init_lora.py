@@ -12,8 +12,7 @@ import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from pipeline.errors import LoraError
-from pipeline.lora.adapters import text_encoder_lora_state_dict
+from pipeline.lora.adapters import LoraError, text_encoder_lora_state_dict
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
