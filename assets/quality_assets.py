@@ -112,7 +112,7 @@ def _scorer(storage: StorageResource, models: ModelResource, pair: str):
     partitions_def=character_pairs,
     group_name=GROUP,
     deps=[lora],
-    code_version="iteration-v1",
+    code_version="iteration-v2",
     kinds={"pytorch", "parquet"},
     **gpu_step(),
     description="Iterative self-generation: render, score with Detect-and-Compare, keep the best, fine-tune with KL "
@@ -199,7 +199,7 @@ def _open(path):
     partitions_def=character_pairs,
     group_name=GROUP,
     deps=[lora, iteration],
-    code_version="evaluation-v1",
+    code_version="evaluation-v2",
     kinds={"pytorch", "parquet"},
     **gpu_step(),
     description="DreamBooth vs Seg-Mix vs + MuDI init vs + iterative training on one prompt × seed grid: D&C (both "
