@@ -17,8 +17,9 @@ setup: $(STAMP)
 # The venv is exactly requirements/dev.lock (every package pinned with its hashes, see `make lock`); castlora itself
 # is then installed editable on top, with the locked setuptools rather than an isolated build env's newest one.
 # Reinstall when the lock or the project's metadata changes.
-$(STAMP): requirements/dev.lock pyproject.toml
+$(STAMP): requirements/pip.lock requirements/dev.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --require-hashes -r requirements/pip.lock
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --require-hashes -r requirements/dev.lock
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $@

@@ -1,4 +1,10 @@
-"""Attach PEFT LoRA adapters to the SDXL U-Net and CLIP text encoders, and read their weights back.
+"""Attach PEFT LoRA adapters to the SDXL U-Net and CLIP text encoders, switch and remove them, and read their
+weights back.
+
+Adapters are attached with PEFT's own ``inject_adapter_in_model`` for every model, never through the
+``add_adapter``/``set_adapter`` methods that diffusers and transformers wrap around it: transformers gates its
+wrappers on a minimum PEFT version (5.25 asks for a PEFT that was not released yet), and the wrappers add nothing
+castlora needs. The bookkeeping both libraries read (``peft_config``, ``_hf_peft_config_loaded``) is kept the same.
 
 The frozen base may be fp16/bf16 on GPU while the LoRA weights stay fp32: low-precision LoRA updates lose
 most of a small learning rate to rounding (SPEC §5). State dicts come out in diffusers' naming, which is
@@ -7,11 +13,14 @@ what ``save_lora_weights`` writes and what the kohya/SGM converter in ``export.p
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 from diffusers.utils import convert_state_dict_to_diffusers
-from peft import LoraConfig
+from diffusers.utils.peft_utils import delete_adapter_layers
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 
 from pipeline.errors import CastloraError
@@ -82,13 +91,39 @@ def _attach(module: torch.nn.Module, config: LoraConfig, adapter_name: str) -> N
         )
     module.requires_grad_(False)  # only the adapter trains, whatever the caller did before
     try:
-        module.add_adapter(config, adapter_name=adapter_name)
+        with warnings.catch_warnings():
+            # PEFT warns whenever a model already holds an adapter; castlora keeps a second one on purpose
+            # (the frozen KL reference beside the trained adapter).
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            inject_adapter_in_model(config, module, adapter_name=adapter_name)
     except ValueError as exc:  # peft: "Target modules ... not found in the base model"
         raise LoraError(
             f"Cannot add LoRA to {type(module).__name__} with target_modules {sorted(config.target_modules)}: {exc}"
         ) from exc
+    module._hf_peft_config_loaded = True  # what diffusers' and transformers' adapter code checks
+    activate_adapter(module, adapter_name)
     for param in lora_parameters(module):
         param.data = param.data.float()
+
+
+def activate_adapter(module: torch.nn.Module, adapter_name: str) -> None:
+    """Make ``adapter_name`` the one active (and trainable) adapter of every LoRA layer in ``module``."""
+    if adapter_name not in (getattr(module, "peft_config", None) or {}):
+        raise LoraError(f"{type(module).__name__} has no adapter {adapter_name!r}.")
+    for layer in module.modules():
+        if isinstance(layer, BaseTunerLayer):
+            layer.set_adapter(adapter_name)
+
+
+def remove_adapter(module: torch.nn.Module, adapter_name: str) -> None:
+    """Delete ``adapter_name``'s weights and config from ``module``; a no-op when it has no such adapter."""
+    configs = getattr(module, "peft_config", None) or {}
+    if adapter_name not in configs:
+        return
+    delete_adapter_layers(module, adapter_name)
+    remaining = getattr(module, "peft_config", None)
+    if remaining is not None:
+        remaining.pop(adapter_name, None)
 
 
 def add_unet_lora(unet: torch.nn.Module, spec: LoraSpec, adapter_name: str = DEFAULT_ADAPTER) -> None:

@@ -12,7 +12,7 @@ import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from pipeline.lora.adapters import LoraError, text_encoder_lora_state_dict
+from pipeline.lora.adapters import LoraError, activate_adapter, text_encoder_lora_state_dict
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
@@ -60,12 +60,11 @@ def load_text_encoder_lora(encoder: torch.nn.Module, state: dict[str, torch.Tens
         raise LoraError(f"Loading init_lora into the text encoder left unexpected keys {unexpected[:2]}.")
 
 
-def activate(model: torch.nn.Module, adapter_name: str | None) -> None:
-    """Make ``adapter_name`` the active (and only trainable) adapter of every LoRA layer; None disables LoRA."""
-    for module in model.modules():
-        if isinstance(module, BaseTunerLayer):
-            if adapter_name is None:
-                module.enable_adapters(False)
-            else:
-                module.enable_adapters(True)
-                module.set_adapter(adapter_name)
+def activate_or_disable(model: torch.nn.Module, adapter_name: str | None) -> None:
+    """``activate_adapter`` (the named adapter active and the only trainable one), or with None every LoRA layer
+    of ``model`` switched off (the model without LoRA)."""
+    for layer in model.modules():
+        if isinstance(layer, BaseTunerLayer):
+            layer.enable_adapters(adapter_name is not None)
+    if adapter_name is not None:
+        activate_adapter(model, adapter_name)

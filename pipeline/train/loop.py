@@ -20,7 +20,6 @@ import os
 import resource
 import shutil
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,9 +39,11 @@ from pipeline.lora.adapters import (
     DEFAULT_ADAPTER,
     LoraError,
     LoraSpec,
+    activate_adapter,
     add_text_encoder_lora,
     add_unet_lora,
     lora_parameters,
+    remove_adapter,
     text_encoder_lora_state_dict,
     unet_lora_state_dict,
 )
@@ -65,7 +66,7 @@ from pipeline.train.checkpoint import (
 )
 from pipeline.train.config import TrainConfig
 from pipeline.train.data import SamplePools, TrainingSample, plan_step, samples_fingerprint_items
-from pipeline.train.init_lora import activate, load_text_encoder_lora, split_init_lora
+from pipeline.train.init_lora import activate_or_disable, load_text_encoder_lora, split_init_lora
 
 ADAPTER_NAME = DEFAULT_ADAPTER
 REFERENCE_ADAPTER = "reference"
@@ -97,25 +98,15 @@ def _add_lora(model: torch.nn.Module, spec: LoraSpec, text_encoder: bool, seed: 
 
     The RNG is forked so the initial A matrices depend only on ``seed``, not on what ran before.
     """
-    _remove_adapter(model, REFERENCE_ADAPTER)  # left behind by a run that died before cleaning up
-    _remove_adapter(model, ADAPTER_NAME)
+    remove_adapter(model, REFERENCE_ADAPTER)  # left behind by a run that died before cleaning up
+    remove_adapter(model, ADAPTER_NAME)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if text_encoder:
             add_text_encoder_lora(model, spec, adapter_name=ADAPTER_NAME)
         else:
             add_unet_lora(model, spec, adapter_name=ADAPTER_NAME)
-    if hasattr(model, "set_adapter"):
-        model.set_adapter(ADAPTER_NAME)
     return lora_parameters(model)
-
-
-def _remove_adapter(model: torch.nn.Module, name: str) -> None:
-    if name in (getattr(model, "peft_config", None) or {}):
-        if hasattr(model, "delete_adapters"):  # diffusers models
-            model.delete_adapters(name)
-        else:  # transformers models
-            model.delete_adapter(name)
 
 
 def lora_state_hash(state: dict[str, torch.Tensor]) -> str:
@@ -449,12 +440,10 @@ class _Trainer:
         """Load ``init_lora`` into the trainable adapter and, if needed, into a frozen reference adapter."""
         load_unet_lora(unet, self.init_lora, ADAPTER_NAME)
         if self.reference_adapter is not None:
-            with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-                # Its random init is overwritten (keep the global RNG as is); a second adapter is intended here.
-                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            with torch.random.fork_rng(devices=[]):  # its random init is overwritten: keep the global RNG as is
                 add_unet_lora(unet, spec, adapter_name=self.reference_adapter)
             load_unet_lora(unet, self.init_lora, self.reference_adapter)
-            unet.set_adapter(ADAPTER_NAME)  # add_adapter activated (and unfroze) the reference
+            activate_adapter(unet, ADAPTER_NAME)  # attaching activated (and unfroze) the reference
         _check_only_adapter_trains(unet, ADAPTER_NAME)
         return lora_parameters(unet)
 
@@ -463,11 +452,10 @@ class _Trainer:
         ``init_lora``'s part for ``component``."""
         load_text_encoder_lora(encoder, self.init_text[component], ADAPTER_NAME)
         if self.reference_adapter is not None:
-            with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            with torch.random.fork_rng(devices=[]):  # its random init is overwritten: keep the global RNG as is
                 add_text_encoder_lora(encoder, spec, adapter_name=self.reference_adapter)
             load_text_encoder_lora(encoder, self.init_text[component], self.reference_adapter)
-            activate(encoder, ADAPTER_NAME)
+            activate_adapter(encoder, ADAPTER_NAME)
         _check_only_adapter_trains(encoder, ADAPTER_NAME)
         return lora_parameters(encoder)
 
@@ -477,12 +465,12 @@ class _Trainer:
         adapter, or with LoRA off where ``init_lora`` had no text-encoder part (what model k then used)."""
         encoders = [getattr(self.pipe, name) for name in ("text_encoder", "text_encoder_2")]
         for name, encoder in zip(("text_encoder", "text_encoder_2"), encoders, strict=True):
-            activate(encoder, self.reference_adapter if name in self.init_text else None)
+            activate_or_disable(encoder, self.reference_adapter if name in self.init_text else None)
         try:
             return encode_prompts(self.pipe, prompts, self.device)
         finally:
             for encoder in encoders:
-                activate(encoder, ADAPTER_NAME)
+                activate_or_disable(encoder, ADAPTER_NAME)
                 _check_only_adapter_trains(encoder, ADAPTER_NAME)
 
     def remove_reference(self) -> None:
@@ -491,12 +479,12 @@ class _Trainer:
             return
         unet = self.pipe.unet
         if self.reference_adapter in (getattr(unet, "peft_config", None) or {}):
-            _remove_adapter(unet, self.reference_adapter)
-            unet.set_adapter(ADAPTER_NAME)
+            remove_adapter(unet, self.reference_adapter)
+            activate_adapter(unet, ADAPTER_NAME)
         for encoder in (self.pipe.text_encoder, self.pipe.text_encoder_2):
             if self.reference_adapter in (getattr(encoder, "peft_config", None) or {}):
-                _remove_adapter(encoder, self.reference_adapter)
-                activate(encoder, ADAPTER_NAME)
+                remove_adapter(encoder, self.reference_adapter)
+                activate_adapter(encoder, ADAPTER_NAME)
 
     def resume(self, state: TrainingState, folder: Path) -> None:
         _load_trainable_state(self.models, state.lora, folder)
@@ -635,7 +623,7 @@ class _Trainer:
         if adapter is None:
             unet.disable_adapters()
         else:
-            unet.set_adapter(adapter)
+            activate_adapter(unet, adapter)
         try:
             with self.accelerator.autocast():
                 return unet(inputs.noisy, inputs.timesteps, inputs.embeds, added_cond_kwargs=inputs.cond).sample
@@ -643,7 +631,7 @@ class _Trainer:
             if adapter is None:
                 unet.enable_adapters()
             else:
-                unet.set_adapter(ADAPTER_NAME)
+                activate_adapter(unet, ADAPTER_NAME)
                 _check_only_adapter_trains(unet, ADAPTER_NAME)
 
     def final_metrics(self) -> dict[str, Any]:

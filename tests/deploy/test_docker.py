@@ -146,18 +146,37 @@ def test_image_serves_the_code_location_over_grpc_as_a_non_root_user(name):
     assert env["DAGSTER_DISABLE_TELEMETRY"] == "1"
 
 
+IMAGE_LOCKS = {"Dockerfile": "cpu-image.lock", "Dockerfile.cuda": "cuda-image.lock"}
+
+
 @pytest.mark.parametrize("name", DOCKERFILES)
-def test_image_installs_the_project_with_the_pinned_torch(name):
+def test_image_installs_its_lock_then_the_project_without_unlocked_packages(name):
     parsed = dockerfile(name)
-    runs = " ; ".join(i.args for i in parsed if i.keyword == "RUN")
-    assert 'pip install ".[k8s]"' in runs, "a regular install with the k8s extra"
-    assert "pip install -e" not in runs
+    runs = [i.args for i in parsed if i.keyword == "RUN"]
+    joined = " ; ".join(runs)
+    lock = IMAGE_LOCKS[name]
+    order = [
+        joined.find("pip install --require-hashes -r requirements/pip.lock"),
+        joined.find(f"pip install --require-hashes -r requirements/{lock}"),
+        joined.find('pip install --no-deps --no-build-isolation ".[k8s]"'),
+    ]
+    assert -1 not in order and order == sorted(order), f"{name}: pip.lock, then {lock}, then the project: {order}"
+    assert "pip install -e" not in joined
+    copied = " ".join(i.args for i in parsed if i.keyword == "COPY")
+    assert f"requirements/{lock}" in copied and "requirements/pip.lock" in copied
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
     assert "k8s" in pyproject["project"]["optional-dependencies"]
-    pins = dict(re.findall(r"^(torch|torchvision)==(\S+)$", "\n".join(pyproject["project"]["dependencies"]), re.M))
-    args = key_values(parsed, "ARG")
-    assert args["TORCH_VERSION"] == pins["torch"], "torch in the image must match pyproject.toml"
-    assert args["TORCHVISION_VERSION"] == pins["torchvision"]
+    # Every unhashed install is torch's CPU wheels only, pinned to the dev lock's versions.
+    loose = [r for r in runs if "pip install" in r and "--require-hashes" not in r and "--no-deps" not in r]
+    assert not loose, f"{name}: installs that could resolve unlocked releases: {loose}"
+
+
+def test_cpu_image_pins_torch_to_the_locked_versions():
+    locked = dict(re.findall(r"^(torch|torchvision)==(\S+)", (REPO / "requirements" / "dev.lock").read_text(), re.M))
+    args = key_values(dockerfile("Dockerfile"), "ARG")
+    assert args["TORCH_VERSION"] == locked["torch"], "torch in the CPU image must match requirements/dev.lock"
+    assert args["TORCHVISION_VERSION"] == locked["torchvision"]
+    runs = " ; ".join(i.args for i in dockerfile("Dockerfile") if i.keyword == "RUN")
     assert '"torch==${TORCH_VERSION}"' in runs and '"torchvision==${TORCHVISION_VERSION}"' in runs
 
 

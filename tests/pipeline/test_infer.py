@@ -241,8 +241,11 @@ def test_lora_scale_reaches_the_unet(pipe: StableDiffusionXLPipeline, lora_pipe:
     requests = [SampleRequest("olis dog", 8, lora_scale=0.0), SampleRequest("olis dog", 8, lora_scale=1.0)]
     off, on = (np.asarray(image, dtype=int) for _, image in generate(lora_pipe, requests, None, SIDE, SIDE, 2, 5.0))
     ((_, base),) = generate(pipe, [SampleRequest("olis dog", 8)], None, SIDE, SIDE, STEPS, GUIDANCE)
-    np.testing.assert_array_equal(off, np.asarray(base, dtype=int))  # scale 0 = the base model
-    assert np.abs(on - off).max() > 0
+    # Scale 0 is the base model up to rounding: the LoRA-wrapped layers take other kernel paths (oneDNN/BLAS pick
+    # blockings per module), so one 8-bit level may flip on some pixels depending on the CPU and library build.
+    base_diff = np.abs(off - np.asarray(base, dtype=int))
+    assert base_diff.max() <= 1 and (base_diff > 0).mean() < 0.001, (base_diff.max(), (base_diff > 0).mean())
+    assert np.abs(on - off).max() > 8  # scale 1 really changes the image, far beyond that rounding
 
 
 def test_layout_from_boxes_places_cutouts_in_their_boxes() -> None:

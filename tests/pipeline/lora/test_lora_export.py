@@ -20,10 +20,12 @@ from pipeline.lora import (
     KOHYA_WEIGHT_NAME,
     LoraError,
     LoraSpec,
+    activate_adapter,
     add_text_encoder_lora,
     add_unet_lora,
     export_lora,
     lora_parameters,
+    remove_adapter,
     save_kohya_lora,
     text_encoder_lora_state_dict,
     to_kohya_sgm,
@@ -150,6 +152,37 @@ def test_bad_specs_and_double_adapters_are_refused(tiny_dir: Path) -> None:
     with pytest.raises(LoraError, match="already has"):
         add_unet_lora(pipe.unet, LoraSpec(rank=4))
     assert issubclass(LoraError, CastloraError)
+
+
+def test_adapters_never_go_through_the_version_gated_library_wrappers(
+    tiny_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """transformers >= 5.24 refuses its adapter methods unless peft >= 0.22 (unreleased); diffusers gates its own on
+    a minimum peft too. castlora's attach / switch / remove / read must work whatever those gates say."""
+    import diffusers.loaders.peft
+    import transformers.integrations.peft
+
+    def refuse(min_version: str) -> None:
+        raise ValueError(f"The version of PEFT you are using is not compatible, please use a version >= {min_version}")
+
+    monkeypatch.setattr(transformers.integrations.peft, "check_peft_version", refuse)
+    monkeypatch.setattr(diffusers.loaders.peft, "check_peft_version", refuse)
+    pipe = _fresh_pipe(tiny_dir)
+    spec = LoraSpec(rank=4, train_text_encoders=True)
+    for module, add in ((pipe.unet, add_unet_lora), (pipe.text_encoder, add_text_encoder_lora)):
+        add(module, spec)
+        add(module, spec, adapter_name="reference")
+        assert set(module.peft_config) == {"castlora", "reference"}
+        activate_adapter(module, "castlora")
+        trainable = {name for name, p in module.named_parameters() if p.requires_grad}
+        assert trainable and all(".castlora." in name for name in trainable)
+        remove_adapter(module, "reference")
+        assert set(module.peft_config) == {"castlora"}
+        assert not any(".reference." in name for name, _ in module.named_parameters())
+        remove_adapter(module, "reference")  # removing an absent adapter is a no-op
+    assert text_encoder_lora_state_dict(pipe.text_encoder) and unet_lora_state_dict(pipe.unet)
+    with pytest.raises(LoraError, match="no adapter 'missing'"):
+        activate_adapter(pipe.text_encoder, "missing")
 
 
 # ------------------------------------------------------------------------------------------- load parity

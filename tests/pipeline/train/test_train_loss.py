@@ -9,6 +9,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from pipeline.errors import CastloraError
+from pipeline.lora.adapters import remove_adapter
 from pipeline.train import TrainConfig, train_lora
 from pipeline.train.caches import encode_images, encode_prompts, load_training_image
 from pipeline.train.loop import dco_loss, per_sample_error
@@ -101,8 +102,9 @@ def test_text_encoder_lora_trains_without_text_cache(tiny_pipe, sample_set, tmp_
     assert moved and any(v.abs().sum() > 0 for v in moved)
     # Leave the shared pipe as the other tests expect it: no text-encoder adapter.
     for encoder in (tiny_pipe.text_encoder, tiny_pipe.text_encoder_2):
-        encoder.delete_adapter("castlora")
+        remove_adapter(encoder, "castlora")
         encoder.requires_grad_(False)
+        assert not getattr(encoder, "peft_config", None)
 
 
 def test_prior_preservation_without_prior_samples_is_refused(tiny_pipe, sample_set, tmp_path):
