@@ -136,8 +136,9 @@ def run_lora(
 ) -> LoraOutput:
     """Train (resuming if possible), export both formats, point ``current.json`` at them, render checks.
 
-    ``init_lora`` (a U-Net LoRA state) starts from another LoRA, as the iterative rounds do; with
-    ``config.kl_weight`` > 0 it is also the frozen reference of the KL term. ``trainer`` has ``train_lora``'s
+    ``init_lora`` (a LoRA state: U-Net, plus text encoders for a text-encoder LoRA) starts from another LoRA,
+    as the iterative rounds do; with ``config.kl_weight`` > 0 it is also the frozen reference of the KL term.
+    ``trainer`` has ``train_lora``'s
     signature and must leave the trained adapter on ``pipe`` as it does (e.g. ``pipeline.train.launch``'s
     multi-process ``distributed_trainer``).
     """

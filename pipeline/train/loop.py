@@ -737,9 +737,10 @@ def train_lora(
     Resumes automatically from the newest checkpoint in ``out_dir`` (raising CheckpointError if it is
     corrupt or from another setup). ``on_log(step, metrics)`` runs on the main process every
     ``log_every`` steps; ``should_stop()`` is polled after each step, and a stop writes a checkpoint first.
-    ``init_lora`` (a ``TrainResult.lora_state``, same rank and targets as ``config``) is the U-Net adapter's
-    starting point instead of a fresh one; its hash joins the checkpoint fingerprint. With
-    ``config.kl_weight`` > 0 it is also the frozen reference of the KL term (logged as ``kl``).
+    ``init_lora`` (a ``TrainResult.lora_state``, or an exported diffusers file's tensors, which may add
+    ``text_encoder.``/``text_encoder_2.`` parts; same rank and targets as ``config``) is the adapters' starting
+    point instead of fresh ones; its hash joins the checkpoint fingerprint. With ``config.kl_weight`` > 0 it is
+    also the frozen reference of the KL term (logged as ``kl``), text encoders included.
     On return the U-Net carries the trained adapter (active), so ``pipe`` can render validation images.
     """
     if config.kl_weight > 0 and init_lora is None:
