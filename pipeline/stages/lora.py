@@ -111,7 +111,9 @@ def _export(
         "steps": result.steps_done,
         "final_loss": result.final_loss,
         "resumed_from": result.resumed_from,
-        **config.result_fields(),
+        # Every training setting (``steps`` above is the steps done; the configured count is ``train_steps``).
+        **{k: v for k, v in config.as_record().items() if k != "steps"},
+        "train_steps": config.steps,
         **{k: v for k, v in result.metrics.items() if isinstance(v, int | float | str)},
     }
     for kind, path in files.items():

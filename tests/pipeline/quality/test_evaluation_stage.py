@@ -137,6 +137,9 @@ def test_dreambooth_baseline_is_a_recorded_output_trained_like_the_segmix_lora(q
     assert current_lora(out_dir / BASELINE_DIR)["version"] == baseline.version
     lineage = read_lineage(tmp_path / "lineage").to_pandas()
     assert {str(p) for p in baseline.files.values()} <= set(lineage["artifact_uri"])
+    row = lineage[lineage["artifact_uri"] == str(baseline.files["diffusers"])].iloc[0]
+    params = json.loads(row["params_json"])
+    assert params["train_steps"] == 2 and params["segmix_p"] == 0.0 and params["gradient_checkpointing"] is False
 
     variants = [Variant("dreambooth", baseline.as_current(), None), Variant("segmix", segmix, None)]
     training = training_settings([*variants, Variant("base", None, None)], segmix)
