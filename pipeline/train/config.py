@@ -101,9 +101,7 @@ class TrainConfig:
 
     def as_record(self) -> dict[str, Any]:
         """Every field, JSON-ready: what a LoRA's record keeps so ``from_record`` rebuilds this config exactly."""
-        record = asdict(self)
-        record["targets"] = list(self.targets)
-        return record
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
     def from_record(cls, record: Any, source: str) -> TrainConfig:
@@ -123,7 +121,8 @@ class TrainConfig:
                 f"({'; '.join(p for p in problems if p)}), so they cannot be rebuilt exactly: re-materialize the "
                 "LoRA with this castlora."
             )
-        return cls(**{k: tuple(v) if k == "targets" else v for k, v in record.items()})
+        # JSON has no tuples: sequence fields (``targets``) come back as lists.
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in record.items()})
 
     def differences(self, other: TrainConfig) -> dict[str, tuple[Any, Any]]:
         """``{field: (self's value, other's value)}`` for every field that differs."""
