@@ -1,6 +1,7 @@
 """Quality assets: iteration (self-generation filtered by Detect-and-Compare) → evaluation (variants side by side)."""
 
 import dataclasses
+import functools
 
 import dagster as dg
 from pydantic import Field
@@ -13,13 +14,20 @@ from assets.training_assets import TRAINING_STAGES, lora
 from pipeline.dnc.scorer import references_from_manifest
 from pipeline.errors import CastloraError
 from pipeline.evaluation.draw import annotated_grid
-from pipeline.evaluation.report import headline_values, plot_rounds, rounds_markdown
+from pipeline.evaluation.report import headline_values, plot_rounds, rounds_markdown, training_markdown
 from pipeline.infer import DEFAULT_NEGATIVE, scene_prompts
-from pipeline.iteration import IterationConfig
+from pipeline.iteration import CONVERGENCE_KEPT_RATIO, IterationConfig
 from pipeline.manifest import read_manifest
-from pipeline.stages.evaluation import VARIANTS, Subject, Variant, image_reward_note, run_evaluation
+from pipeline.stages.evaluation import (
+    VARIANTS,
+    Subject,
+    Variant,
+    image_reward_note,
+    run_evaluation,
+    train_baseline,
+)
 from pipeline.stages.iteration import GenerationSettings, current_iteration, run_iteration
-from pipeline.stages.lora import current_lora, run_lora, train_config_of
+from pipeline.stages.lora import current_lora, train_config_of
 from pipeline.stages.samples import segmix_layout_factory
 from pipeline.train.samples import load_samples
 from resources import ModelResource, StorageResource
@@ -40,6 +48,12 @@ class IterationAssetConfig(dg.Config):
     rounds_per_run: int = 0
     """0: run until the loop stops; 1: one round per materialization (the next one continues)."""
     distance_fraction: float = 0.8
+    """``kept_ratio`` rule: converged when the kept set's distance < this × round 0's."""
+    convergence: str = "kept_ratio"
+    """``kept_ratio`` (kept set vs round 0) or ``per_prompt`` (The Chosen One: every prompt's images closer than
+    ``d_conv``)."""
+    d_conv: float | None = None
+    """``per_prompt`` rule's absolute threshold (mean pairwise Euclidean distance of unit embeddings, 0-2)."""
     min_improvement: float = 0.0
     gamma: float = 1.0
     dnc_mode: str = "default"
@@ -98,7 +112,7 @@ def _scorer(storage: StorageResource, models: ModelResource, pair: str):
     partitions_def=character_pairs,
     group_name=GROUP,
     deps=[lora],
-    code_version="iteration-v1",
+    code_version="iteration-v2",
     kinds={"pytorch", "parquet"},
     **gpu_step(),
     description="Iterative self-generation: render, score with Detect-and-Compare, keep the best, fine-tune with KL "
@@ -145,7 +159,8 @@ def iteration(
         log=context.log.info,
     )
     recorder.flush()
-    plot = plot_rounds(out.rounds, out.run_dir / "rounds.png", distance_threshold=loop_config.distance_fraction)
+    threshold = loop_config.distance_fraction if loop_config.convergence == CONVERGENCE_KEPT_RATIO else None
+    plot = plot_rounds(out.rounds, out.run_dir / "rounds.png", distance_threshold=threshold)
     kept_items = [
         (_open(row["image_path"]), [], [], f"D&C {row['score']:.3f} s{row['seed']}")
         for row in out.kept.head(8).to_dict("records")
@@ -154,6 +169,7 @@ def iteration(
         "rounds_done": len(out.history),
         "best_round": out.best_round,
         "stop_reason": out.stop_reason or "running",
+        "convergence_rule": loop_config.convergence,
         "best_lora": dg.MetadataValue.path(str(out.best_lora["diffusers"])),
         "rounds": dg.MetadataValue.md(rounds_markdown(out.rounds)),
         "dnc_per_round": image_md(_open(plot), "D&C per round"),
@@ -168,6 +184,10 @@ def iteration(
     return dg.MaterializeResult(metadata=metadata)
 
 
+def _samples_for(training_data, config):
+    return load_samples(training_data, with_prior=config.prior_preservation)
+
+
 def _open(path):
     from PIL import Image
 
@@ -179,7 +199,7 @@ def _open(path):
     partitions_def=character_pairs,
     group_name=GROUP,
     deps=[lora, iteration],
-    code_version="evaluation-v1",
+    code_version="evaluation-v2",
     kinds={"pytorch", "parquet"},
     **gpu_step(),
     description="DreamBooth vs Seg-Mix vs + MuDI init vs + iterative training on one prompt × seed grid: D&C (both "
@@ -203,18 +223,18 @@ def evaluation(
     segmix_lora = current_lora(lora_root)
     recorder = storage.recorder(context)
     iteration_root = storage.input_dir(pair, "iteration")
-    variants, notes, rounds = [], [], None
+    evaluation_dir = storage.output_dir(pair, "evaluation")
+    variants, notes, rounds, baseline = [], [], None, None
     for name in config.variants:
         if name == "dreambooth":
-            train_config = dataclasses.replace(train_config_of(segmix_lora), segmix_p=0.0)
+            context.log.info("evaluation: training the DreamBooth baseline (the Seg-Mix LoRA's settings, no Seg-Mix)")
             training_data = storage.input_pair_dir(pair, *TRAINING_STAGES)
-            samples = load_samples(training_data, with_prior=train_config.prior_preservation)
-            context.log.info("evaluation: training the DreamBooth baseline (same settings, no Seg-Mix)")
-            out = run_lora(
-                pipe_factory(), samples, train_config, storage.output_dir(pair, "baselines") / "dreambooth",
-                storage.layout.cache / "train", recorder, preset.base_model,
+            baseline = train_baseline(
+                pipe_factory(), segmix_lora, functools.partial(_samples_for, training_data),
+                evaluation_dir, storage.layout.cache / "train", recorder, preset.base_model,
             )  # fmt: skip
-            variants.append(Variant(name, out.as_current(), None, "dreambooth: the same LoRA training without Seg-Mix"))
+            note = "dreambooth: the Seg-Mix LoRA's training settings without Seg-Mix (segmix_p=0)"
+            variants.append(Variant(name, baseline.as_current(), None, note))
         elif name == "segmix":
             variants.append(Variant(name, segmix_lora, None))
         elif name == "segmix_init":
@@ -243,13 +263,14 @@ def evaluation(
         generation,
         seeds,
         [Subject(c.id, c.class_noun, c.token_phrase) for c in spec.characters],
-        storage.output_dir(pair, "evaluation"),
+        evaluation_dir,
         recorder,
         preset.base_model,
         rounds=rounds,
         log=context.log.info,
         title=f"castlora evaluation — {pair}",
         notes=[*notes, f"detector: {scorer.detector.label}"],
+        segmix_lora=segmix_lora,
     )
     recorder.flush()
     metadata = {
@@ -257,7 +278,14 @@ def evaluation(
         "metrics_file": dg.MetadataValue.path(str(out.folder / "metrics.parquet")),
         "images_per_variant": len(prompts) * len(seeds),
         "variants": ", ".join(v.name for v in variants),
+        "training_settings": dg.MetadataValue.md(training_markdown(out.training)),
     }
+    if baseline is not None:  # a declared output of this asset, not a side folder
+        metadata["baseline_version"] = baseline.version
+        metadata["baseline_lora"] = dg.MetadataValue.path(str(baseline.files["diffusers"]))
+        metadata["baseline_files"] = dg.MetadataValue.json({k: str(p) for k, p in baseline.files.items()})
+        metadata["baseline_sha256"] = dg.MetadataValue.json(baseline.sha256s)
+        metadata["baseline_train_config"] = dg.MetadataValue.json(baseline.config.as_record())
     found = headline_values(out.summary)
     if found is not None:
         # The `dnc_not_regressed` check compares this with the previous materialization's.
@@ -267,5 +295,5 @@ def evaluation(
         metadata[f"grid_{name}"] = image_md(_open(path), name)
     for name, path in out.plots.items():
         metadata[f"plot_{name.replace(':', '_')}"] = image_md(_open(path), name)
-    storage.publish(context, pair, "evaluation", *(["baselines"] if "dreambooth" in config.variants else []))
+    storage.publish(context, pair, "evaluation")  # the baseline LoRA is inside the evaluation folder
     return dg.MaterializeResult(metadata=metadata)

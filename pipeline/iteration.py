@@ -2,10 +2,18 @@
 
 A round renders many images with the current LoRA, scores each with Detect-and-Compare, keeps the best ones
 that show every character (count gate) and clear a threshold, and fine-tunes the next LoRA on them with a KL
-term towards the current model. The loop stops when the kept set has become consistent (its mean pairwise
-embedding distance fell below a fraction of round 0's, as in The Chosen One), when the median D&C of a round
-stops improving on the best before it, or after ``max_rounds``. These rules are pure functions of the rounds'
-summaries, so they are tested without any model.
+term towards the current model. The loop stops when the identities have converged, when the median D&C of a
+round stops improving on the best before it, or after ``max_rounds``. Two convergence rules, chosen by
+``IterationConfig.convergence``:
+
+- ``kept_ratio`` (the default): the kept top-``keep_top`` images, pooled over all prompts, have a mean pairwise
+  cosine distance below ``distance_fraction`` × round 0's (a relative threshold, from round 1 on); stop reason
+  ``distance``.
+- ``per_prompt`` (The Chosen One's criterion): for every prompt, the mean pairwise Euclidean distance of the
+  embeddings of all images rendered for it (not only the kept ones) is below the absolute ``d_conv`` (from
+  round 0 on: it needs no reference round); stop reason ``prompt_distance``.
+
+These rules are pure functions of the rounds' summaries, so they are tested without any model.
 """
 
 from __future__ import annotations
@@ -21,9 +29,15 @@ from pipeline.dnc.scoring import MODES, l2_normalize
 from pipeline.errors import CastloraError
 
 STOP_DISTANCE = "distance"
+"""Stop reason of the ``kept_ratio`` convergence rule."""
+STOP_PROMPT_DISTANCE = "prompt_distance"
+"""Stop reason of the ``per_prompt`` convergence rule (The Chosen One)."""
 STOP_NO_IMPROVEMENT = "no_improvement"
 STOP_MAX_ROUNDS = "max_rounds"
 STOP_NOTHING_KEPT = "nothing_kept"
+CONVERGENCE_KEPT_RATIO = "kept_ratio"
+CONVERGENCE_PER_PROMPT = "per_prompt"
+CONVERGENCE_RULES = (CONVERGENCE_KEPT_RATIO, CONVERGENCE_PER_PROMPT)
 
 
 @dataclass(frozen=True)
@@ -40,7 +54,14 @@ class IterationConfig:
     max_rounds: int = 5
     """Rounds of generate → score → keep; every round but the last also trains the next LoRA."""
     distance_fraction: float = 0.8
-    """Converged when the kept set's mean pairwise distance < this × round 0's (The Chosen One: 0.6-0.8)."""
+    """``kept_ratio`` rule: converged when the kept set's mean pairwise distance < this × round 0's (0.6-0.8 in
+    The Chosen One's unofficial code)."""
+    convergence: str = CONVERGENCE_KEPT_RATIO
+    """Which rule says the identities converged: ``kept_ratio`` (kept set relative to round 0) or ``per_prompt``
+    (The Chosen One: every prompt's images closer than ``d_conv``); see the module docstring."""
+    d_conv: float | None = None
+    """``per_prompt`` rule's absolute threshold on the mean pairwise Euclidean distance of one prompt's image
+    embeddings (castlora's embeddings are unit vectors, so distances lie in [0, 2]); required by that rule."""
     min_improvement: float = 0.0
     """A round whose median D&C is not above the best earlier round's by more than this stops the loop."""
     gamma: float = 1.0
@@ -69,6 +90,12 @@ class IterationConfig:
             problems.append("train_steps and dpo_steps must be >= 1")
         if self.kl_weight < 0 or self.dpo_beta <= 0 or self.preference_margin < 0:
             problems.append("kl_weight and preference_margin must be >= 0, dpo_beta > 0")
+        if self.convergence not in CONVERGENCE_RULES:
+            problems.append(f"convergence={self.convergence!r} must be one of {list(CONVERGENCE_RULES)}")
+        elif self.convergence == CONVERGENCE_PER_PROMPT and (self.d_conv is None or self.d_conv <= 0):
+            problems.append(f"convergence='per_prompt' needs d_conv > 0 (got {self.d_conv})")
+        elif self.convergence == CONVERGENCE_KEPT_RATIO and self.d_conv is not None:
+            problems.append(f"d_conv={self.d_conv} is used only by convergence='per_prompt'; remove it or switch")
         if self.dnc_mode not in MODES:
             problems.append(f"dnc_mode={self.dnc_mode!r} must be one of {sorted(MODES)}")
         if problems:
@@ -92,10 +119,13 @@ class RoundSummary:
     """kept_distance / round 0's kept_distance."""
     count_fail_rate: float
     stop_reason: str | None = None
+    prompt_distance: float = float("nan")
+    """The largest, over the round's prompts, mean pairwise Euclidean distance of all the images of one prompt
+    (the ``per_prompt`` rule's number; NaN when no prompt has two images, or in rounds scored before it existed)."""
 
     @property
     def converged(self) -> bool:
-        return self.stop_reason == STOP_DISTANCE
+        return self.stop_reason in (STOP_DISTANCE, STOP_PROMPT_DISTANCE)
 
 
 def select_kept(scores: pd.DataFrame, keep_top: int, min_dnc: float | None) -> pd.DataFrame:
@@ -125,14 +155,36 @@ def mean_pairwise_distance(embeddings: np.ndarray) -> float:
     return float(np.mean(1.0 - cosine[upper]))
 
 
+def mean_pairwise_euclidean(embeddings: np.ndarray) -> float:
+    """Mean Euclidean distance over all unordered pairs (The Chosen One's measure); NaN with fewer than two."""
+    embeddings = np.asarray(embeddings, dtype=np.float64)
+    if embeddings.ndim != 2 or len(embeddings) < 2:
+        return float("nan")
+    upper = np.triu_indices(len(embeddings), k=1)
+    differences = embeddings[upper[0]] - embeddings[upper[1]]
+    return float(np.mean(np.linalg.norm(differences, axis=1)))
+
+
+def prompt_distances(prompts: Sequence[str], embeddings: np.ndarray) -> dict[str, float]:
+    """Per prompt, ``mean_pairwise_euclidean`` of the embeddings of all its images (``prompts[i]`` is image i's)."""
+    embeddings = np.asarray(embeddings, dtype=np.float64)
+    if len(prompts) != len(embeddings):
+        raise CastloraError(f"prompt_distances: {len(prompts)} prompts but {len(embeddings)} embeddings.")
+    rows = np.asarray(prompts, dtype=object)
+    return {p: mean_pairwise_euclidean(embeddings[rows == p]) for p in dict.fromkeys(prompts)}
+
+
 def summarize_round(
     round_index: int,
     scores: pd.DataFrame,
     kept: pd.DataFrame,
     kept_distance: float,
     round0_distance: float | None,
+    per_prompt_distances: dict[str, float] | None = None,
 ) -> RoundSummary:
-    """A round's numbers; ``round0_distance`` None means this is round 0."""
+    """A round's numbers; ``round0_distance`` None means this is round 0; ``per_prompt_distances`` from
+    ``prompt_distances`` (the largest finite one becomes ``prompt_distance``)."""
+    finite = [d for d in (per_prompt_distances or {}).values() if np.isfinite(d)]
     reference = kept_distance if round0_distance is None else round0_distance
     ratio = kept_distance / reference if reference and np.isfinite(reference) and reference > 0 else float("nan")
     return RoundSummary(
@@ -144,22 +196,27 @@ def summarize_round(
         kept_distance=float(kept_distance),
         distance_ratio=float(ratio),
         count_fail_rate=float(scores["reason"].notna().mean()) if len(scores) else float("nan"),
+        prompt_distance=float(max(finite)) if finite else float("nan"),
     )
 
 
 def stop_reason(history: Sequence[RoundSummary], config: IterationConfig) -> str | None:
     """Why the loop stops after the last round of ``history``, or None to train another round.
 
-    Checked in order: nothing kept (no data to train on), identities converged (distance), D&C stopped
-    improving, the round budget is spent.
+    Checked in order: nothing kept (no data to train on), identities converged (``config.convergence``'s rule:
+    ``distance`` or ``prompt_distance``), D&C stopped improving, the round budget is spent.
     """
     if not history:
         raise CastloraError("stop_reason needs at least one finished round.")
     last = history[-1]
     if last.n_kept == 0:
         return STOP_NOTHING_KEPT
+    per_prompt = config.convergence == CONVERGENCE_PER_PROMPT and config.d_conv is not None
+    if per_prompt and np.isfinite(last.prompt_distance) and last.prompt_distance < config.d_conv:
+        return STOP_PROMPT_DISTANCE
     if len(history) > 1:
-        if np.isfinite(last.distance_ratio) and last.distance_ratio < config.distance_fraction:
+        kept_ratio = config.convergence == CONVERGENCE_KEPT_RATIO
+        if kept_ratio and np.isfinite(last.distance_ratio) and last.distance_ratio < config.distance_fraction:
             return STOP_DISTANCE
         best_before = max(r.dnc_median for r in history[:-1])
         if not last.dnc_median > best_before + config.min_improvement:

@@ -40,6 +40,7 @@ ROUND_COLUMNS = (
     "dnc_median_kept",
     "kept_distance",
     "distance_ratio",
+    "prompt_distance",
     "converged",
     "stop_reason",
 )
@@ -61,8 +62,13 @@ _FAMILY_ORDER = ("dnc_default", "dnc_mudi", COUNT_FAIL_METRIC, "subject_sim", "c
 _LOWER_IS_BETTER = frozenset({COUNT_FAIL_COLUMN})
 _NOT_A_SCORE = frozenset({"n_images"})
 
+TRAINING_COLUMNS = ("variant", "lora", "steps", "segmix_p", "differs_from_segmix")
+"""The training-settings table: per variant its LoRA version, steps trained, Seg-Mix probability and every
+training setting that differs from the Seg-Mix LoRA's (``field: segmix value → variant value``)."""
+
 STOP_REASONS = {
     "distance": "the kept set's mean pairwise distance fell below the threshold fraction of round 0",
+    "prompt_distance": "for every prompt, the mean pairwise distance of all its images fell below d_conv",
     "no_improvement": "the median D&C stopped improving",
     "max_rounds": "the maximum number of rounds was reached",
 }
@@ -297,14 +303,23 @@ def rounds_markdown(rounds: pd.DataFrame) -> str:
     return table + f"\n\n**Stopped after round {round_label}: `{reason}`**" + (f" — {explained}." if explained else ".")
 
 
+def training_markdown(training: pd.DataFrame) -> str:
+    """The training-settings table (``TRAINING_COLUMNS``): what each variant's LoRA was trained with."""
+    _require_columns(training, TRAINING_COLUMNS, "training settings table")
+    rows = [[_cell(row[c]) for c in TRAINING_COLUMNS] for row in training.to_dict("records")]
+    return _table(list(TRAINING_COLUMNS), rows)
+
+
 def render_markdown(
     summary: pd.DataFrame,
     availability: dict[str, str],
     rounds: pd.DataFrame | None,
     title: str,
     notes: Sequence[str] = (),
+    training: pd.DataFrame | None = None,
 ) -> str:
-    """The evaluation report: headline, summary table, rounds, unavailable metrics with reasons, notes."""
+    """The evaluation report: headline, summary table, training settings, rounds, unavailable metrics with
+    reasons, notes."""
     parts = [f"# {title}"]
     top = headline(summary)
     parts.append(top.sentence() if top else "_No D&C score available for any variant: no headline._")
@@ -318,6 +333,13 @@ def render_markdown(
         legend.append("_undefined_: no image of the variant gave a value (e.g. every image failed the count gate)")
     if legend:
         parts.append("\n".join(f"- {line}" for line in legend))
+    if training is not None and not training.empty:
+        parts += [
+            "## Training settings",
+            "Steps trained, Seg-Mix probability and every setting that differs from the Seg-Mix LoRA's "
+            "(`segmix value → variant value`).",
+            training_markdown(training),
+        ]
     if rounds is not None:
         parts += ["## Iterative training rounds", rounds_markdown(rounds)]
     parts.append("## Unavailable metrics")

@@ -9,6 +9,7 @@ with the reason — never computed with another model instead.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import re
@@ -24,6 +25,7 @@ from PIL import Image
 from pipeline.errors import CastloraError
 from pipeline.evaluation.draw import annotated_grid, box_annotations
 from pipeline.evaluation.report import (
+    TRAINING_COLUMNS,
     availability,
     plot_rounds,
     plot_score_distributions,
@@ -35,11 +37,15 @@ from pipeline.lineage import LineageRecorder
 from pipeline.manifest import write_manifest
 from pipeline.models.loading import release_memory
 from pipeline.stages.iteration import GenerationSettings, ImageScorer
+from pipeline.stages.lora import LoraOutput, run_lora, train_config_of
 from pipeline.stages.samples import run_samples
+from pipeline.train import TrainConfig, TrainingSample
 
 OK, UNAVAILABLE, UNDEFINED = "ok", "unavailable", "undefined"
 VARIANTS = ("dreambooth", "segmix", "segmix_init", "iterative")
 """The comparison the MuDI paper makes: DreamBooth (no Seg-Mix), Seg-Mix, + MuDI init, + iterative training."""
+BASELINE_DIR = "baseline"
+"""The DreamBooth baseline's LoRA lives in ``<evaluation>/baseline/<version>/`` with its ``current.json``."""
 
 
 @dataclass(frozen=True)
@@ -67,7 +73,69 @@ class EvaluationOutput:
     report: str
     plots: dict[str, Path]
     grids: dict[str, Path]
+    training: pd.DataFrame
+    """What each variant's LoRA was trained with (``training_settings``)."""
     skipped: dict[str, str] = field(default_factory=dict)
+
+
+def dreambooth_config(segmix: TrainConfig) -> TrainConfig:
+    """The DreamBooth baseline's settings: the Seg-Mix LoRA's, exactly, with Seg-Mix off (``segmix_p`` alone
+    differs, so the comparison isolates Seg-Mix)."""
+    return dataclasses.replace(segmix, segmix_p=0.0)
+
+
+def train_baseline(
+    pipe: Any,
+    segmix_lora: dict[str, Any],
+    samples_for: Callable[[TrainConfig], Sequence[TrainingSample]],
+    out_dir: Path,
+    cache_dir: Path,
+    recorder: LineageRecorder,
+    base_model_id: str,
+) -> LoraOutput:
+    """Train (or resume, or reuse) the DreamBooth baseline of ``segmix_lora`` (a ``current_lora`` record) into
+    ``out_dir/baseline/<version>/``, exported, recorded in lineage and named by ``out_dir/baseline/current.json``.
+
+    ``samples_for(config)`` gives the pair's training samples for that config (prior images when it uses prior
+    preservation).
+    """
+    config = dreambooth_config(train_config_of(segmix_lora))
+    samples = samples_for(config)
+    return run_lora(pipe, samples, config, Path(out_dir) / BASELINE_DIR, cache_dir, recorder, base_model_id)
+
+
+def _setting(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def training_settings(variants: Sequence[Variant], segmix_lora: dict[str, Any] | None) -> pd.DataFrame:
+    """Per variant (``TRAINING_COLUMNS``): its LoRA version, steps trained, Seg-Mix probability and every training
+    setting that differs from ``segmix_lora``'s (None: nothing to compare with). A variant whose record lacks
+    complete settings says so in its row; ``segmix_lora`` itself must have them."""
+    reference = train_config_of(segmix_lora) if segmix_lora is not None else None
+    rows = []
+    for variant in variants:
+        row: dict[str, Any] = {"variant": variant.name, "lora": "base model (no LoRA)", "steps": None}
+        row |= {"segmix_p": None, "differs_from_segmix": "—"}
+        if variant.lora is not None:
+            try:
+                config = train_config_of(variant.lora)
+            except CastloraError as exc:  # e.g. a LoRA recorded by an older castlora: said so, not guessed
+                rows.append({**row, "lora": variant.lora["version"], "differs_from_segmix": f"unknown: {exc}"})
+                continue
+            steps = int(variant.lora.get("steps", config.steps))
+            row |= {
+                "lora": variant.lora["version"],
+                "steps": steps if steps == config.steps else f"{steps} of {config.steps}",
+                "segmix_p": config.segmix_p,
+            }
+            if reference is not None:
+                differences = reference.differences(config)
+                row["differs_from_segmix"] = (
+                    "; ".join(f"{k}: {_setting(a)} → {_setting(b)}" for k, (a, b) in differences.items()) or "nothing"
+                )
+        rows.append(row)
+    return pd.DataFrame(rows, columns=list(TRAINING_COLUMNS))
 
 
 def clip_text(prompt: str, subjects: Sequence[Subject]) -> str:
@@ -186,13 +254,16 @@ def run_evaluation(
     log: Callable[[str], None] = print,
     title: str = "castlora evaluation",
     notes: Sequence[str] = (),
+    segmix_lora: dict[str, Any] | None = None,
 ) -> EvaluationOutput:
     """Render every variant on the grid, score it, and write metrics.parquet, summary.parquet, report.md, plots
-    and annotated grids into ``out_dir``."""
+    and annotated grids into ``out_dir``. The report's training table compares each variant's settings with
+    ``segmix_lora``'s (a ``current_lora`` record)."""
     if not variants:
         raise CastloraError("Evaluation needs at least one variant (dreambooth, segmix, segmix_init, iterative).")
     if not generation.prompts or not seeds:
         raise CastloraError("Evaluation needs at least one prompt and one seed for its grid.")
+    training = training_settings(variants, segmix_lora)  # before rendering: a record without settings fails fast
     out_dir = Path(out_dir)
     layout_factory = functools.cache(layout_factory)  # one composite per seed, shared by every variant
     rows: list[dict[str, Any]] = []
@@ -252,9 +323,9 @@ def run_evaluation(
         annotated_grid(items, columns=4, cell_size=192).save(path)
         grids[name] = path
     all_notes = [*(v.note for v in variants if v.note), *notes]
-    report = render_markdown(summary, availability(metrics), rounds, title, all_notes)
+    report = render_markdown(summary, availability(metrics), rounds, title, all_notes, training)
     (out_dir / "report.md").write_text(report)
-    return EvaluationOutput(out_dir, metrics, summary, report, plots, grids)
+    return EvaluationOutput(out_dir, metrics, summary, report, plots, grids, training)
 
 
 def _grid_items(name, images, manifest, records, subjects, limit: int = 8) -> list:

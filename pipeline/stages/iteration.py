@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from pipeline.iteration import (
     best_round,
     mean_pairwise_distance,
     preference_pairs,
+    prompt_distances,
     select_kept,
     stop_reason,
     summarize_round,
@@ -44,9 +44,14 @@ from pipeline.stages.lora import loaded_lora, run_lora, run_preference, stored_l
 from pipeline.stages.samples import run_samples
 from pipeline.train import TrainConfig, TrainingSample
 from pipeline.train.data import INSTANCE
+from pipeline.train.loop import _check_mixed_precision
+from pipeline.train.preference import check_preference_config
 
+_STOP_ONLY_FIELDS = frozenset({"max_rounds", "convergence", "d_conv"})
 SUMMARY_FILE = "summary.json"
 ROUNDS_FILE = "rounds.parquet"
+PROMPT_DISTANCES_FILE = "prompt_distances.json"
+"""Per prompt of a round: the mean pairwise Euclidean distance of all its images' embeddings."""
 CURRENT_FILE = "current.json"
 STOP_PAUSED = "paused"
 """Not a convergence reason: the run's ``rounds_per_run`` budget was spent; the next run continues."""
@@ -87,16 +92,22 @@ class IterationOutput:
 def _run_version(
     base_lora: dict[str, Any], config: IterationConfig, generation: GenerationSettings, train: TrainConfig
 ) -> str:
-    fields = {k: v for k, v in config.as_record().items() if k != "max_rounds"}
+    # The round budget and the convergence rule only decide where the loop stops (every round's numbers are
+    # computed whichever rule is chosen), so changing them continues the same loop.
+    fields = {k: v for k, v in config.as_record().items() if k not in _STOP_ONLY_FIELDS}
     identity = [base_lora["sha256"]["diffusers"], fields, dataclasses.asdict(generation), train.result_fields()]
     return "iter-" + sha256_json(identity)[:12]
 
 
-def round_grid(prompts: Sequence[str], images: int) -> tuple[list[str], int]:
-    """(prompts used, images per prompt): ``images`` spread evenly, using fewer prompts when there are more
-    prompts than images (200 over 8 prompts: 25 each; 4 over 8: the first 4 prompts once)."""
-    per_prompt = math.ceil(images / len(prompts))
-    return list(prompts[: math.ceil(images / per_prompt)]), per_prompt
+def round_grid(prompts: Sequence[str], images: int) -> tuple[list[str], list[int]]:
+    """(prompts used, images of each): exactly ``images`` in all, spread as evenly as possible, the first prompts
+    taking one more when it does not divide (200 over 3 prompts: 67, 67, 66); fewer prompts when there are more
+    prompts than images (4 over 8: the first 4 prompts once)."""
+    if images < 1 or not prompts:
+        raise CastloraError(f"A round needs at least one prompt and one image; got {len(prompts)} and {images}.")
+    used = list(prompts[:images])
+    base, extra = divmod(images, len(used))
+    return used, [base + (1 if i < extra else 0) for i in range(len(used))]
 
 
 def round_seeds(generation: GenerationSettings, round_index: int, per_prompt: int) -> list[int]:
@@ -106,12 +117,67 @@ def round_seeds(generation: GenerationSettings, round_index: int, per_prompt: in
 
 
 def _lora_state(path: str | Path) -> dict[str, Any]:
-    """The U-Net part of an exported diffusers LoRA file, keyed as ``unet_lora_state_dict`` returns it."""
+    """An exported diffusers LoRA file as ``init_lora``: its U-Net part (``unet.`` keys) and, for a text-encoder
+    LoRA, its ``text_encoder.`` / ``text_encoder_2.`` parts, so round k+1 starts from all of model k."""
     state = load_file(str(path))
-    unet = {k: v for k, v in state.items() if k.startswith("unet.")}
-    if not unet:
+    if not any(k.startswith("unet.") for k in state):
         raise CastloraError(f"{path} holds no U-Net LoRA tensors (keys starting with 'unet.'); re-export the LoRA.")
-    return unet
+    return state
+
+
+@dataclass(frozen=True)
+class RoundTraining:
+    """The training settings of every round, fixed (and checked) before round 0 renders."""
+
+    fine_tune: TrainConfig
+    """Model k → model k+1 on round k's kept images, KL towards model k."""
+    preference: TrainConfig | None
+    """The optional Diffusion-DPO step after the fine-tune; None when ``IterationConfig.preference`` is off."""
+
+
+def round_training(base: TrainConfig, config: IterationConfig) -> RoundTraining:
+    """What each round trains with: the base LoRA's settings with the iteration's own fields set explicitly.
+
+    Set by the iteration (whatever the base LoRA used):
+
+    - ``steps``: ``train_steps`` (fine-tune) or ``dpo_steps`` (preference step);
+    - ``segmix_p=0`` and ``prior_weight=0``: the generated images already show every character together, and
+      model k (through the KL term, or DPO's reference) anchors the model instead of class images;
+    - ``dco_beta=0``: DCO regularises towards the base model without any LoRA, which would pull each round back
+      towards the un-personalised model; the KL term towards model k is the round's regulariser;
+    - ``kl_weight``: the iteration's ``kl_weight`` (fine-tune) or 0 (preference step: DPO's β is its own
+      regulariser); ``dpo_beta``: 0 (fine-tune) or the iteration's ``dpo_beta`` (preference step).
+
+    Inherited unchanged (every other field): the LoRA's shape (rank, alpha, targets, train_text_encoder,
+    text_encoder_lr), since round k+1 starts from model k's weights; the optimiser and schedule; the loss and
+    mask settings; resolution and mixed precision; memory settings (gradient checkpointing, compile); the seed,
+    checkpointing and logging.
+
+    Raises ``CastloraError`` for a combination no round could train (e.g. the preference step with a
+    text-encoder LoRA), so a loop never fails after hours of rendering and fine-tuning.
+    """
+    shared = {"segmix_p": 0.0, "prior_weight": 0.0, "dco_beta": 0.0}
+    try:
+        fine_tune = dataclasses.replace(
+            base, **shared, steps=config.train_steps, kl_weight=config.kl_weight, dpo_beta=0.0
+        )
+        preference = (
+            dataclasses.replace(base, **shared, steps=config.dpo_steps, kl_weight=0.0, dpo_beta=config.dpo_beta)
+            if config.preference
+            else None
+        )
+    except CastloraError as exc:
+        raise CastloraError(f"The iteration's training settings are invalid: {exc}") from exc
+    _check_mixed_precision(fine_tune)
+    if preference is not None:
+        if preference.train_text_encoder:
+            raise CastloraError(
+                "The iteration has preference=True, but the base LoRA trains text encoders too "
+                "(train_text_encoder=True) and the Diffusion-DPO step tunes only the U-Net LoRA: set preference "
+                "to false in the iteration config, or iterate on a LoRA trained with train_text_encoder=False."
+            )
+        check_preference_config(preference)
+    return RoundTraining(fine_tune, preference)
 
 
 def _ranking(records: pd.DataFrame, manifest: pd.DataFrame, config: IterationConfig) -> pd.DataFrame:
@@ -138,7 +204,7 @@ class _Loop:
     scorer: ImageScorer
     layout_factory: Callable[[int], Layout]
     generation: GenerationSettings
-    train_config: TrainConfig
+    training: RoundTraining
     cache_dir: Path
     recorder: LineageRecorder
     base_model_id: str
@@ -176,14 +242,14 @@ class _Loop:
         gen = self.generation
         folder = self.round_dir(k)
         model = self.model_of(k)
-        prompts, per_prompt = round_grid(gen.prompts, self.config.images_per_round)
+        prompts, counts = round_grid(gen.prompts, self.config.images_per_round)
         pipe = self.pipe_factory()
         pipe.load_lora_weights(model["diffusers"])
         manifest = run_samples(
             pipe,
             prompts,
-            round_seeds(gen, k, per_prompt),
-            per_prompt,
+            round_seeds(gen, k, max(counts)),
+            counts,
             self.layout_factory,
             self.config.gamma,
             model["version"],
@@ -208,9 +274,19 @@ class _Loop:
         return ranking
 
     def keep(self, k: int, ranking: pd.DataFrame, round0_distance: float | None) -> RoundSummary:
+        """Select the kept images and measure the round: the kept set's distance (``kept_ratio`` rule) and
+        every prompt's distance over all its images (``per_prompt`` rule), both always, so either rule can
+        judge a saved round."""
         kept = select_kept(ranking, self.config.keep_top, self.config.min_dnc)
-        images = [Image.open(p).convert("RGB") for p in kept["image_path"]]
-        distance = mean_pairwise_distance(self.scorer.embed(images, self.config.dnc_embedder)) if images else np.nan
+        paths = [str(p) for p in ranking["image_path"]]
+        images = [Image.open(p).convert("RGB") for p in paths]
+        embeddings = self.scorer.embed(images, self.config.dnc_embedder)
+        row_of = {path: i for i, path in enumerate(paths)}
+        kept_rows = [row_of[str(p)] for p in kept["image_path"]]
+        distance = mean_pairwise_distance(embeddings[kept_rows]) if kept_rows else np.nan
+        per_prompt = prompt_distances([str(p) for p in ranking["prompt"]], embeddings)
+        readable = {p: (d if np.isfinite(d) else None) for p, d in per_prompt.items()}  # None: fewer than 2 images
+        write_json_atomic(readable, self.round_dir(k) / PROMPT_DISTANCES_FILE)
         kept_path = write_manifest(kept, self.round_dir(k), "kept.parquet")
         self.recorder.record(
             kept_path,
@@ -218,23 +294,17 @@ class _Loop:
             [str(sha) for sha in kept["sha256"]],
             {"round": k, "kept": len(kept), "kept_distance": float(distance), **self.config.as_record()},
         )
-        return summarize_round(k, ranking, kept, distance, round0_distance)
-
-    def fine_tune_config(self, **fields: Any) -> TrainConfig:
-        """The base LoRA's settings for training on generated images: they already show every character
-        together, so no Seg-Mix composites and no prior preservation."""
-        return dataclasses.replace(self.train_config, segmix_p=0.0, prior_weight=0.0, **fields)
+        return summarize_round(k, ranking, kept, distance, round0_distance, per_prompt)
 
     def train_next(self, k: int) -> dict[str, Any]:
         """Model k+1: fine-tune model k on round k's kept images with KL towards model k (then DPO if enabled)."""
         kept = read_manifest(self.round_dir(k), "iteration", "kept.parquet")
         samples = [_generated_sample(row) for row in kept.to_dict("records")]
-        config = self.fine_tune_config(steps=self.config.train_steps, kl_weight=self.config.kl_weight)
         pipe = self.pipe_factory()
         out = run_lora(
             pipe,
             samples,
-            config,
+            self.training.fine_tune,
             self.round_dir(k) / "lora",
             self.cache_dir,
             self.recorder,
@@ -245,18 +315,17 @@ class _Loop:
         del pipe
         release_memory()
         trained = out.as_current()
-        if self.config.preference:
-            trained = self.preference_step(k, trained)
+        if self.training.preference is not None:
+            trained = self.preference_step(k, trained, self.training.preference)
         return trained
 
-    def preference_step(self, k: int, trained: dict[str, Any]) -> dict[str, Any]:
+    def preference_step(self, k: int, trained: dict[str, Any], config: TrainConfig) -> dict[str, Any]:
         ranking = read_manifest(self.round_dir(k), "iteration", "ranking.parquet")
         pairs = preference_pairs(ranking, self.config.preference_margin)
         if not pairs:
             self.log(f"round {k}: no (winner, loser) pair with a D&C gap >= {self.config.preference_margin}; no DPO")
             return trained
         by_path = {str(r["image_path"]): _generated_sample(r) for r in ranking.to_dict("records")}
-        config = self.fine_tune_config(steps=self.config.dpo_steps, dpo_beta=self.config.dpo_beta)
         pipe = self.pipe_factory()
         out = run_preference(
             pipe,
@@ -302,10 +371,11 @@ def run_iteration(
     """
     if not generation.prompts:
         raise CastloraError("Iteration needs prompts: configure some or use the default scene prompts.")
+    training = round_training(train_config, config)  # before round 0: a bad combination fails before any work
     root = Path(root)
     run_dir = root / _run_version(base_lora, config, generation, train_config)
     loop = _Loop(
-        run_dir, base_lora, config, pipe_factory, scorer, layout_factory, generation, train_config,
+        run_dir, base_lora, config, pipe_factory, scorer, layout_factory, generation, training,
         Path(cache_dir), recorder, base_model_id, on_log, log,
     )  # fmt: skip
     history: list[RoundSummary] = []
@@ -344,6 +414,7 @@ def run_iteration(
         "round": best,
         "run": run_dir.name,
         "stop_reason": reason,
+        "convergence": config.convergence,  # the rule that judged convergence (its stop reason, if it stopped)
         "base_lora": base_lora["version"],
     }
     write_json_atomic(stored_lora(current, root), root / CURRENT_FILE)
@@ -351,7 +422,7 @@ def run_iteration(
         rounds_path,
         sha256_file(rounds_path),
         [base_lora["sha256"]["diffusers"]],
-        {"best_round": best, "stop_reason": reason, **config.as_record()},
+        {"best_round": best, "stop_reason": reason, **config.as_record()},  # as_record holds `convergence`
     )
     last_kept = read_manifest(loop.round_dir(history[-1].round), "iteration", "kept.parquet")
     return IterationOutput(run_dir, history, best, best_lora, reason, rounds, last_kept)

@@ -7,7 +7,6 @@ setting or photo set starts a new version next to the old one.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -42,13 +41,14 @@ class LoraOutput:
     validation: list[tuple[str, Image.Image]] = field(default_factory=list)
 
     def as_current(self) -> dict[str, Any]:
-        """What ``current.json`` records: version, file path per format, their hashes, the training settings."""
+        """What ``current.json`` records: version, steps done, file path per format, their hashes, and every
+        training setting (``TrainConfig.as_record``), so ``train_config_of`` rebuilds the config exactly."""
         return {
             "version": self.version,
             "steps": self.result.steps_done,
             **{kind: str(path) for kind, path in self.files.items()},
             "sha256": self.sha256s,
-            "train_config": self.config.result_fields(),
+            "train_config": self.config.as_record(),
         }
 
 
@@ -63,15 +63,8 @@ def loaded_lora(record: dict[str, Any], folder: Path) -> dict[str, Any]:
 
 
 def train_config_of(current: dict[str, Any]) -> TrainConfig:
-    """The settings a ``current.json`` LoRA was trained with (to continue training it with the same shape)."""
-    fields = current.get("train_config")
-    if not isinstance(fields, dict):
-        raise CastloraError(
-            f"LoRA {current.get('version')} records no training settings (exported by an older castlora): "
-            "re-materialize 'lora'."
-        )
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: tuple(v) if k == "targets" else v for k, v in fields.items() if k in known})
+    """The exact settings a LoRA record (``LoraOutput.as_current``) was trained with: every field, no defaults."""
+    return TrainConfig.from_record(current.get("train_config"), f"LoRA {current.get('version')}")
 
 
 def lora_version(
@@ -118,7 +111,9 @@ def _export(
         "steps": result.steps_done,
         "final_loss": result.final_loss,
         "resumed_from": result.resumed_from,
-        **config.result_fields(),
+        # Every training setting (``steps`` above is the steps done; the configured count is ``train_steps``).
+        **{k: v for k, v in config.as_record().items() if k != "steps"},
+        "train_steps": config.steps,
         **{k: v for k, v in result.metrics.items() if isinstance(v, int | float | str)},
     }
     for kind, path in files.items():
@@ -143,8 +138,9 @@ def run_lora(
 ) -> LoraOutput:
     """Train (resuming if possible), export both formats, point ``current.json`` at them, render checks.
 
-    ``init_lora`` (a U-Net LoRA state) starts from another LoRA, as the iterative rounds do; with
-    ``config.kl_weight`` > 0 it is also the frozen reference of the KL term. ``trainer`` has ``train_lora``'s
+    ``init_lora`` (a LoRA state: U-Net, plus text encoders for a text-encoder LoRA) starts from another LoRA,
+    as the iterative rounds do; with ``config.kl_weight`` > 0 it is also the frozen reference of the KL term.
+    ``trainer`` has ``train_lora``'s
     signature and must leave the trained adapter on ``pipe`` as it does (e.g. ``pipeline.train.launch``'s
     multi-process ``distributed_trainer``).
     """

@@ -69,7 +69,7 @@ def run_samples(
     pipe: Any,
     prompts: list[str],
     seeds: list[int],
-    images_per_prompt: int,
+    images_per_prompt: int | Sequence[int],
     layout_factory: Callable[[int], Layout] | None,
     gamma: float | None,
     lora_version: str,
@@ -84,7 +84,8 @@ def run_samples(
     lora_scale: float = 1.0,
     model_ids: Sequence[str] = (),
 ) -> pd.DataFrame:
-    """Render ``images_per_prompt`` images per prompt (image k uses ``seeds[k]``) into ``out_dir``.
+    """Render ``images_per_prompt`` images per prompt (image k uses ``seeds[k]``) into ``out_dir``; a sequence
+    gives each prompt its own count (prompt i renders images 0 .. count_i - 1).
 
     ``gamma=None`` renders from plain noise and needs no layout; otherwise ``layout_factory(seed)`` gives the
     layout of every image with that seed (e.g. ``lambda s: layout_from_composite(compose(subjects, config, s))``).
@@ -100,7 +101,15 @@ def run_samples(
                 f"gamma is {gamma} (MuDI init) but no layout_factory was given: pass one (Seg-Mix or user boxes) "
                 "or set gamma to None for plain noise."
             )
-    chosen_seeds = _seeds_for(seeds, images_per_prompt)
+    if isinstance(images_per_prompt, int):
+        counts = [images_per_prompt] * len(prompts)
+    else:
+        counts = [int(n) for n in images_per_prompt]
+        if len(counts) != len(prompts) or min(counts) < 1:
+            raise CastloraError(
+                f"images_per_prompt {counts} must give one count >= 1 per prompt ({len(prompts)} prompts)."
+            )
+    chosen_seeds = _seeds_for(seeds, max(counts))
     out_dir = Path(out_dir)
     image_dir = out_dir / "images"
     layout_dir = out_dir / "layouts"
@@ -121,9 +130,10 @@ def run_samples(
         layout_row = _write_layout(layout, seed, layout_dir, recorder) if layout is not None else NO_LAYOUT
         if layout is not None:
             written.update(Path(layout_row[k]) for k in ("layout_path", "layout_mask_path"))
-        requests = [SampleRequest(p, seed, negative or None, lora_scale, gamma) for p in prompts]
+        indices = [i for i, count in enumerate(counts) if image_index < count]
+        requests = [SampleRequest(prompts[i], seed, negative or None, lora_scale, gamma) for i in indices]
         outputs = generate(pipe, requests, layout, height, width, steps, guidance)
-        for prompt_index, (request, image) in enumerate(outputs):
+        for prompt_index, (request, image) in zip(indices, outputs, strict=True):
             path = image_dir / f"p{prompt_index:03d}_s{seed}.png"
             sha = save_png(image, path)
             written.add(path)

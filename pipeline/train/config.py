@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from pipeline.errors import CastloraError
@@ -98,6 +98,36 @@ class TrainConfig:
             problems.append("targets must name at least one module")
         if problems:
             raise CastloraError("Invalid training config: " + "; ".join(problems) + ".")
+
+    def as_record(self) -> dict[str, Any]:
+        """Every field, JSON-ready: what a LoRA's record keeps so ``from_record`` rebuilds this config exactly."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_record(cls, record: Any, source: str) -> TrainConfig:
+        """The config ``as_record`` wrote, exactly: a missing or unknown field is an error naming ``source``
+        (the record it came from), never a silent default."""
+        if not isinstance(record, dict):
+            raise CastloraError(
+                f"{source} records no training settings (written by an older castlora): re-materialize 'lora'."
+            )
+        names = {f.name for f in fields(cls)}
+        missing = sorted(names - set(record))
+        unknown = sorted(set(record) - names)
+        if missing or unknown:
+            problems = [f"missing {missing}" if missing else "", f"unknown {unknown}" if unknown else ""]
+            raise CastloraError(
+                f"{source}: the recorded training settings do not match this castlora's TrainConfig "
+                f"({'; '.join(p for p in problems if p)}), so they cannot be rebuilt exactly: re-materialize the "
+                "LoRA with this castlora."
+            )
+        # JSON has no tuples: sequence fields (``targets``) come back as lists.
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in record.items()})
+
+    def differences(self, other: TrainConfig) -> dict[str, tuple[Any, Any]]:
+        """``{field: (self's value, other's value)}`` for every field that differs."""
+        mine, theirs = self.as_record(), other.as_record()
+        return {k: (v, theirs[k]) for k, v in mine.items() if v != theirs[k]}
 
     @property
     def prior_preservation(self) -> bool:

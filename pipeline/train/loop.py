@@ -7,8 +7,9 @@ generators seeded by (seed, step, rank), so an interrupted and resumed run follo
 uninterrupted one.
 
 Continuing from an earlier LoRA (``init_lora``, e.g. the previous round of MuDI's iterative training) starts
-the trainable adapter from those weights; with ``kl_weight`` > 0 a second, frozen copy of them (the adapter
-named ``reference``) anchors the model. The reference adapter is removed again when ``train_lora`` ends.
+the trainable adapter from those weights (U-Net, and both text encoders when it has a text-encoder LoRA); with
+``kl_weight`` > 0 a second, frozen copy of them (the adapter named ``reference``) anchors the model: the earlier
+model whole, its text encoders included. The reference adapters are removed again when ``train_lora`` ends.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ from pipeline.train.checkpoint import (
 )
 from pipeline.train.config import TrainConfig
 from pipeline.train.data import SamplePools, TrainingSample, plan_step, samples_fingerprint_items
+from pipeline.train.init_lora import activate_or_disable, load_text_encoder_lora, split_init_lora
 
 ADAPTER_NAME = DEFAULT_ADAPTER
 REFERENCE_ADAPTER = "reference"
@@ -353,6 +355,14 @@ class _Trainer:
         self.rank = accelerator.process_index
         self.world = accelerator.num_processes
         self.init_lora = init_lora
+        self.init_text: dict[str, dict[str, torch.Tensor]] = {}
+        if init_lora is not None:
+            self.init_lora, self.init_text = split_init_lora(init_lora)
+            if self.init_text and not config.train_text_encoder:
+                raise CastloraError(
+                    f"init_lora has a text-encoder LoRA ({sorted(self.init_text)}) but train_text_encoder=False "
+                    "would drop it: set train_text_encoder=True (the settings of the run that produced init_lora)."
+                )
         self.reference_adapter: str | None = REFERENCE_ADAPTER if config.kl_weight > 0 else None
         self.samples = self.training_samples(samples)
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -415,6 +425,8 @@ class _Trainer:
             params = _add_lora(model, spec, component != "unet", config.seed)
             if component == "unet" and self.init_lora is not None:
                 params = self._start_from_init(model, spec)
+            elif component in self.init_text:
+                params = self._start_text_from_init(component, model, spec)
             lr = config.lr if component == "unet" else (config.text_encoder_lr or config.lr)
             groups.append({"params": params, "lr": lr})
             _set_gradient_checkpointing(model, config.gradient_checkpointing)
@@ -435,12 +447,44 @@ class _Trainer:
         _check_only_adapter_trains(unet, ADAPTER_NAME)
         return lora_parameters(unet)
 
+    def _start_text_from_init(self, component: str, encoder: torch.nn.Module, spec: LoraSpec) -> list:
+        """``_start_from_init`` for a text encoder: the trained adapter and the frozen reference start from
+        ``init_lora``'s part for ``component``."""
+        load_text_encoder_lora(encoder, self.init_text[component], ADAPTER_NAME)
+        if self.reference_adapter is not None:
+            with torch.random.fork_rng(devices=[]):  # its random init is overwritten: keep the global RNG as is
+                add_text_encoder_lora(encoder, spec, adapter_name=self.reference_adapter)
+            load_text_encoder_lora(encoder, self.init_text[component], self.reference_adapter)
+            activate_adapter(encoder, ADAPTER_NAME)
+        _check_only_adapter_trains(encoder, ADAPTER_NAME)
+        return lora_parameters(encoder)
+
+    @torch.no_grad()
+    def reference_text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text embeddings of the reference model (the KL term's): the encoders with their frozen reference
+        adapter, or with LoRA off where ``init_lora`` had no text-encoder part (what model k then used)."""
+        encoders = [getattr(self.pipe, name) for name in ("text_encoder", "text_encoder_2")]
+        for name, encoder in zip(("text_encoder", "text_encoder_2"), encoders, strict=True):
+            activate_or_disable(encoder, self.reference_adapter if name in self.init_text else None)
+        try:
+            return encode_prompts(self.pipe, prompts, self.device)
+        finally:
+            for encoder in encoders:
+                activate_or_disable(encoder, ADAPTER_NAME)
+                _check_only_adapter_trains(encoder, ADAPTER_NAME)
+
     def remove_reference(self) -> None:
-        """Leave the U-Net as a plain ``train_lora`` leaves it: only the trained adapter, active."""
+        """Leave the models as a plain ``train_lora`` leaves them: only the trained adapter, active."""
+        if self.reference_adapter is None:
+            return
         unet = self.pipe.unet
-        if self.reference_adapter is not None and self.reference_adapter in (getattr(unet, "peft_config", None) or {}):
+        if self.reference_adapter in (getattr(unet, "peft_config", None) or {}):
             remove_adapter(unet, self.reference_adapter)
             activate_adapter(unet, ADAPTER_NAME)
+        for encoder in (self.pipe.text_encoder, self.pipe.text_encoder_2):
+            if self.reference_adapter in (getattr(encoder, "peft_config", None) or {}):
+                remove_adapter(encoder, self.reference_adapter)
+                activate_adapter(encoder, ADAPTER_NAME)
 
     def resume(self, state: TrainingState, folder: Path) -> None:
         _load_trainable_state(self.models, state.lora, folder)
@@ -535,10 +579,19 @@ class _Trainer:
 
     def loss(self, step: int, batch: _Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         config = self.config
+        # Frozen predictions first: switching adapters flips requires_grad, best settled before the graph exists.
+        reference_text = None
+        if config.kl_weight > 0 and config.train_text_encoder:  # model k's own text encoders, not the trained ones
+            reference_text = self.reference_text(batch.prompts[: batch.n_instance])
         inputs = self.inputs(batch, *self.draw(step, batch))
         k = batch.n_instance
-        # Frozen predictions first: switching adapters flips requires_grad, best settled before the graph exists.
-        anchor = self.frozen_pred(inputs.head(k), self.reference_adapter) if config.kl_weight > 0 else None
+        anchor = None
+        if config.kl_weight > 0:
+            head = inputs.head(k)
+            if reference_text is not None:
+                embeds, pooled = (t.to(self.weight_dtype) for t in reference_text)
+                head = _Inputs(head.noisy, head.timesteps, embeds, {**head.cond, "text_embeds": pooled}, head.target)
+            anchor = self.frozen_pred(head, self.reference_adapter)
         base = self.frozen_pred(inputs.head(k), None) if config.dco_beta > 0 else None
         pred = self.predict(inputs)
         errors = per_sample_error(pred, inputs.target, batch.masks, config.mask_normalization)
@@ -684,9 +737,10 @@ def train_lora(
     Resumes automatically from the newest checkpoint in ``out_dir`` (raising CheckpointError if it is
     corrupt or from another setup). ``on_log(step, metrics)`` runs on the main process every
     ``log_every`` steps; ``should_stop()`` is polled after each step, and a stop writes a checkpoint first.
-    ``init_lora`` (a ``TrainResult.lora_state``, same rank and targets as ``config``) is the U-Net adapter's
-    starting point instead of a fresh one; its hash joins the checkpoint fingerprint. With
-    ``config.kl_weight`` > 0 it is also the frozen reference of the KL term (logged as ``kl``).
+    ``init_lora`` (a ``TrainResult.lora_state``, or an exported diffusers file's tensors, which may add
+    ``text_encoder.``/``text_encoder_2.`` parts; same rank and targets as ``config``) is the adapters' starting
+    point instead of fresh ones; its hash joins the checkpoint fingerprint. With ``config.kl_weight`` > 0 it is
+    also the frozen reference of the KL term (logged as ``kl``), text encoders included.
     On return the U-Net carries the trained adapter (active), so ``pipe`` can render validation images.
     """
     if config.kl_weight > 0 and init_lora is None:

@@ -85,7 +85,8 @@ def check_pairs(pairs: Sequence[PreferencePair]) -> list[PreferencePair]:
     return sorted(pairs, key=lambda pair: (pair[0].sample_id, pair[1].sample_id))
 
 
-def _check_config(config: TrainConfig) -> None:
+def check_preference_config(config: TrainConfig) -> None:
+    """Refuse settings ``train_preference`` cannot train with, naming each field to change."""
     problems = []
     if config.dpo_beta <= 0:
         problems.append("set dpo_beta > 0 (paper: 5000 for SD1.5; 2500-5000 for SDXL)")
@@ -193,7 +194,7 @@ def train_preference(
     and ``dpo_eval_loss`` over all pairs at fixed noise (0.5 and log 2 for an untrained model).
     """
     pairs = check_pairs(pairs)
-    _check_config(config)
+    check_preference_config(config)
     _check_mixed_precision(config)
     accelerator = _make_accelerator(config)
     fields = fingerprint_fields(pipe, [], config, accelerator.num_processes, base_model_id, init_lora)

@@ -196,6 +196,16 @@ def test_iteration_and_evaluation_report(materialized):
     grids = metrics.groupby("variant")[["prompt", "seed"]].apply(lambda g: sorted(set(map(tuple, g.values))))
     assert len(grids) == 4 and all(grid == [("zorp ball and quix ball on a beach", 7)] for grid in grids)
     assert metrics.loc[metrics["metric"] == "dnc_default:dinov2", "status"].eq("ok").all()
+    # The baseline is a declared output: its LoRA inside the evaluation folder, trained like the Seg-Mix LoRA
+    # (the run config's 4 steps, not a default) with Seg-Mix off, and the report says so.
+    version = evaluation["baseline_version"].value
+    baseline_file = Path(evaluation["baseline_lora"].value)
+    assert baseline_file.is_file() and baseline_file.parent.name == version
+    assert baseline_file.parent.parent.name == "baseline" and baseline_file.parent.parent.parent.name == "evaluation"
+    settings = evaluation["baseline_train_config"].data
+    assert settings["steps"] == 4 and settings["segmix_p"] == 0.0
+    assert "## Training settings" in report and "segmix_p: 0.3 → 0" in report
+    assert iteration["convergence_rule"].value == "kept_ratio"
 
 
 def _run_checks(home, *checks_defs):

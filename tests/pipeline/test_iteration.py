@@ -12,11 +12,14 @@ from pipeline.iteration import (
     STOP_MAX_ROUNDS,
     STOP_NO_IMPROVEMENT,
     STOP_NOTHING_KEPT,
+    STOP_PROMPT_DISTANCE,
     IterationConfig,
     RoundSummary,
     best_round,
     mean_pairwise_distance,
+    mean_pairwise_euclidean,
     preference_pairs,
+    prompt_distances,
     select_kept,
     stop_reason,
     summarize_round,
@@ -35,8 +38,11 @@ def scores_frame(values, reasons=None, prompts=None) -> pd.DataFrame:
     )
 
 
-def summary(round_index, median, distance_ratio, n_kept=5):
-    return RoundSummary(round_index, 20, n_kept, median, median + 0.1, 0.5 * distance_ratio, distance_ratio, 0.1)
+def summary(round_index, median, distance_ratio, n_kept=5, prompt_distance=float("nan")):
+    return RoundSummary(
+        round_index, 20, n_kept, median, median + 0.1, 0.5 * distance_ratio, distance_ratio, 0.1,
+        prompt_distance=prompt_distance,
+    )  # fmt: skip
 
 
 def test_select_kept_applies_count_gate_threshold_and_top_m():
@@ -118,3 +124,45 @@ def test_config_is_validated():
         IterationConfig(dnc_mode="fast")
     with pytest.raises(CastloraError, match="lacks columns"):
         select_kept(pd.DataFrame({"score": [1.0]}), 1, None)
+
+
+def test_prompt_distance_is_per_prompt_over_all_images_euclidean():
+    assert mean_pairwise_euclidean(np.array([[0.0, 0.0], [3.0, 4.0]])) == pytest.approx(5.0)
+    assert np.isnan(mean_pairwise_euclidean(np.ones((1, 3))))
+    embeddings = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    distances = prompt_distances(["a", "a", "b", "b", "c"], embeddings)
+    assert distances["a"] == pytest.approx(np.sqrt(2)) and distances["b"] == 0.0 and np.isnan(distances["c"])
+    scores = scores_frame([0.5] * 5, prompts=["a", "a", "b", "b", "c"])
+    round0 = summarize_round(0, scores, select_kept(scores, 2, None), 0.4, None, distances)
+    assert round0.prompt_distance == pytest.approx(np.sqrt(2))  # the worst prompt decides; NaN prompts are ignored
+
+
+def test_per_prompt_rule_stops_on_the_absolute_threshold_and_says_so():
+    config = IterationConfig(images_per_round=20, keep_top=5, convergence="per_prompt", d_conv=0.5)
+    # The kept set tightened a lot (ratio 0.1) but that is the other rule's number: per_prompt ignores it.
+    assert stop_reason([summary(0, 0.3, 1.0, prompt_distance=0.7), summary(1, 0.4, 0.1, prompt_distance=0.6)],
+                       config) is None  # fmt: skip
+    last = summary(2, 0.5, 0.1, prompt_distance=0.45)
+    history = [summary(0, 0.3, 1.0, prompt_distance=0.7), summary(1, 0.4, 0.1, prompt_distance=0.6), last]
+    assert stop_reason(history, config) == STOP_PROMPT_DISTANCE
+    # Absolute: already-consistent images stop at round 0.
+    assert stop_reason([summary(0, 0.3, 1.0, prompt_distance=0.2)], config) == STOP_PROMPT_DISTANCE
+    stopped = RoundSummary(**{**last.__dict__, "stop_reason": STOP_PROMPT_DISTANCE})
+    assert stopped.converged
+
+
+def test_kept_ratio_rule_ignores_the_prompt_distance():
+    config = IterationConfig(images_per_round=20, keep_top=5)
+    assert config.convergence == "kept_ratio"
+    assert stop_reason([summary(0, 0.3, 1.0, prompt_distance=0.0), summary(1, 0.4, 0.9, prompt_distance=0.0)],
+                       config) is None  # fmt: skip
+    assert stop_reason([summary(0, 0.3, 1.0), summary(1, 0.4, 0.7)], config) == STOP_DISTANCE
+
+
+def test_convergence_settings_are_validated():
+    with pytest.raises(CastloraError, match="convergence='per_prompt' needs d_conv > 0"):
+        IterationConfig(convergence="per_prompt")
+    with pytest.raises(CastloraError, match=r"d_conv=0\.3 is used only by convergence='per_prompt'"):
+        IterationConfig(d_conv=0.3)
+    with pytest.raises(CastloraError, match="convergence='chosen' must be one of"):
+        IterationConfig(convergence="chosen")

@@ -139,3 +139,13 @@ def test_invalid_settings_are_refused(pipe, tmp_path: Path) -> None:
     with pytest.raises(CastloraError, match="prompts"):
         run(pipe, tmp_path, rec, prompts=[])
     assert rec.rows == []
+
+
+def test_per_prompt_counts_render_exactly_that_many(pipe, tmp_path: Path) -> None:
+    rec = recorder(tmp_path / "lineage", "d")
+    manifest = run(pipe, tmp_path / "samples", rec, gamma=None, layout_factory=None, images_per_prompt=[2, 1])
+    assert len(manifest) == 3
+    assert sorted(zip(manifest["prompt_index"], manifest["seed"], strict=True)) == [(0, 5), (0, 9), (1, 5)]
+    assert (manifest["prompt"] == [PROMPTS[0], PROMPTS[0], PROMPTS[1]]).all()
+    with pytest.raises(CastloraError, match="one count >= 1 per prompt"):
+        run(pipe, tmp_path / "samples", rec, gamma=None, layout_factory=None, images_per_prompt=[2])

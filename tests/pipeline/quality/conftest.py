@@ -88,5 +88,5 @@ def quality(tmp_path_factory) -> SimpleNamespace:
         embedder_sources={"dinov2": str(root / "dinov2"), "clip": ""},
         cache_root=root / "models",
     )
-    yield SimpleNamespace(root=root, factory=factory, base=base, train_config=config, scorer=scorer)
+    yield SimpleNamespace(root=root, factory=factory, base=base, train_config=config, scorer=scorer, samples=samples)
     torch.set_num_threads(previous)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -10,16 +11,20 @@ import pytest
 from PIL import Image
 
 from pipeline.errors import CastloraError
-from pipeline.lineage import LineageRecorder
+from pipeline.lineage import LineageRecorder, read_lineage
 from pipeline.stages.evaluation import (
+    BASELINE_DIR,
     Subject,
     Variant,
     clip_text,
     image_reward_note,
     run_evaluation,
     subject_similarity,
+    train_baseline,
+    training_settings,
 )
 from pipeline.stages.iteration import GenerationSettings
+from pipeline.stages.lora import current_lora, train_config_of
 from tests.pipeline.quality.conftest import SIDE, layout_for
 
 SUBJECTS = [Subject("olis", "dog", "olis dog"), Subject("vrin", "dog", "vrin dog")]
@@ -45,7 +50,7 @@ def evaluated(quality, tmp_path_factory):
     out = run_evaluation(
         quality.factory, variants, quality.scorer, quality.scorer.unavailable, None, "no CLIP configured",
         image_reward_note(""), counted_layout, GENERATION, [5, 6], SUBJECTS, root / "out", recorder, "tiny-sdxl",
-        log=lambda _: None,
+        log=lambda _: None, segmix_lora=lora,
     )  # fmt: skip
     return out
 
@@ -109,3 +114,44 @@ def test_empty_grid_is_refused(quality, tmp_path):
             quality.factory, [Variant("base", None, None)], quality.scorer, {}, None, "", "", layout_for,
             GenerationSettings((), SIDE, 2, 5.0, None), [1], SUBJECTS, tmp_path, None, "tiny-sdxl",
         )  # fmt: skip
+
+
+def test_dreambooth_baseline_is_a_recorded_output_trained_like_the_segmix_lora(quality, tmp_path):
+    # The fixture's LoRA trained a constant schedule for 2 steps (not the dataclass default 500); pretend it used
+    # Seg-Mix so the baseline has something to switch off.
+    segmix = quality.base.as_current()
+    segmix["train_config"] = {**segmix["train_config"], "segmix_p": 0.3}
+    recorder = LineageRecorder(tmp_path / "lineage", "run", "evaluation", "olis__vrin", "test")
+    out_dir = tmp_path / "evaluation"
+    baseline = train_baseline(
+        quality.factory(), segmix, lambda config: quality.samples, out_dir, quality.root / "cache", recorder,
+        "tiny-sdxl",
+    )  # fmt: skip
+    recorder.flush()
+    assert baseline.config == dataclasses.replace(quality.train_config, segmix_p=0.0)
+    assert baseline.result.steps_done == 2
+    assert train_config_of(segmix).differences(baseline.config) == {"segmix_p": (0.3, 0.0)}
+    # Its files, version and record live in the evaluation's own folder, and lineage lists them.
+    assert baseline.folder == out_dir / BASELINE_DIR / baseline.version
+    assert all(path.parent == baseline.folder and path.is_file() for path in baseline.files.values())
+    assert current_lora(out_dir / BASELINE_DIR)["version"] == baseline.version
+    lineage = read_lineage(tmp_path / "lineage").to_pandas()
+    assert {str(p) for p in baseline.files.values()} <= set(lineage["artifact_uri"])
+    row = lineage[lineage["artifact_uri"] == str(baseline.files["diffusers"])].iloc[0]
+    params = json.loads(row["params_json"])
+    assert params["train_steps"] == 2 and params["segmix_p"] == 0.0 and params["gradient_checkpointing"] is False
+
+    variants = [Variant("dreambooth", baseline.as_current(), None), Variant("segmix", segmix, None)]
+    training = training_settings([*variants, Variant("base", None, None)], segmix)
+    rows = training.set_index("variant")
+    assert rows.loc["dreambooth", "differs_from_segmix"] == "segmix_p: 0.3 → 0"
+    assert rows.loc["segmix", "differs_from_segmix"] == "nothing"
+    assert rows.loc["dreambooth", "steps"] == rows.loc["segmix", "steps"] == 2
+    assert rows.loc["dreambooth", "segmix_p"] == 0.0 and rows.loc["segmix", "segmix_p"] == 0.3
+    assert rows.loc["base", "lora"] == "base model (no LoRA)"
+
+
+def test_report_states_the_training_settings_of_each_variant(evaluated):
+    assert "## Training settings" in evaluated.report
+    assert list(evaluated.training["variant"]) == ["segmix", "segmix_init", "base"]
+    assert (evaluated.training["differs_from_segmix"][:2] == "nothing").all()

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from pipeline.iteration import STOP_MAX_ROUNDS, IterationConfig
+from pipeline.errors import CastloraError
+from pipeline.iteration import STOP_MAX_ROUNDS, STOP_PROMPT_DISTANCE, IterationConfig
 from pipeline.lineage import LineageRecorder, read_lineage
-from pipeline.stages.iteration import STOP_PAUSED, GenerationSettings, current_iteration, round_grid, run_iteration
+from pipeline.stages.iteration import (
+    PROMPT_DISTANCES_FILE,
+    STOP_PAUSED,
+    GenerationSettings,
+    current_iteration,
+    round_grid,
+    round_training,
+    run_iteration,
+)
+from pipeline.train import TrainConfig
 from tests.pipeline.quality.conftest import SIDE, layout_for
 
 GENERATION = GenerationSettings(("olis dog and vrin dog in a park",), SIDE, 2, 5.0, "sticker, collage")
@@ -92,12 +103,14 @@ def test_one_round_per_run_pauses_and_the_next_run_continues(quality, tmp_path):
     assert second.stop_reason == STOP_MAX_ROUNDS and second.rounds["round"].tolist() == [0, 1]
 
 
-def test_round_grid_spreads_images_over_prompts():
+def test_round_grid_renders_exactly_the_images_asked_for():
     prompts = [f"p{i}" for i in range(8)]
-    assert round_grid(prompts, 200) == (prompts, 25)
-    assert round_grid(prompts, 4) == (prompts[:4], 1)
-    used, per_prompt = round_grid(prompts, 10)
-    assert per_prompt == 2 and len(used) * per_prompt >= 10 and (len(used) - 1) * per_prompt < 10
+    assert round_grid(prompts, 200) == (prompts, [25] * 8)
+    assert round_grid(prompts, 4) == (prompts[:4], [1] * 4)
+    assert round_grid(prompts[:3], 200) == (prompts[:3], [67, 67, 66])  # 201 before: ceil(200 / 3) each
+    for n_prompts, images in [(3, 200), (8, 10), (5, 7), (1, 3), (7, 7)]:
+        used, counts = round_grid(prompts[:n_prompts], images)
+        assert sum(counts) == images and len(used) == len(counts) and max(counts) - min(counts) <= 1
 
 
 def test_preference_step_trains_dpo_on_best_and_worst_of_a_prompt(quality, tmp_path):
@@ -109,3 +122,62 @@ def test_preference_step_trains_dpo_on_best_and_worst_of_a_prompt(quality, tmp_p
     assert trained["train_config"]["dpo_beta"] == 5000.0
     samples = pd.read_parquet(out.run_dir / "round_01" / "samples" / "manifest.parquet")
     assert set(samples["lora_version"]) == {trained["version"]}
+
+
+def test_each_round_inherits_the_base_settings_except_what_the_iteration_sets():
+    base = TrainConfig(steps=800, rank=8, alpha=8.0, segmix_p=0.3, prior_weight=1.0, dco_beta=1000.0,
+                       gradient_checkpointing=True, lr=2e-4, seed=3)  # fmt: skip
+    config = IterationConfig(images_per_round=4, keep_top=2, train_steps=7, kl_weight=0.5, preference=True,
+                             dpo_steps=3, dpo_beta=2500.0)  # fmt: skip
+    training = round_training(base, config)
+    assert base.differences(training.fine_tune) == {
+        "steps": (800, 7), "segmix_p": (0.3, 0.0), "prior_weight": (1.0, 0.0), "dco_beta": (1000.0, 0.0),
+        "kl_weight": (0.0, 0.5),
+    }  # fmt: skip
+    assert base.differences(training.preference) == {
+        "steps": (800, 3), "segmix_p": (0.3, 0.0), "prior_weight": (1.0, 0.0), "dco_beta": (1000.0, 0.0),
+        "dpo_beta": (0.0, 2500.0),
+    }  # fmt: skip
+    assert round_training(base, dataclasses.replace(config, preference=False)).preference is None
+
+
+def test_an_impossible_preference_step_fails_before_any_rendering_or_training(tmp_path):
+    def no_model():
+        raise AssertionError("the loop loaded a model before refusing its configuration")
+
+    base = TrainConfig(steps=2, rank=4, alpha=4.0, resolution=SIDE, train_text_encoder=True)
+    config = IterationConfig(**{**LOOP, "preference": True})
+    with pytest.raises(CastloraError, match=r"preference=True.*train_text_encoder=True.*set preference to false"):
+        run_iteration(no_model, {"version": "lora-x"}, None, layout_for, GENERATION, config, base, tmp_path,
+                      tmp_path / "cache", None, "tiny-sdxl")  # fmt: skip
+    assert not any(tmp_path.iterdir())
+
+
+def test_per_prompt_rule_renders_exactly_n_and_records_which_rule_stopped(quality, tmp_path):
+    prompts = ("olis dog and vrin dog in a park", "olis dog and vrin dog on a beach")
+    generation = dataclasses.replace(GENERATION, prompts=prompts)
+    # 3 images over 2 prompts: 2 + 1 (ceil would render 4). A huge d_conv: converged at round 0, no training.
+    config = IterationConfig(**{**LOOP, "images_per_round": 3, "convergence": "per_prompt", "d_conv": 10.0})
+    recorder = LineageRecorder(tmp_path / "lineage", "run", "iteration", "olis__vrin", "test")
+    out = run_iteration(
+        quality.factory, quality.base.as_current(), quality.scorer, layout_for, generation, config,
+        quality.train_config, tmp_path / "iteration", quality.root / "cache", recorder, "tiny-sdxl",
+        log=lambda _: None,
+    )  # fmt: skip
+    assert out.stop_reason == STOP_PROMPT_DISTANCE and out.rounds["converged"].tolist() == [True]
+    samples = pd.read_parquet(out.run_dir / "round_00" / "samples" / "manifest.parquet")
+    assert len(samples) == 3 and samples["prompt"].value_counts().to_dict() == {prompts[0]: 2, prompts[1]: 1}
+    distances = json.loads((out.run_dir / "round_00" / PROMPT_DISTANCES_FILE).read_text())
+    assert distances[prompts[1]] is None and 0 <= distances[prompts[0]] == pytest.approx(
+        out.rounds["prompt_distance"].iloc[0]
+    )
+    current = current_iteration(tmp_path / "iteration")
+    assert current["convergence"] == "per_prompt" and current["stop_reason"] == STOP_PROMPT_DISTANCE
+    # The rule only decides where the loop stops: switching it continues the same run.
+    kept_ratio = IterationConfig(**{**LOOP, "images_per_round": 3, "max_rounds": 1})
+    again = run_iteration(
+        quality.factory, quality.base.as_current(), quality.scorer, layout_for, generation, kept_ratio,
+        quality.train_config, tmp_path / "iteration", quality.root / "cache", recorder, "tiny-sdxl",
+        log=lambda _: None,
+    )  # fmt: skip
+    assert again.run_dir == out.run_dir and again.stop_reason == STOP_MAX_ROUNDS

@@ -1,0 +1,51 @@
+"""A LoRA's record keeps every training setting, and the config is rebuilt from it exactly (no defaults)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import CastloraError
+from pipeline.stages.evaluation import dreambooth_config
+from pipeline.stages.lora import LoraOutput, train_config_of
+from pipeline.train import TrainConfig
+from pipeline.train.loop import TrainResult
+
+# Constant schedule, a step count other than the dataclass default, memory settings on: what today's sdxl preset
+# trains with and what a lossy record used to lose.
+SEGMIX = TrainConfig(steps=800, lr_scheduler="constant", gradient_checkpointing=True, compile_unet=True, seed=7)
+
+
+def record_of(config: TrainConfig) -> dict:
+    result = TrainResult(steps_done=config.steps, final_loss=0.1, losses=[], lora_state={}, resumed_from=None)
+    output = LoraOutput("lora-abc", Path("/x"), {"diffusers": Path("/x/a.safetensors")}, {"diffusers": "0" * 64},
+                        result, config)  # fmt: skip
+    return json.loads(json.dumps(output.as_current()))  # as written to current.json
+
+
+def test_every_field_is_recorded_and_rebuilt_exactly():
+    record = record_of(SEGMIX)
+    assert set(record["train_config"]) == {f.name for f in dataclasses.fields(TrainConfig)}
+    assert train_config_of(record) == SEGMIX
+
+
+def test_dreambooth_baseline_differs_from_the_segmix_lora_in_segmix_p_alone():
+    baseline = dreambooth_config(train_config_of(record_of(SEGMIX)))
+    assert baseline.steps == 800 and baseline.gradient_checkpointing and baseline.compile_unet
+    assert SEGMIX.differences(baseline) == {"segmix_p": (0.3, 0.0)}
+
+
+def test_a_record_that_lacks_or_adds_a_field_is_refused_by_name():
+    record = record_of(SEGMIX)
+    del record["train_config"]["steps"]
+    with pytest.raises(CastloraError, match=r"LoRA lora-abc.*missing \['steps'\].*re-materialize"):
+        train_config_of(record)
+    record = record_of(SEGMIX)
+    record["train_config"]["warp_drive"] = True
+    with pytest.raises(CastloraError, match=r"unknown \['warp_drive'\]"):
+        train_config_of(record)
+    with pytest.raises(CastloraError, match="records no training settings"):
+        train_config_of({"version": "lora-old"})
