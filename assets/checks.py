@@ -24,7 +24,7 @@ from resources import StorageResource
 # How far the headline D&C of a variant may fall below the previous evaluation before the check fails.
 DNC_REGRESSION_TOLERANCE = 0.05
 
-# Partitioned asset checks are "preview" in Dagster 1.13 but are what SPEC §10 prescribes; keep logs quiet.
+# Partitioned asset checks are "preview" in Dagster 1.13 but needed (docs/design.md#dagster-layer); keep logs quiet.
 warnings.filterwarnings("ignore", category=dg.PreviewWarning)
 
 

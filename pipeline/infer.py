@@ -1,4 +1,4 @@
-"""Generation with MuDI's mean-shifted initialization (MuDI Algorithm 2, Eq. 3; SPEC §7).
+"""Generation with MuDI's mean-shifted initialization (MuDI Algorithm 2, Eq. 3; docs/design.md#mudi-initialisation).
 
 The denoising loop starts from ``z_T = ε + γ · M ⊙ z`` instead of plain noise ``ε``: ``z`` is the VAE latent of a
 layout image (a Seg-Mix composite of the characters' cut-outs, or a user-given arrangement) and ``M`` its union

@@ -1,4 +1,4 @@
-"""Iterative self-generation (MuDI §5.5 / App. D.2 and The Chosen One; SPEC §9): what to keep, when to stop.
+"""Iterative self-generation (MuDI §5.5, The Chosen One; docs/design.md#iterative-training): what to keep, when to stop.
 
 A round renders many images with the current LoRA, scores each with Detect-and-Compare, keeps the best ones
 that show every character (count gate) and clear a threshold, and fine-tunes the next LoRA on them with a KL

@@ -2,7 +2,7 @@
 
 Each composite puts ``k`` cut-outs of different characters side by side (one canvas column each, jittered
 inwards so they may overlap), pairs it with "A photo of [V1] and [V2], simple white background." and
-records each subject's *visible* mask. Compared with MuDI's code (SPEC §4):
+records each subject's *visible* mask. Compared with MuDI's code (docs/design.md#composition):
 
 - the canvas is any size and every MuDI constant is a fraction of it (1024-px margin 32 -> 1/32,
   x-offset up to 256 -> 1/(2k) of the width), so 512- and 1024-px models get the same layouts;

@@ -1,4 +1,4 @@
-"""A finite, reproducible bank of Seg-Mix composites (SPEC §4 "Ours").
+"""A finite, reproducible bank of Seg-Mix composites (docs/design.md#seg-mix-bank).
 
 MuDI draws a fresh composite at every training step; castlora plans a fixed bank per epoch instead, so
 the composites can be materialized as an asset, inspected, and have their latents cached by content

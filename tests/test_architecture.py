@@ -40,3 +40,46 @@ def test_ruff_is_clean():
     for args in (["check", "."], ["format", "--check", "."]):
         result = subprocess.run([ruff, *args], cwd=REPO, capture_output=True, text=True)
         assert result.returncode == 0, f"ruff {' '.join(args)}:\n{result.stdout}{result.stderr}"
+
+
+def _design_anchors(markdown: str) -> set[str]:
+    """GitHub's heading anchors: lowercase, punctuation removed, spaces to '-', repeats suffixed -1, -2, ..."""
+    import re  # local: this block is appended without touching the module's imports
+
+    anchors: set[str] = set()
+    in_fence = False
+    for line in markdown.splitlines():
+        if line.lstrip().startswith("```"):
+            in_fence = not in_fence
+            continue
+        heading = re.match(r"#{1,6}\s+(.+?)\s*#*\s*$", line)
+        if in_fence or not heading:
+            continue
+        base = re.sub(r"[^\w\- ]", "", heading.group(1).strip().lower()).replace(" ", "-")
+        anchor, n = base, 0
+        while anchor in anchors:
+            n += 1
+            anchor = f"{base}-{n}"
+        anchors.add(anchor)
+    return anchors
+
+
+def test_code_cites_only_the_design_doc_and_its_anchors_exist():
+    """Docstrings cite docs/design.md#<anchor> (an existing heading), never the external spec or ../shared."""
+    import re
+
+    outside = re.compile(r"SPEC §|SPEC\.md|\.\./shared|/work/shared|reference/SPEC")
+    cited = re.compile(r"docs/design\.md#([\w-]+)")
+    anchors = _design_anchors((REPO / "docs" / "design.md").read_text(encoding="utf-8"))
+    offenders, dangling = [], []
+    for package in ("pipeline", "resources", "assets", "tests"):
+        for path in sorted((REPO / package).rglob("*.py")):
+            name = path.relative_to(REPO).as_posix()
+            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                if package != "tests" and outside.search(line):
+                    offenders.append(f"{name}:{number}: {line.strip()}")
+                dangling += [f"{name}:{number}: #{a}" for a in cited.findall(line) if a not in anchors]
+    assert not offenders, "cite docs/design.md#<anchor>, not the external spec or paths outside the repository:\n" + (
+        "\n".join(offenders)
+    )
+    assert not dangling, f"no such heading in docs/design.md (anchors: {sorted(anchors)}):\n" + "\n".join(dangling)

@@ -1,4 +1,4 @@
-"""Captioning reference photos (SPEC §3): backends, the caption cache and token-phrase substitution.
+"""Captioning reference photos (docs/design.md#captioning): backends, the caption cache and token-phrase substitution.
 
 The OpenAI and transformers backends are imported lazily: importing this package stays cheap, and
 ``openai``/``torch`` are only loaded when such a captioner is actually used.

@@ -1,4 +1,4 @@
-"""Find the characters in a generated image for Detect-and-Compare (SPEC §8 steps 1-2).
+"""Find the characters in a generated image for Detect-and-Compare (docs/design.md#detection).
 
 ``OwlDetector`` runs OWLv2 with the subjects' class nouns as text queries, as MuDI does; ``LayoutDetector`` is a
 labelled fallback that returns the generation layout's boxes, for random-init tiny models whose detections mean
@@ -182,7 +182,7 @@ class LayoutDetector:
 
 
 def crop_to_square(image: Image.Image, box: Box, fill: tuple[int, int, int] = WHITE) -> Image.Image:
-    """The box's pixels (rounded outwards, at least 1 px), centred on a square of ``fill`` (SPEC §8 step 2)."""
+    """The box's pixels (rounded outwards, ≥ 1 px), centred on a square of ``fill`` (docs/design.md#detection)."""
     image = to_rgb(image)
     x0, y0, x1, y1 = box
     left = min(max(math.floor(x0), 0), image.width - 1)

@@ -1,4 +1,4 @@
-"""Image embedders for Detect-and-Compare and the evaluation metrics, behind one interface (SPEC §8 step 2).
+"""Image embedders for Detect-and-Compare and the evaluation metrics, behind one interface (docs/design.md#embedders).
 
 Every embedder returns ``(n, d)`` float32 rows, L2-normalised, so a dot product is a cosine similarity.
 

@@ -1,4 +1,4 @@
-"""Detect-and-Compare scoring from similarities (MuDI Algorithm 3, SPEC §8): pure numpy, no models.
+"""D&C scoring from similarities (MuDI Algorithm 3, docs/design.md#scoring-and-modes): pure numpy, no models.
 
 ``S[b, j]`` is box b's mean cosine similarity to subject j's references and ``G[i, j]`` the mean similarity
 between subject i's and subject j's references. A good two-character image has one box per subject, each box

@@ -7,7 +7,7 @@ wrappers on a minimum PEFT version (5.25 asks for a PEFT that was not released y
 castlora needs. The bookkeeping both libraries read (``peft_config``, ``_hf_peft_config_loaded``) is kept the same.
 
 The frozen base may be fp16/bf16 on GPU while the LoRA weights stay fp32: low-precision LoRA updates lose
-most of a small learning rate to rounding (SPEC §5). State dicts come out in diffusers' naming, which is
+most of a small learning rate to rounding (docs/design.md#lora-precision). State dicts use diffusers' naming, which is
 what ``save_lora_weights`` writes and what the kohya/SGM converter in ``export.py`` reads.
 """
 

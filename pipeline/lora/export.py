@@ -1,4 +1,4 @@
-"""Write a trained LoRA in the two formats the SDXL tool world reads (SPEC §6).
+"""Write a trained LoRA in the two formats the SDXL tool world reads (docs/design.md#lora-formats).
 
 * diffusers/PEFT ``pytorch_lora_weights.safetensors``, written by diffusers' own
   ``StableDiffusionXLPipeline.save_lora_weights`` with the adapter metadata (rank, alpha, targets) in the

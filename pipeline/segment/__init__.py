@@ -1,4 +1,4 @@
-"""Subject segmentation (SPEC §2): OWLv2 + SAM, a labelled GrabCut fallback, and user-supplied masks."""
+"""Subject segmentation (docs/design.md#segmentation): OWLv2 + SAM, a labelled GrabCut fallback and user masks."""
 
 from pipeline.segment.base import (
     STATUS_NO_DETECTION,

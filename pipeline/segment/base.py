@@ -1,4 +1,4 @@
-"""Segmentation data types shared by every backend (SPEC §2)."""
+"""Segmentation data types shared by every backend (docs/design.md#segmentation)."""
 
 from __future__ import annotations
 

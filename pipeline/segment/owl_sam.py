@@ -1,4 +1,4 @@
-"""OWLv2 text-prompted detection + SAM box-prompted masks (SPEC §2, as in MuDI)."""
+"""OWLv2 text-prompted detection + SAM box-prompted masks (docs/design.md#segmentation, as in MuDI)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Stage: iterative self-generation (SPEC §9) — render, score with D&C, keep the best, fine-tune with KL, repeat.
+"""Stage: iterative self-generation (docs/design.md#iterative-training): render, score, keep the best, fine-tune.
 
 Round k renders ``images_per_round`` images with model k (round 0: the Seg-Mix LoRA), scores them, keeps the best
 and, unless the loop stops, trains model k+1 on the kept images with a KL term towards model k. Everything of a

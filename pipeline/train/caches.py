@@ -178,7 +178,7 @@ def vae_latent_scale(vae: torch.nn.Module, latent: torch.Tensor) -> torch.Tensor
 @torch.no_grad()
 def encode_images(vae: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
     """Scaled latents (distribution mean) of ``pixels`` (N, 3, H, W) in [-1, 1], computed in float32:
-    SDXL's VAE overflows in fp16 (SPEC §5)."""
+    SDXL's VAE overflows in fp16 (docs/design.md#content-hash-caches)."""
     original_dtype = vae.dtype
     if original_dtype != torch.float32:
         vae.to(torch.float32)

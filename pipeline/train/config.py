@@ -44,7 +44,7 @@ class TrainConfig:
     """>0 replaces the instance MSE by the DCO loss against the same U-Net with LoRA scale 0 (MuDI uses 1000)."""
     kl_weight: float = 0.0
     """>0 adds ``kl_weight`` × the KL towards the starting LoRA (``init_lora``, the previous round's model) to the
-    instance loss: MuDI's iterative training (SPEC §9, weight ≈ 1.0). Needs ``init_lora``."""
+    instance loss: MuDI's iterative training (docs/design.md#losses, weight ≈ 1.0). Needs ``init_lora``."""
     dpo_beta: float = 0.0
     """Diffusion-DPO's β, used only by ``train_preference`` (which requires it > 0). It multiplies errors that are
     per-element means, as in Wallace et al.'s code: hence values in the thousands (paper, SD1.5: 5000; SDXL is

@@ -1,4 +1,4 @@
-"""D&C maths against SPEC §8's golden values (MuDI's own functions) and the fixes of the default mode."""
+"""D&C maths against MuDI's golden values (docs/design.md#golden-values) and the fixes of the default mode."""
 
 from __future__ import annotations
 
