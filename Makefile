@@ -32,6 +32,7 @@ lock: $(STAMP)
 # Resolve the newest releases pyproject.toml admits into a scratch venv, run the fast tests against them and report
 # which packages moved and what broke. Changes nothing in the repository or .venv; see README "Upgrading dependencies".
 upgrade-check: $(STAMP)
+	scripts/install-test-services.sh
 	scripts/upgrade-check.sh $(BIN)/uv
 
 demo: $(STAMP)
