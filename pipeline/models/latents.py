@@ -5,7 +5,8 @@ A VAE config says how its raw latents ``z`` are normalised for the denoiser, in 
 - ``latents_mean`` / ``latents_std`` (per channel) with ``scaling_factor``: ``(z − mean) · scale / std``. The
   SDXL pipeline decodes with exactly the inverse when the config has both, so they take precedence.
 - ``shift_factor`` with ``scaling_factor`` (SD3, FLUX): ``(z − shift) · scale``; no shift (SDXL's own VAE) is
-  plain ``z · scale``.
+  plain ``z · scale``. (The SDXL pipeline's decode knows no shift; the shifted VAEs are FLUX/SD3 ones, whose
+  16-channel latents an SDXL U-Net cannot take anyway.)
 
 The training latent cache and MuDI's initial latent both go through ``encode_to_model_latents``, so a model
 trains on exactly the latents its inference starts from.
