@@ -31,6 +31,11 @@ class LoraTrainingConfig(dg.Config):
     lr_scheduler: str = "constant"
     batch_size: int = 1
     segmix_p: float = 0.3
+    segmix_draw: str = "shared"
+    """shared (MuDI): one Seg-Mix draw for an instance image and its prior image; independent: one each."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step (MuDI: batch 1 × 2); steps counts optimizer steps."""
+    adam_weight_decay: float = 1e-4
     prior_weight: float = 1.0
     """0 disables prior preservation."""
     dco_beta: float = 0.0
@@ -72,7 +77,7 @@ class SamplesConfig(dg.Config):
     partitions_def=character_pairs,
     group_name=GROUP,
     deps=[captions, segments, segmix_bank, class_images],
-    code_version="lora-v1",
+    code_version="lora-v2",
     kinds={"pytorch", "safetensors"},
     **gpu_step(),
     description="DreamBooth-LoRA on the U-Net with Seg-Mix and prior preservation; resumable; diffusers + kohya files.",

@@ -29,6 +29,7 @@ from PIL import Image
 
 from pipeline.errors import CastloraError
 from pipeline.images import to_rgb
+from pipeline.models.latents import encode_to_model_latents
 from pipeline.segmix import join_phrases
 
 DEFAULT_NEGATIVE = "sticker, collage"
@@ -184,11 +185,12 @@ def encode_layout(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """VAE latent ``z`` (1, C, h, w) and mask ``M`` (1, 1, h, w) of a layout, at latent size h = height / 8.
 
-    ``z = vae.encode(x).latent_dist.mean * scaling_factor`` (inverse of the pipeline's decode, including
-    latents_mean/std when the VAE config has them) with ``x`` the composite resized to (width, height) in [-1, 1].
-    The mean, not a sample, is used, so ``generator`` is accepted for API symmetry and not consumed: the encoding
-    is deterministic and the only randomness of a sample is its ε. The VAE runs in float32 when it is float16 and
-    ``force_upcast`` is set (SDXL's VAE overflows in float16), and is put back afterwards.
+    ``z`` is ``vae.encode(x).latent_dist.mean`` normalised by ``pipeline.models.latents.to_model_latents`` (the
+    inverse of the pipeline's decode: ``scaling_factor``, and latents_mean/std or shift_factor when the VAE config
+    has them), the same function the training latent cache uses, with ``x`` the composite resized to (width,
+    height) in [-1, 1]. The mean, not a sample, is used, so ``generator`` is accepted for API symmetry and not
+    consumed: the encoding is deterministic and the only randomness of a sample is its ε. The VAE runs in float32
+    (SDXL's VAE overflows in float16) and is put back in its dtype afterwards.
 
     ``M``: the union mask's area fraction per latent cell (area interpolation), thresholded at 0.5, as float
     {0, 1}: a cell counts as subject when most of its 8x8 pixels are.
@@ -201,33 +203,10 @@ def encode_layout(
             f"encode_layout: union mask shape {mask.shape} does not match the composite "
             f"({composite_image.height}, {composite_image.width}); pass the composite's own union mask."
         )
-    vae = pipe.vae
     device = _execution_device(pipe)
     rgb = to_rgb(composite_image).resize((width, height), Image.Resampling.BICUBIC)
     pixels = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
-
-    original_dtype = vae.dtype
-    upcast = original_dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
-    if upcast:
-        vae.to(dtype=torch.float32)
-    try:
-        encode_dtype = vae.dtype
-        posterior = vae.encode(pixels.to(device=device, dtype=encode_dtype)).latent_dist
-        latents = posterior.mean.float()
-    finally:
-        if upcast:
-            vae.to(dtype=original_dtype)
-
-    config = vae.config
-    latents_mean = getattr(config, "latents_mean", None)
-    latents_std = getattr(config, "latents_std", None)
-    if latents_mean is not None and latents_std is not None:
-        view = (1, latents.shape[1], 1, 1)
-        mean = torch.tensor(latents_mean, device=latents.device).view(view)
-        std = torch.tensor(latents_std, device=latents.device).view(view)
-        latents = (latents - mean) * config.scaling_factor / std
-    else:
-        latents = latents * config.scaling_factor
+    latents = encode_to_model_latents(pipe.vae, pixels, device)
 
     mask_tensor = torch.from_numpy(mask.astype(np.float32))[None, None]
     fraction = F.interpolate(mask_tensor, size=(height // factor, width // factor), mode="area")

@@ -1,8 +1,10 @@
 """Find the characters in a generated image for Detect-and-Compare (docs/design.md#detection).
 
-``OwlDetector`` runs OWLv2 with the subjects' class nouns as text queries, as MuDI does; ``LayoutDetector`` is a
-labelled fallback that returns the generation layout's boxes, for random-init tiny models whose detections mean
-nothing. Both return ``BoxDetection``s in the image's own pixels and carry a ``label`` recorded with every score.
+``OwlDetector`` runs OWLv2 with one text query per class noun, built from the D&C mode's query template (MuDI's
+mode: the bare noun ``dog``; the default mode: ``a photo of a dog``); ``LayoutDetector`` is a labelled fallback that
+returns the generation layout's boxes, for random-init tiny models whose detections mean nothing. Both return
+``BoxDetection``s in the image's own pixels and carry a ``label`` recorded with every score; ``queries`` says
+which texts a detection sends (recorded with every score too).
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.dnc.scoring import CLASS_NOUN_FIELD, PHOTO_QUERY
 from pipeline.errors import CastloraError
 from pipeline.images import to_rgb
 from pipeline.models.inputs import index_chunks, to_device
 from pipeline.models.loading import load_pretrained
 from pipeline.segment.boxes import clip_boxes, nms, scale_normalized_boxes
-from pipeline.segment.owl_sam import _require_existing_dir, _require_model_type, detection_query
+from pipeline.segment.owl_sam import _require_existing_dir, _require_model_type
 
 Box = tuple[float, float, float, float]
 OWL_LABEL = "owlv2"
@@ -44,12 +47,15 @@ class Detector(Protocol):
     label: str
     model_id: str
 
+    def queries(self, class_nouns: Sequence[str], query_template: str = PHOTO_QUERY) -> list[str]: ...
+
     def detect(
         self,
         images: Sequence[Image.Image],
         class_nouns: Sequence[str],
         nms: bool = False,
         layout_boxes: Sequence[Sequence[Box]] | None = None,
+        query_template: str = PHOTO_QUERY,
     ) -> list[list[BoxDetection]]: ...
 
 
@@ -67,6 +73,13 @@ def unique_nouns(class_nouns: Sequence[str]) -> list[str]:
     if not nouns:
         raise CastloraError("D&C detection needs at least one non-empty class noun (the subjects' class_noun).")
     return nouns
+
+
+def query_texts(class_nouns: Sequence[str], query_template: str) -> list[str]:
+    """One text query per unique class noun: ``query_template`` with ``{class_noun}`` replaced."""
+    if CLASS_NOUN_FIELD not in query_template:
+        raise CastloraError(f"D&C query template must contain {CLASS_NOUN_FIELD}; got {query_template!r}.")
+    return [query_template.replace(CLASS_NOUN_FIELD, noun) for noun in unique_nouns(class_nouns)]
 
 
 class OwlDetector:
@@ -98,29 +111,36 @@ class OwlDetector:
         self.model = load_pretrained(Owlv2ForObjectDetection.from_pretrained, source, what, dtype=dtype)
         self.model.to(self.device).eval()
 
+    def queries(self, class_nouns: Sequence[str], query_template: str = PHOTO_QUERY) -> list[str]:
+        return query_texts(class_nouns, query_template)
+
     def detect(
         self,
         images: Sequence[Image.Image],
         class_nouns: Sequence[str],
         nms: bool = False,
         layout_boxes: Sequence[Sequence[Box]] | None = None,
+        query_template: str = PHOTO_QUERY,
     ) -> list[list[BoxDetection]]:
-        """Per image, the boxes scoring above the threshold (patch order; with ``nms``, NMS survivors).
+        """Per image, the boxes scoring above the threshold (patch order; with ``nms``, NMS survivors). The text
+        queries are ``queries(class_nouns, query_template)``; each box is labelled with its best query's noun.
 
         ``layout_boxes`` is accepted for interface symmetry with ``LayoutDetector`` and ignored.
         """
         nouns = unique_nouns(class_nouns)
+        queries = query_texts(nouns, query_template)
         rgb = [to_rgb(image) for image in images]
         found: list[list[BoxDetection]] = []
         for batch in index_chunks(len(rgb), self.batch_size):
-            found.extend(self._detect_batch([rgb[i] for i in batch], nouns))
+            found.extend(self._detect_batch([rgb[i] for i in batch], nouns, queries))
         if nms:
             found = [suppress_overlaps(per_image, self.nms_iou) for per_image in found]
         return found
 
     @torch.inference_mode()
-    def _detect_batch(self, images: list[Image.Image], nouns: list[str]) -> list[list[BoxDetection]]:
-        queries = [detection_query(noun) for noun in nouns]
+    def _detect_batch(
+        self, images: list[Image.Image], nouns: list[str], queries: list[str]
+    ) -> list[list[BoxDetection]]:
         inputs = self.processor(text=[queries] * len(images), images=images, return_tensors="pt", truncation=True)
         outputs = self.model(**to_device(inputs, self.device, self.dtype))
         # logits: (images, patches, queries). Scores and boxes in float32 so half precision costs no pixels.
@@ -155,12 +175,17 @@ class LayoutDetector:
     def __init__(self, nms_iou: float = 0.5) -> None:
         self.nms_iou = float(nms_iou)
 
+    def queries(self, class_nouns: Sequence[str], query_template: str = PHOTO_QUERY) -> list[str]:
+        """None: the layout's boxes are returned, no text is sent anywhere."""
+        return []
+
     def detect(
         self,
         images: Sequence[Image.Image],
         class_nouns: Sequence[str],
         nms: bool = False,
         layout_boxes: Sequence[Sequence[Box]] | None = None,
+        query_template: str = PHOTO_QUERY,
     ) -> list[list[BoxDetection]]:
         if layout_boxes is None or len(layout_boxes) != len(images):
             given = "none" if layout_boxes is None else len(layout_boxes)

@@ -1,15 +1,16 @@
 """Image-level Detect-and-Compare: detect, crop, embed, then the pure maths of ``pipeline.dnc.scoring``.
 
-Batching is where the time goes: the detector runs once per batch of images (once per image, whatever the
-modes: NMS for the default mode is applied afterwards to the same raw detections), and every crop of the batch
-goes through each embedder in one call. References are embedded once per embedder and reused for every image.
+Batching is where the time goes: the detector runs once per batch of images and distinct query set (modes that
+send the same queries share one detection; NMS for the default mode is applied afterwards to the raw detections),
+and every crop of the batch goes through each embedder in one call. References are embedded once per embedder and
+reused for every image.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -23,7 +24,7 @@ from pipeline.images import to_rgb
 from pipeline.segment.boxes import nms
 
 DEFAULT_MODES = ("default", "mudi")
-JSON_COLUMNS = ("boxes", "labels", "box_scores", "box_ref_sims", "S", "G", "assignment")
+JSON_COLUMNS = ("boxes", "labels", "box_scores", "box_ref_sims", "S", "G", "assignment", "queries")
 PLAIN_COLUMNS = ("image_index", "detector", "embedder", "mode", "n_boxes", "score", "reason")
 
 
@@ -55,6 +56,8 @@ class DncRecord:
     """Box index per subject; None when the count gate failed."""
     score: float
     reason: str | None = None
+    queries: list[str] = field(default_factory=list)
+    """The detector's text queries (one per class noun; empty for the layout detector, which sends none)."""
 
 
 def embed_references(embedder: Embedder, subjects: Sequence[SubjectReferences]) -> list[np.ndarray]:
@@ -117,34 +120,47 @@ def score_images(
     nms_iou = float(getattr(detector, "nms_iou", 0.5))
     batch_size = max(1, int(batch_size))
 
+    # Each mode sends its own queries (MuDI's the bare nouns); modes sending the same ones share a detection.
+    queries = {mode.name: tuple(detector.queries(nouns, mode.query_template)) for mode in dnc_modes}
+    runs = {mode.name: list(dict.fromkeys(queries.values())).index(queries[mode.name]) for mode in dnc_modes}
+    templates = {runs[mode.name]: mode.query_template for mode in dnc_modes}
+
     records: list[DncRecord] = []
     for start in range(0, len(images), batch_size):
         batch = [to_rgb(image) for image in images[start : start + batch_size]]
         batch_layout = None if layout_boxes is None else layout_boxes[start : start + len(batch)]
-        raw = detector.detect(batch, nouns, nms=False, layout_boxes=batch_layout)
-        kept = [{mode.name: _kept_indices(dets, mode, nms_iou) for mode in dnc_modes} for dets in raw]
+        # raw[run][image] = that detection run's boxes (no NMS)
+        raw = [
+            detector.detect(batch, nouns, nms=False, layout_boxes=batch_layout, query_template=templates[run])
+            for run in sorted(templates)
+        ]
+        kept = [
+            {mode.name: _kept_indices(raw[runs[mode.name]][offset], mode, nms_iou) for mode in dnc_modes}
+            for offset in range(len(batch))
+        ]
 
-        # Crop every box some mode scores, then embed all crops of the batch in one call per embedder.
-        crop_rows: list[dict[int, int]] = []
+        # Crop every (run, box) some mode scores, then embed all crops of the batch in one call per embedder.
+        crop_rows: list[dict[tuple[int, int], int]] = []
         crops: list[Image.Image] = []
-        for image, dets, per_mode in zip(batch, raw, kept, strict=True):
-            needed = sorted({i for indices in per_mode.values() for i in indices})
-            crop_rows.append({i: len(crops) + k for k, i in enumerate(needed)})
-            crops.extend(crop_to_square(image, dets[i].box) for i in needed)
+        for offset, (image, per_mode) in enumerate(zip(batch, kept, strict=True)):
+            needed = sorted({(runs[name], i) for name, indices in per_mode.items() for i in indices})
+            crop_rows.append({key: len(crops) + k for k, key in enumerate(needed)})
+            crops.extend(crop_to_square(image, raw[run][offset][i].box) for run, i in needed)
 
-        # sims[name][image][box index] = that box's cosine similarities to each subject's references
-        sims: dict[str, list[dict[int, list[np.ndarray]]]] = {}
+        # sims[name][image][(run, box index)] = that box's cosine similarities to each subject's references
+        sims: dict[str, list[dict[tuple[int, int], list[np.ndarray]]]] = {}
         for name, embedder in embedders.items():
             crop_embeddings = embedder.embed(crops) if crops else np.zeros((0, 0), dtype=np.float32)
             sims[name] = [
-                {i: [crop_embeddings[row] @ ref.T for ref in references[name]] for i, row in rows.items()}
+                {key: [crop_embeddings[row] @ ref.T for ref in references[name]] for key, row in rows.items()}
                 for rows in crop_rows
             ]
-        for offset, (dets, per_mode) in enumerate(zip(raw, kept, strict=True)):
+        for offset, per_mode in enumerate(kept):
             for name in embedders:
                 for mode in dnc_modes:
-                    indices = per_mode[mode.name]
-                    box_ref_sims = [sims[name][offset][i] for i in indices]
+                    run, indices = runs[mode.name], per_mode[mode.name]
+                    dets = raw[run][offset]
+                    box_ref_sims = [sims[name][offset][(run, i)] for i in indices]
                     result = dnc_from_similarities(
                         box_ref_sims, grams[(name, mode.name)], assignment=mode.assignment, norm=mode.norm
                     )
@@ -157,6 +173,7 @@ def score_images(
                             [dets[i] for i in indices],
                             box_ref_sims,
                             result,
+                            list(queries[mode.name]),
                         )
                     )
     return records
@@ -170,6 +187,7 @@ def _record(
     detections: Sequence[BoxDetection],
     box_ref_sims: Sequence[Sequence[np.ndarray]],
     result: DncResult,
+    queries: list[str],
 ) -> DncRecord:
     return DncRecord(
         image_index=image_index,
@@ -186,6 +204,7 @@ def _record(
         assignment=None if result.assignment is None else list(result.assignment),
         score=float(result.score),
         reason=result.reason,
+        queries=queries,
     )
 
 

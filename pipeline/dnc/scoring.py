@@ -5,9 +5,10 @@ between subject i's and subject j's references. A good two-character image has o
 looking like its own subject and as unlike the other as the references are: after aligning boxes to subjects,
 ``S_aligned ≈ G``, and ``D&C = 1 − ‖S_aligned − G‖``.
 
-Two modes: ``mudi`` reproduces MuDI's code exactly (greedy alignment, spectral norm, self-pairs in G's
-diagonal); ``default`` aligns optimally (Hungarian, maximising the aligned diagonal) and leaves the self-pairs
-(always 1.0) out of G's diagonal, which otherwise inflates it.
+Two modes: ``mudi`` reproduces MuDI's code exactly (OWLv2 queried with the bare class nouns, e.g. ``dog``,
+greedy alignment, spectral norm, self-pairs in G's diagonal); ``default`` queries ``a photo of a dog``, aligns
+optimally (Hungarian, maximising the aligned diagonal) and leaves the self-pairs (always 1.0) out of G's
+diagonal, which otherwise inflates it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ from pipeline.errors import CastloraError
 ASSIGNMENTS = ("greedy", "hungarian")
 NORMS = ("spectral", "frobenius")
 COUNT_MISMATCH = "count_mismatch"
+CLASS_NOUN_FIELD = "{class_noun}"
+BARE_QUERY = CLASS_NOUN_FIELD
+"""MuDI's OWLv2 query: the class name itself (its 0.4 threshold was tuned on these)."""
+PHOTO_QUERY = "a photo of a {class_noun}"
+"""The CLIP-style query of castlora's default mode."""
 
 
 @dataclass(frozen=True)
@@ -34,11 +40,27 @@ class DncMode:
     """Count each reference's similarity to itself (1.0) in G's diagonal, as MuDI does."""
     nms: bool
     """Class-agnostic NMS on the detector's boxes (MuDI applies none)."""
+    query_template: str = PHOTO_QUERY
+    """The detector's text query per class noun (``{class_noun}`` is replaced); recorded with every score."""
+
+    def __post_init__(self) -> None:
+        if CLASS_NOUN_FIELD not in self.query_template:
+            raise CastloraError(
+                f"D&C mode {self.name!r}: query_template must contain {CLASS_NOUN_FIELD}; got {self.query_template!r}."
+            )
+
+    def query(self, class_noun: str) -> str:
+        # str.replace, not str.format: a template may contain other braces.
+        return self.query_template.replace(CLASS_NOUN_FIELD, class_noun.strip())
 
 
 MODES: dict[str, DncMode] = {
-    "mudi": DncMode("mudi", assignment="greedy", norm="spectral", include_self=True, nms=False),
-    "default": DncMode("default", assignment="hungarian", norm="spectral", include_self=False, nms=True),
+    "mudi": DncMode(
+        "mudi", assignment="greedy", norm="spectral", include_self=True, nms=False, query_template=BARE_QUERY
+    ),
+    "default": DncMode(
+        "default", assignment="hungarian", norm="spectral", include_self=False, nms=True, query_template=PHOTO_QUERY
+    ),
 }
 
 

@@ -2,6 +2,10 @@
 
 Generated images live in a folder named by a hash of the generation settings and are written one by one,
 so an interrupted run resumes where it stopped and a settings change never mixes old and new images.
+
+Every manifest row records the ``prompt`` its image is trained with (prior preservation): for a generated image
+the prompt it was generated from (``prompt_template`` filled with the class noun); an imported image has no
+generation prompt, so it gets the same filled template (default ``a photo of a <class noun>``).
 """
 
 from __future__ import annotations
@@ -51,18 +55,30 @@ def _generate(
         sha = sha256_file(path)
         params = {**asdict(config), "class_noun": class_noun, "index": index, "seed": config.seed + index}
         recorder.record(path, sha, [], params, [base_model_id])
-        rows.append({"path": str(path), "sha256": sha, "origin": "generated", "seed": config.seed + index})
+        rows.append(
+            {
+                "path": str(path),
+                "sha256": sha,
+                "origin": "generated",
+                "seed": config.seed + index,
+                "prompt": config.prompt_for(class_noun),
+            }
+        )
     return rows
 
 
-def _import(folder: Path, out_dir: Path, recorder: LineageRecorder, confine_to: Path | None = None) -> list[dict]:
+def _import(
+    folder: Path, out_dir: Path, recorder: LineageRecorder, prompt: str, confine_to: Path | None = None
+) -> list[dict]:
     intake = intake_photos(list_class_image_files(folder, confine_to), IntakeConfig(min_side=64, min_photos=1))
     rows = []
     for photo in intake.accepted:
         path = out_dir / f"imported_{photo.pixel_sha256[:16]}.png"
         sha = save_png(photo.image, path)
-        recorder.record(path, sha, [photo.source_sha256], {"source": photo.source})
-        rows.append({"path": str(path), "sha256": sha, "origin": f"imported:{photo.source}", "seed": None})
+        recorder.record(path, sha, [photo.source_sha256], {"source": photo.source, "prompt": prompt})
+        rows.append(
+            {"path": str(path), "sha256": sha, "origin": f"imported:{photo.source}", "seed": None, "prompt": prompt}
+        )
     return rows
 
 
@@ -86,7 +102,9 @@ def run_class_images(
         slug_dir = out_dir / noun_slug(class_noun)
         if class_noun in spec.class_images:
             confine = Path(spec.confined_to) if spec.confined_to else None
-            images = _import(Path(spec.class_images[class_noun]), slug_dir, recorder, confine)
+            images = _import(
+                Path(spec.class_images[class_noun]), slug_dir, recorder, config.prompt_for(class_noun), confine
+            )
         else:
             gen_dir = slug_dir / f"gen-{settings_hash}"
             images = _generate(class_noun, gen_dir, config, load_pipeline, base_model_id, recorder)

@@ -72,9 +72,13 @@ def lora_version(
     samples: Sequence[TrainingSample],
     base_model_id: str,
     init_lora: dict[str, torch.Tensor] | None = None,
+    preference: bool = False,
 ) -> str:
-    sample_ids = sorted(s.sample_id for s in samples)
-    identity: list[Any] = [config.result_fields(), sample_ids, base_model_id]
+    """The folder name of a LoRA: a hash of what changes its weights (``dpo_beta`` only with ``preference``),
+    its samples (ids and the prompts they train with), the base model and the starting LoRA."""
+    # The prompt joins the id: a class image trained with another prompt is another model.
+    sample_ids = sorted((s.sample_id, s.prompt) for s in samples)
+    identity: list[Any] = [config.identity_fields(preference), sample_ids, base_model_id]
     if init_lora is not None:  # a fine-tune of another LoRA is another model
         identity.append(lora_state_hash(init_lora))
     return "lora-" + sha256_json(identity)[:12]
@@ -177,7 +181,7 @@ def run_preference(
     """Diffusion-DPO on (winner, loser) pairs, starting from and regularised towards ``init_lora``; exported
     and versioned like ``run_lora``."""
     samples = [sample for pair in pairs for sample in pair]
-    version = "dpo-" + lora_version(config, samples, base_model_id, init_lora).removeprefix("lora-")
+    version = "dpo-" + lora_version(config, samples, base_model_id, init_lora, preference=True).removeprefix("lora-")
     folder = lora_root / version
     result = train_preference(
         pipe, pairs, config, folder, cache_dir, init_lora=init_lora, on_log=on_log, base_model_id=base_model_id

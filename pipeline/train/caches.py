@@ -22,6 +22,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from pipeline.errors import CastloraError
 from pipeline.hashing import sha256_bytes, sha256_file, sha256_json
 from pipeline.images import load_mask, to_rgb
+from pipeline.models.latents import encode_to_model_latents
 from pipeline.train.data import TrainingSample
 
 ENCODE_BATCH = 8
@@ -52,13 +53,25 @@ def module_identity(*modules: torch.nn.Module) -> str:
     return sha256_json(parts)
 
 
-def center_crop_resize(image: Image.Image, resolution: int, resample: int = Image.Resampling.BICUBIC) -> Image.Image:
-    """Resize the shorter side to ``resolution`` and crop the centre square (the fixed-size policy)."""
-    width, height = image.size
+def _center_crop_geometry(width: int, height: int, resolution: int) -> tuple[int, int, int, int]:
+    """(resized width, resized height, left, top) of the fixed-size policy for a ``width`` × ``height`` image."""
     scale = resolution / min(width, height)
     new_w, new_h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
+    return new_w, new_h, (new_w - resolution) // 2, (new_h - resolution) // 2
+
+
+def center_crop_top_left(original_size: tuple[int, int], resolution: int) -> tuple[int, int]:
+    """(top, left) of the centre crop in the resized image, for an image of (height, width) ``original_size``:
+    SDXL's ``crops_coords_top_left`` micro-conditioning."""
+    height, width = original_size
+    _, _, left, top = _center_crop_geometry(width, height, resolution)
+    return top, left
+
+
+def center_crop_resize(image: Image.Image, resolution: int, resample: int = Image.Resampling.BICUBIC) -> Image.Image:
+    """Resize the shorter side to ``resolution`` and crop the centre square (the fixed-size policy)."""
+    new_w, new_h, left, top = _center_crop_geometry(image.width, image.height, resolution)
     resized = image.resize((new_w, new_h), resample)
-    left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
     return resized.crop((left, top, left + resolution, top + resolution))
 
 
@@ -105,11 +118,19 @@ class CacheStats:
     misses: int = 0
 
 
+LATENT_CACHE_FORMAT = 2
+"""2: entries record the centre crop's (top, left) and latents are normalised by ``pipeline.models.latents``
+(latents_mean/std included). Part of every entry's key and folder, so older entries are recomputed."""
+
+
 @dataclass(frozen=True)
 class CachedLatent:
     latent: torch.Tensor
-    """(4, h, w) float32, already multiplied by the VAE scaling factor."""
+    """(4, h, w) float32 model latents (``pipeline.models.latents.to_model_latents``)."""
     original_size: tuple[int, int]
+    """(height, width) of the source image."""
+    crop_top_left: tuple[int, int] = (0, 0)
+    """(top, left) of the centre crop in the resized image (SDXL's crop conditioning)."""
 
 
 @dataclass(frozen=True)
@@ -128,19 +149,27 @@ class LatentCache:
     stats: CacheStats = field(default_factory=CacheStats)
 
     def key(self, image_sha256: str) -> str:
-        return sha256_json({"image": image_sha256, "resolution": self.resolution, "vae": self.vae_id})
+        return sha256_json(
+            {"image": image_sha256, "resolution": self.resolution, "vae": self.vae_id, "format": LATENT_CACHE_FORMAT}
+        )
 
     def path(self, image_sha256: str) -> Path:
-        return self.root / "latents" / f"{self.resolution}px-{self.vae_id[:12]}" / f"{image_sha256}.safetensors"
+        folder = f"v{LATENT_CACHE_FORMAT}-{self.resolution}px-{self.vae_id[:12]}"
+        return self.root / "latents" / folder / f"{image_sha256}.safetensors"
 
     def get(self, image_sha256: str) -> CachedLatent | None:
         entry = _read_entry(self.path(image_sha256), self.key(image_sha256))
-        if entry is None:
+        if entry is None or "crop_top_left" not in entry:
             return None
-        return CachedLatent(entry["latent"], (int(entry["original_size"][0]), int(entry["original_size"][1])))
+        size, crop = entry["original_size"], entry["crop_top_left"]
+        return CachedLatent(entry["latent"], (int(size[0]), int(size[1])), (int(crop[0]), int(crop[1])))
 
     def put(self, image_sha256: str, value: CachedLatent) -> None:
-        tensors = {"latent": value.latent.float().cpu(), "original_size": torch.tensor(value.original_size)}
+        tensors = {
+            "latent": value.latent.float().cpu(),
+            "original_size": torch.tensor(value.original_size),
+            "crop_top_left": torch.tensor(value.crop_top_left),
+        }
         _atomic_save(tensors, self.path(image_sha256), self.key(image_sha256))
 
 
@@ -170,24 +199,11 @@ def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
         yield items[start : start + size]
 
 
-def vae_latent_scale(vae: torch.nn.Module, latent: torch.Tensor) -> torch.Tensor:
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return (latent - shift) * vae.config.scaling_factor
-
-
 @torch.no_grad()
 def encode_images(vae: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-    """Scaled latents (distribution mean) of ``pixels`` (N, 3, H, W) in [-1, 1], computed in float32:
-    SDXL's VAE overflows in fp16 (docs/design.md#content-hash-caches)."""
-    original_dtype = vae.dtype
-    if original_dtype != torch.float32:
-        vae.to(torch.float32)
-    try:
-        latent = vae.encode(pixels.to(vae.device, torch.float32)).latent_dist.mean
-    finally:
-        if original_dtype != torch.float32:
-            vae.to(original_dtype)
-    return vae_latent_scale(vae, latent).float().cpu()
+    """Model latents (distribution mean, normalised as inference normalises them) of ``pixels`` (N, 3, H, W) in
+    [-1, 1], computed in float32 (SDXL's VAE overflows in fp16: docs/design.md#content-hash-caches), on the CPU."""
+    return encode_to_model_latents(vae, pixels).cpu()
 
 
 def build_latent_cache(
@@ -219,7 +235,7 @@ def build_latent_cache(
             loaded.append(load_training_image(sample.image_path, resolution))
         latents = encode_images(vae, torch.stack([pixels for pixels, _ in loaded]))
         for sample, latent, (_, original) in zip(chunk, latents, loaded, strict=True):
-            entry = CachedLatent(latent.clone(), original)
+            entry = CachedLatent(latent.clone(), original, center_crop_top_left(original, resolution))
             cache.put(sample.sample_id, entry)
             result[sample.sample_id] = entry
     return result, cache.stats

@@ -7,6 +7,7 @@ from typing import Any
 
 from pipeline.errors import CastloraError
 from pipeline.lora.adapters import UNET_TARGETS
+from pipeline.train.data import SEGMIX_DRAWS
 
 LR_SCHEDULERS = ("constant", "cosine")
 MASK_NORMALIZATIONS = ("mean", "mask_mean")
@@ -19,6 +20,7 @@ _RESULT_NEUTRAL = frozenset(
 )
 # Fields added later: left out of the fingerprint while off, so checkpoints written before they existed still resume.
 _OMITTED_WHEN_ZERO = ("kl_weight", "dpo_beta")
+_OMITTED_AT = {"gradient_accumulation_steps": 1}
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,9 @@ class TrainConfig:
     """Learning rate of the text-encoder LoRA; None = ``lr``."""
     segmix_p: float = 0.3
     """Probability that an instance (and prior) slot is a Seg-Mix composite rather than a single photo."""
+    segmix_draw: str = "shared"
+    """``shared`` (MuDI): one Seg-Mix draw decides for an instance slot and its prior slot together;
+    ``independent``: each image draws on its own (castlora before this option)."""
     prior_weight: float = 1.0
     """Weight of the prior-preservation loss; 0 disables prior preservation."""
     dco_beta: float = 0.0
@@ -63,7 +68,12 @@ class TrainConfig:
     first step: minutes on a small CPU, seconds once inductor's on-disk cache holds it. For long runs; on CPU it
     needs a C++ compiler and raises peak RSS by ~100-200 MiB."""
     use_8bit_adam: bool = False
-    adam_weight_decay: float = 1e-2
+    adam_weight_decay: float = 1e-4
+    """AdamW's decoupled weight decay on the LoRA parameters (diffusers' DreamBooth scripts and MuDI: 1e-4)."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches of ``batch_size`` per optimizer step: the effective batch is their product (× processes).
+    MuDI trains batch 1 × accumulation 2; ``steps`` counts optimizer steps, so accumulation k costs k times the
+    forward/backward passes of the same ``steps``."""
     seed: int = 0
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
@@ -76,6 +86,12 @@ class TrainConfig:
             problems.append(f"steps={self.steps} must be >= 1")
         if self.batch_size < 1:
             problems.append(f"batch_size={self.batch_size} must be >= 1")
+        if self.gradient_accumulation_steps < 1:
+            problems.append(f"gradient_accumulation_steps={self.gradient_accumulation_steps} must be >= 1")
+        if self.adam_weight_decay < 0:
+            problems.append(f"adam_weight_decay={self.adam_weight_decay} must be >= 0")
+        if self.segmix_draw not in SEGMIX_DRAWS:
+            problems.append(f"segmix_draw={self.segmix_draw!r} must be one of {SEGMIX_DRAWS}")
         if self.lr <= 0:
             problems.append(f"lr={self.lr} must be > 0")
         if self.lr_scheduler not in LR_SCHEDULERS:
@@ -146,4 +162,20 @@ class TrainConfig:
         for name in _OMITTED_WHEN_ZERO:
             if not fields[name]:
                 fields.pop(name)
+        for name, value in _OMITTED_AT.items():
+            if fields[name] == value:
+                fields.pop(name)
+        if self.segmix_p == 0 or not self.prior_preservation:
+            fields.pop("segmix_draw")  # nothing to share: the draw cannot change the weights
+        return fields
+
+    def identity_fields(self, preference: bool = False) -> dict[str, Any]:
+        """``result_fields`` less what the objective ignores: the LoRA version and checkpoint fingerprint.
+
+        ``dpo_beta`` acts only in ``train_preference``; in plain training it changes nothing, so it must not
+        make a new version (or refuse a resume).
+        """
+        fields = self.result_fields()
+        if not preference:
+            fields.pop("dpo_beta", None)
         return fields

@@ -23,6 +23,9 @@ PRIOR = "prior"
 PRIOR_SEGMIX = "prior_segmix"
 KINDS = (INSTANCE, SEGMIX, PRIOR, PRIOR_SEGMIX)
 PRIOR_KINDS = (PRIOR, PRIOR_SEGMIX)
+SEGMIX_DRAWS = ("shared", "independent")
+"""How a step decides Seg-Mix: ``shared`` = one draw per (instance, prior) slot, as MuDI does (its dataset
+item holds both images and one ``random() < p`` decides for the pair); ``independent`` = one draw per image."""
 
 
 @dataclass(frozen=True)
@@ -53,9 +56,15 @@ class SamplePools:
         }
         return cls(by_kind)
 
-    def check(self, prior_preservation: bool) -> None:
+    def check(self, prior_preservation: bool, segmix_p: float = 0.0) -> None:
         if not self.by_kind[INSTANCE] and not self.by_kind[SEGMIX]:
             raise CastloraError("No instance samples to train on: materialize 'references' and 'captions' first.")
+        if segmix_p > 0 and not self.by_kind[SEGMIX]:
+            raise CastloraError(
+                f"segmix_p={segmix_p} asks for Seg-Mix composites but the Seg-Mix bank ('segmix_bank') holds no "
+                "instance composites: materialize 'segmix_bank' with n_instance > 0, or set segmix_p=0 to train "
+                "without Seg-Mix."
+            )
         if prior_preservation and not self.by_kind[PRIOR] and not self.by_kind[PRIOR_SEGMIX]:
             raise CastloraError(
                 "Prior preservation is on (prior_weight > 0) but there are no class images or prior Seg-Mix "
@@ -63,21 +72,41 @@ class SamplePools:
             )
 
 
-def _choose(rng: np.random.Generator, pools: SamplePools, plain: str, mixed: str, segmix_p: float) -> TrainingSample:
-    """A Seg-Mix composite with probability ``segmix_p`` (when the bank has any), else a plain image."""
+def _pick(rng: np.random.Generator, pools: SamplePools, plain: str, mixed: str, use_mixed: bool) -> TrainingSample:
+    """A Seg-Mix composite if ``use_mixed`` (and the bank has one of this kind), else a plain image.
+
+    A missing kind falls back to the other: a bank without prior composites (``n_prior: 0``) keeps plain class
+    images in the prior slot. An empty instance bank with ``segmix_p > 0`` is refused by ``SamplePools.check``.
+    """
     plain_pool, mixed_pool = pools.by_kind[plain], pools.by_kind[mixed]
-    use_mixed = rng.random() < segmix_p
     pool = mixed_pool if (use_mixed and mixed_pool) or not plain_pool else plain_pool
     return pool[int(rng.integers(len(pool)))]
 
 
 def plan_step(
-    pools: SamplePools, seed: int, step: int, batch_size: int, segmix_p: float, prior: bool
+    pools: SamplePools,
+    seed: int,
+    step: int,
+    batch_size: int,
+    segmix_p: float,
+    prior: bool,
+    segmix_draw: str = "shared",
 ) -> tuple[list[TrainingSample], list[TrainingSample]]:
-    """The (instance, prior) samples of one step's global batch; a pure function of its arguments."""
+    """The (instance, prior) samples of one step's global batch; a pure function of its arguments.
+
+    ``segmix_draw`` (``SEGMIX_DRAWS``): ``shared`` decides Seg-Mix once for instance slot i and prior slot i
+    together (MuDI), ``independent`` once for each image.
+    """
+    if segmix_draw not in SEGMIX_DRAWS:
+        raise CastloraError(f"segmix_draw={segmix_draw!r} must be one of {SEGMIX_DRAWS}.")
     rng = np.random.default_rng([seed, step, 0xDA7A])
-    instance = [_choose(rng, pools, INSTANCE, SEGMIX, segmix_p) for _ in range(batch_size)]
-    priors = [_choose(rng, pools, PRIOR, PRIOR_SEGMIX, segmix_p) for _ in range(batch_size)] if prior else []
+    if segmix_draw == "independent":
+        instance = [_pick(rng, pools, INSTANCE, SEGMIX, rng.random() < segmix_p) for _ in range(batch_size)]
+        draws = range(batch_size) if prior else range(0)
+        return instance, [_pick(rng, pools, PRIOR, PRIOR_SEGMIX, rng.random() < segmix_p) for _ in draws]
+    mixed = [bool(rng.random() < segmix_p) for _ in range(batch_size)]
+    instance = [_pick(rng, pools, INSTANCE, SEGMIX, use) for use in mixed]
+    priors = [_pick(rng, pools, PRIOR, PRIOR_SEGMIX, use) for use in mixed] if prior else []
     return instance, priors
 
 

@@ -381,7 +381,7 @@ class _Trainer:
         """The samples this run caches and draws from (prior images only with prior preservation)."""
         used = [s for s in samples if self.config.prior_preservation or not s.is_prior]
         self.pools = SamplePools.of(used)
-        self.pools.check(self.config.prior_preservation)
+        self.pools.check(self.config.prior_preservation, self.config.segmix_p)
         return used
 
     # -- caches
@@ -514,10 +514,17 @@ class _Trainer:
 
     # -- one step
     def select(self, step: int) -> tuple[list[TrainingSample], int]:
-        """This rank's samples of the step (instance first, then prior) and how many are instance samples."""
+        """This rank's samples of micro-batch ``step`` (instance first, then prior) and how many are instance
+        samples. With gradient accumulation k, optimizer step s uses micro-batches s·k … s·k + k − 1."""
         config = self.config
         instance, prior = plan_step(
-            self.pools, config.seed, step, config.batch_size * self.world, config.segmix_p, config.prior_preservation
+            self.pools,
+            config.seed,
+            step,
+            config.batch_size * self.world,
+            config.segmix_p,
+            config.prior_preservation,
+            config.segmix_draw,
         )
         mine = slice(self.rank * config.batch_size, (self.rank + 1) * config.batch_size)
         return instance[mine] + prior[mine], len(instance[mine])
@@ -530,8 +537,14 @@ class _Trainer:
         config = self.config
         latents = torch.stack([self.latents[s.sample_id].latent for s in chosen])
         res = config.resolution
+        # SDXL's micro-conditioning: original size, the centre crop's (top, left) and the target size, as in
+        # diffusers' train_dreambooth_lora_sdxl.py.
         time_ids = torch.tensor(
-            [[*self.latents[s.sample_id].original_size, 0, 0, res, res] for s in chosen], dtype=torch.float32
+            [
+                [*self.latents[s.sample_id].original_size, *self.latents[s.sample_id].crop_top_left, res, res]
+                for s in chosen
+            ],
+            dtype=torch.float32,
         )
         masks = None
         if config.masked_loss:
@@ -638,8 +651,20 @@ class _Trainer:
         """Extra metrics computed once training ends (none here; the preference trainer evaluates its pairs)."""
         return {}
 
-    def optimize(self, loss: torch.Tensor) -> None:
-        self.accelerator.backward(loss)
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        """Accumulate the gradient of one micro-batch, scaled so ``k`` micro-batches average like one batch.
+
+        Only the last micro-batch of an optimizer step synchronises DDP gradients (the others add locally).
+        """
+        scaled = loss / self.config.gradient_accumulation_steps
+        if last or self.world == 1:
+            self.accelerator.backward(scaled)
+        else:
+            with self.accelerator.no_sync(self.unet):
+                self.accelerator.backward(scaled)
+
+    def optimize(self) -> None:
+        """One optimizer step on the gradients ``backward`` accumulated, then clear them."""
         self._sync_text_grads()
         if self.config.max_grad_norm > 0:
             self.accelerator.clip_grad_norm_(self.params, self.config.max_grad_norm)
@@ -681,12 +706,14 @@ def fingerprint_fields(
     world_size: int,
     base_model_id: str | None,
     init_lora: dict[str, torch.Tensor] | None = None,
+    preference: bool = False,
 ) -> dict[str, Any]:
     """What a checkpoint must agree on to be resumed: settings that change the weights, data, base model and
-    starting LoRA (the ``init_lora`` key exists only when one is given, so older checkpoints still match)."""
+    starting LoRA (the ``init_lora`` key exists only when one is given, so older checkpoints still match).
+    ``preference``: the Diffusion-DPO objective, the only one ``dpo_beta`` acts in."""
     used = [s for s in samples if config.prior_preservation or not s.is_prior]
     fields = {
-        "config": config.result_fields(),
+        "config": config.identity_fields(preference),
         "samples": sha256_json(samples_fingerprint_items(used)),
         "base_model": base_model_id or str(getattr(pipe, "name_or_path", "") or ""),
         "unet": module_identity(pipe.unet),
@@ -788,11 +815,20 @@ def run_trainer(
         last_saved = start if resume else None
         done = start
         window: list[float] = []
+        accumulation = config.gradient_accumulation_steps
         for step in range(start, config.steps):
             tick = time.perf_counter()
             lr = float(trainer.lr_scheduler.get_last_lr()[0])
-            loss, parts = trainer.loss(step, trainer.batch(step))
-            trainer.optimize(loss)
+            micro_losses, micro_parts = [], []
+            for micro in range(accumulation):
+                index = step * accumulation + micro  # micro-batch index: the plan and noise are keyed by it
+                loss, micro_part = trainer.loss(index, trainer.batch(index))
+                trainer.backward(loss, last=micro == accumulation - 1)
+                micro_losses.append(loss.detach())
+                micro_parts.append(micro_part)
+            trainer.optimize()
+            loss = torch.stack(micro_losses).mean()
+            parts = {k: torch.stack([p[k] for p in micro_parts]).float().mean() for k in micro_parts[0]}
             done = step + 1
             loss_value = trainer.mean_over_ranks(loss)
             losses.append((done, loss_value, lr))

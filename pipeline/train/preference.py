@@ -197,7 +197,7 @@ def train_preference(
     check_preference_config(config)
     _check_mixed_precision(config)
     accelerator = _make_accelerator(config)
-    fields = fingerprint_fields(pipe, [], config, accelerator.num_processes, base_model_id, init_lora)
+    fields = fingerprint_fields(pipe, [], config, accelerator.num_processes, base_model_id, init_lora, preference=True)
     fields["samples"] = sha256_json([[w.sample_id, loser.sample_id, w.prompt] for w, loser in pairs])
     fields["objective"] = "diffusion_dpo"  # a DPO checkpoint never resumes a plain run, nor the reverse
     trainer = _PreferenceTrainer(pipe, pairs, config, accelerator, init_lora)

@@ -13,10 +13,6 @@ from pipeline.stages.segments import USABLE
 from pipeline.train.data import INSTANCE, PRIOR, PRIOR_SEGMIX, SEGMIX, TrainingSample
 
 
-def prior_prompt(class_noun: str) -> str:
-    return f"a photo of a {class_noun}"
-
-
 def _optional(value: object) -> str | None:
     return None if value is None or (isinstance(value, float) and np.isnan(value)) else str(value)
 
@@ -28,7 +24,8 @@ def build_samples(
     class_images: pd.DataFrame | None = None,
     segments: pd.DataFrame | None = None,
 ) -> list[TrainingSample]:
-    """One sample per reference photo (with its caption), bank composite and class image.
+    """One sample per reference photo (with its caption), bank composite and class image (with the prompt it
+    was generated from, recorded in the class_images manifest).
 
     ``segments`` (optional) supplies the reference masks for the masked loss; class images carry their own.
     """
@@ -53,9 +50,15 @@ def build_samples(
                 TrainingSample(row["image_sha256"], row["image_path"], row["prompt"], kind, row["union_mask_path"])
             )
     if class_images is not None:
+        if "prompt" not in class_images.columns:
+            raise CastloraError(
+                "The class_images manifest records no prompt per image (written by an older castlora): "
+                "re-materialize 'class_images' (generated images are reused, not regenerated)."
+            )
         for row in class_images.to_dict("records"):
             mask = _optional(row.get("mask_path")) if row.get("status") == USABLE else None
-            samples.append(TrainingSample(row["sha256"], row["path"], prior_prompt(row["class_noun"]), PRIOR, mask))
+            # The image's own generation prompt: a custom prompt_template is what prior preservation trains on.
+            samples.append(TrainingSample(row["sha256"], row["path"], str(row["prompt"]), PRIOR, mask))
     return samples
 
 

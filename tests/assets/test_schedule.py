@@ -86,7 +86,7 @@ def test_changed_code_version_and_never_materialized_pairs_are_stale(fresh):
     instance.add_dynamic_partitions(character_pairs.name, ["e__f"])  # registered in Dagster, never run
     requests = _evaluate(instance, resources)
     assert set(requests) == {"c__d", "e__f"}
-    assert requests["c__d"].tags["castlora/retrain_reason"] == "lora: code version lora-v0 -> lora-v1"
+    assert requests["c__d"].tags["castlora/retrain_reason"] == "lora: code version lora-v0 -> lora-v2"
     assert "references: never materialized" in requests["e__f"].tags["castlora/retrain_reason"]
 
 

@@ -15,6 +15,7 @@ from peft import LoraConfig
 from PIL import Image
 
 from pipeline.errors import CastloraError
+from pipeline.hashing import sha256_file
 from pipeline.infer import (
     DEFAULT_NEGATIVE,
     DEFAULT_SCENE_PROMPTS,
@@ -27,7 +28,10 @@ from pipeline.infer import (
     mudi_initial_latents,
     scene_prompts,
 )
+from pipeline.models.latents import from_model_latents, to_model_latents
 from pipeline.models.tiny_sdxl import build_tiny_sdxl
+from pipeline.train.caches import build_latent_cache
+from pipeline.train.data import INSTANCE, TrainingSample
 
 SIDE = 64
 STEPS = 2
@@ -307,3 +311,44 @@ def test_float16_vae_is_upcast_for_encoding_and_restored(model_dir: Path, pipe: 
 
     latents = mudi_initial_latents(half, z, mask, 1.0, torch.Generator().manual_seed(2))
     assert latents.dtype == torch.float16  # the dtype prepare_latents would draw in
+
+
+def test_training_cache_and_inference_share_one_latent_normalisation(model_dir: Path, tmp_path: Path) -> None:
+    """A VAE config with latents_mean/std and shift_factor: the training cache, MuDI's init and the pipeline's
+    decode all use the same map (before, the cache ignored mean/std and inference ignored the shift)."""
+    normalised = load(model_dir)
+    normalised.vae.register_to_config(
+        latents_mean=[0.1, -0.2, 0.3, 0.05], latents_std=[0.9, 1.1, 0.8, 1.2], shift_factor=0.07
+    )
+    layout = block_layout()
+    path = tmp_path / "layout.png"
+    layout.image.save(path)
+    sample = TrainingSample(sha256_file(path), str(path), "x", INSTANCE)
+    cached, _ = build_latent_cache(normalised.vae, [sample], SIDE, tmp_path / "cache")
+    z, _ = encode_layout(normalised, layout.image, layout.union_mask, SIDE, SIDE)
+    torch.testing.assert_close(cached[sample.sample_id].latent, z[0], rtol=1e-5, atol=1e-6)
+
+    pixels = torch.from_numpy(np.asarray(layout.image, np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        raw = normalised.vae.encode(pixels).latent_dist.mean
+    config = normalised.vae.config
+    mean, std = torch.tensor(config.latents_mean).view(1, 4, 1, 1), torch.tensor(config.latents_std).view(1, 4, 1, 1)
+    torch.testing.assert_close(z, (raw - mean) * config.scaling_factor / std, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(from_model_latents(config, to_model_latents(config, raw)), raw, rtol=1e-5, atol=1e-6)
+
+    # The pipeline decodes the final latents with exactly from_model_latents.
+    final: list[torch.Tensor] = []
+    decoded: list[torch.Tensor] = []
+    original_decode = normalised.vae.decode
+
+    def spy(latents: torch.Tensor, *args, **kwargs):
+        decoded.append(latents.detach().clone())
+        return original_decode(latents, *args, **kwargs)
+
+    def keep_latents(pipeline, step, timestep, callback_kwargs):
+        final[:] = [callback_kwargs["latents"].detach().clone()]
+        return callback_kwargs
+
+    normalised.vae.decode = spy
+    normalised("x", height=SIDE, width=SIDE, num_inference_steps=1, callback_on_step_end=keep_latents)
+    torch.testing.assert_close(decoded[0], from_model_latents(config, final[0]), rtol=1e-5, atol=1e-6)

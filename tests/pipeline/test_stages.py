@@ -116,6 +116,7 @@ def test_class_images_resume_without_regenerating(tmp_path, make_pair):
     pd.testing.assert_series_equal(first["sha256"], second["sha256"])
     assert (second["origin"] == "generated").all()
     assert second["seed"].tolist() == [0, 1, 2]
+    assert second["prompt"].tolist() == ["a photo of a dog"] * 3  # the generation prompt, trained with
 
 
 def test_class_images_import_a_folder(tmp_path, make_pair):
@@ -134,7 +135,7 @@ def test_class_images_import_a_folder(tmp_path, make_pair):
     result = run_class_images(
         spec,
         tmp_path / "cls",
-        ClassImageConfig(count=5),
+        ClassImageConfig(count=5, prompt_template="a snapshot of a {class_noun}"),
         fail_to_load,
         "unused",
         CountingLoader(),
@@ -143,4 +144,5 @@ def test_class_images_import_a_folder(tmp_path, make_pair):
     )
     assert len(result) == 2
     assert all(origin.startswith("imported:") for origin in result["origin"])
+    assert result["prompt"].tolist() == ["a snapshot of a dog"] * 2  # no generation prompt: the configured one
     assert (result["status"] == "ok").all()

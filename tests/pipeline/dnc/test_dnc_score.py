@@ -21,7 +21,7 @@ from pipeline.dnc.score import (
     score_images,
     score_images_one_by_one,
 )
-from pipeline.dnc.scoring import COUNT_MISMATCH, get_mode, reference_gram
+from pipeline.dnc.scoring import COUNT_MISMATCH, PHOTO_QUERY, get_mode, reference_gram
 
 RED, BLUE = (200, 40, 40), (40, 40, 200)
 
@@ -47,9 +47,9 @@ class CountingDetector(LayoutDetector):
         super().__init__()
         self.images_seen = 0
 
-    def detect(self, images, class_nouns, nms=False, layout_boxes=None):
+    def detect(self, images, class_nouns, nms=False, layout_boxes=None, query_template=PHOTO_QUERY):
         self.images_seen += len(images)
-        return super().detect(images, class_nouns, nms, layout_boxes)
+        return super().detect(images, class_nouns, nms, layout_boxes, query_template)
 
 
 @pytest.fixture
@@ -86,7 +86,7 @@ def test_end_to_end_with_tiny_models_records_and_count_gate(
     detector = CountingDetector()
     records = score_images(images, subjects, detector, tiny_embedders, batch_size=2, layout_boxes=layouts)
     assert len(records) == len(images) * len(tiny_embedders) * 2
-    assert detector.images_seen == len(images)  # one detection per image, both modes
+    assert detector.images_seen == len(images)  # one detection per image, both modes (the layout sends no query)
     keys = [(r.image_index, r.embedder, r.mode) for r in records]
     assert keys == [(i, e, m) for i in range(5) for e in tiny_embedders for m in ("default", "mudi")]
     for record in records:
@@ -101,6 +101,7 @@ def test_end_to_end_with_tiny_models_records_and_count_gate(
             assert record.reason is None and sorted(record.assignment) == [0, 1]
             assert np.isfinite(record.score) and record.score != 0.0
             assert record.labels == ["dog", "cat"]
+        assert record.queries == []  # the layout detector sends no text
 
 
 def test_modes_use_their_own_gram_matrix(tiny_embedders, subjects, colour_photo, compose_side_by_side):
@@ -167,23 +168,45 @@ def test_each_subject_in_its_own_box_scores_higher_than_a_duplicated_subject(
     assert assignment[(0, "default")] == [0, 1] and assignment[(1, "default")] == [1, 0]  # the red box is box 1
 
 
-def test_owlv2_path_runs_detection_once_and_mudi_sees_at_least_as_many_boxes(
+class QueryRecordingProcessor:
+    """Wraps OWLv2's processor to record the text queries each detection call sends."""
+
+    def __init__(self, processor) -> None:
+        self.processor = processor
+        self.texts: list[list[str]] = []
+
+    def __call__(self, text, images, **kwargs):
+        self.texts.extend(text)
+        return self.processor(text=text, images=images, **kwargs)
+
+
+def test_owlv2_sends_mudis_bare_class_names_in_mudi_mode_and_records_every_query(
     tiny_dirs, subjects, colour_photo, compose_side_by_side
 ):
     images, _ = _scenes(colour_photo, compose_side_by_side)
     detector = OwlDetector(str(tiny_dirs.owlv2), threshold=0.0, nms_iou=0.3, batch_size=4)
+    detector.processor = recorder = QueryRecordingProcessor(detector.processor)
     records = score_images(images[:2], subjects, detector, {"c": MeanColourEmbedder()}, batch_size=2)
     assert len(records) == 4
+    # One detection per image and query set: the default mode's queries, then MuDI's bare names.
+    assert recorder.texts == [["a photo of a dog", "a photo of a cat"]] * 2 + [["dog", "cat"]] * 2
     by_key = {(r.image_index, r.mode): r for r in records}
     for index, image in enumerate(images[:2]):
         mudi, default = by_key[(index, "mudi")], by_key[(index, "default")]
+        assert mudi.queries == ["dog", "cat"] and default.queries == ["a photo of a dog", "a photo of a cat"]
         assert mudi.detector == default.detector == "owlv2"
-        assert mudi.n_boxes >= default.n_boxes > 2  # threshold 0 on a random model: count gate fails
+        assert mudi.n_boxes > 2 and default.n_boxes > 2  # threshold 0 on a random model: count gate fails
         assert mudi.reason == default.reason == COUNT_MISMATCH and mudi.score == 0.0
-        assert set(map(tuple, default.boxes)) <= set(map(tuple, mudi.boxes))
-        for x0, y0, x1, y1 in mudi.boxes:
+        for x0, y0, x1, y1 in mudi.boxes + default.boxes:
             assert 0 <= x0 < x1 <= image.width and 0 <= y0 < y1 <= image.height
         assert set(mudi.labels) <= {"dog", "cat"}
+    frame = records_to_frame(records)
+    assert [json.loads(q) for q in frame["queries_json"]] == [r.queries for r in records]
+
+
+def test_mode_query_templates_are_mudis_bare_noun_and_todays_photo_prompt():
+    assert get_mode("mudi").query("dog") == "dog"
+    assert get_mode("default").query(" toy robot ") == "a photo of a toy robot"
 
 
 def test_records_to_frame_round_trips_through_parquet(tmp_path, subjects, colour_photo, compose_side_by_side):
@@ -200,5 +223,5 @@ def test_records_to_frame_round_trips_through_parquet(tmp_path, subjects, colour
         assert row.image_index == record.image_index and row.mode == record.mode and row.n_boxes == record.n_boxes
         assert row.score == pytest.approx(record.score)
         assert (row.reason if isinstance(row.reason, str) else None) == record.reason
-        for column in ("boxes", "labels", "box_scores", "box_ref_sims", "S", "G", "assignment"):
+        for column in ("boxes", "labels", "box_scores", "box_ref_sims", "S", "G", "assignment", "queries"):
             assert json.loads(getattr(row, f"{column}_json")) == getattr(record, column)

@@ -7,11 +7,13 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from pipeline.errors import CastloraError
 from pipeline.manifest import write_manifest
+from pipeline.train.config import TrainConfig
 from pipeline.train.data import (
     INSTANCE,
     PRIOR,
@@ -70,6 +72,7 @@ def write_pair_manifests(pair_dir) -> None:
                 "class_noun": ["dog", "dog"],
                 "status": ["ok", "no_detection"],
                 "mask_path": ["/c/0_mask.png", None],
+                "prompt": ["a studio photo of a dog", "a studio photo of a dog"],
             }
         ),
         pair_dir / "class_images",
@@ -85,11 +88,19 @@ def test_samples_from_manifests(tmp_path):
     assert (samples["d"].kind, samples["d"].prompt) == (PRIOR_SEGMIX, "a dog and a dog")
     assert (samples["e"].kind, samples["e"].prompt, samples["e"].mask_path) == (
         PRIOR,
-        "a photo of a dog",
+        "a studio photo of a dog",  # the prompt the class image was generated from, not a hard-coded one
         "/c/0_mask.png",
     )
     assert samples["f"].mask_path is None  # unsegmented class image: still a prior image, whole-image loss
     assert not any(s.is_prior for s in load_samples(tmp_path, with_prior=False))
+
+
+def test_class_images_manifest_without_prompts_is_refused(tmp_path):
+    write_pair_manifests(tmp_path)
+    manifest = pd.read_parquet(tmp_path / "class_images" / "manifest.parquet").drop(columns=["prompt"])
+    write_manifest(manifest, tmp_path / "class_images")
+    with pytest.raises(CastloraError, match=r"class_images.*re-materialize 'class_images'"):
+        load_samples(tmp_path)
 
 
 def test_reference_without_caption_is_an_error():
@@ -126,12 +137,13 @@ def test_pool_order_does_not_change_the_plan():
     ]
 
 
+@pytest.mark.parametrize("draw", ["shared", "independent"])
 @pytest.mark.parametrize("segmix_p", [0.0, 0.3, 0.8])
-def test_segmix_and_prior_proportions_follow_the_config(segmix_p):
+def test_segmix_and_prior_proportions_follow_the_config(segmix_p, draw):
     p, steps = pools(), 3000
     instance_kinds, prior_kinds = Counter(), Counter()
     for step in range(steps):
-        instance, prior = plan_step(p, 0, step, 1, segmix_p, True)
+        instance, prior = plan_step(p, 0, step, 1, segmix_p, True, draw)
         instance_kinds.update(s.kind for s in instance)
         prior_kinds.update(s.kind for s in prior)
     assert sum(instance_kinds.values()) == sum(prior_kinds.values()) == steps  # one prior image per instance image
@@ -144,13 +156,52 @@ def test_no_prior_samples_when_prior_preservation_is_off():
     assert plan_step(pools(), 0, 5, 2, 0.3, False)[1] == []
 
 
-def test_missing_bank_falls_back_to_plain_images():
+def test_shared_draw_mixes_instance_and_prior_together_as_mudi_does():
+    p = pools()
+    for step in range(300):
+        instance, prior = plan_step(p, 0, step, 3, 0.3, True)  # default: shared
+        assert [s.kind == SEGMIX for s in instance] == [s.kind == PRIOR_SEGMIX for s in prior]
+    independent = [plan_step(p, 0, step, 1, 0.5, True, "independent") for step in range(100)]
+    assert any((i[0].kind == SEGMIX) != (q[0].kind == PRIOR_SEGMIX) for i, q in independent)
+    assert TrainConfig().segmix_draw == "shared"
+    with pytest.raises(CastloraError, match="segmix_draw"):
+        TrainConfig(segmix_draw="sometimes")
+
+
+def test_independent_draw_keeps_the_plans_of_earlier_castlora():
+    """The old plan drew Seg-Mix for every instance image, then every prior image, from one generator."""
+    p = pools()
+    for step in range(50):
+        rng = np.random.default_rng([0, step, 0xDA7A])
+        expected = []
+        for plain, mixed in ((INSTANCE, SEGMIX), (INSTANCE, SEGMIX), (PRIOR, PRIOR_SEGMIX), (PRIOR, PRIOR_SEGMIX)):
+            pool = p.by_kind[mixed] if rng.random() < 0.3 else p.by_kind[plain]
+            expected.append(pool[int(rng.integers(len(pool)))])
+        instance, prior = plan_step(p, 0, step, 2, 0.3, True, "independent")
+        assert instance + prior == expected
+
+
+def test_segmix_p_with_an_empty_bank_is_refused_naming_the_bank():
     only_plain = SamplePools.of(
         [TrainingSample("a", "/a.png", "x", INSTANCE), TrainingSample("p", "/p.png", "y", PRIOR)]
     )
-    for step in range(50):
-        instance, prior = plan_step(only_plain, 0, step, 1, 1.0, True)
-        assert instance[0].kind == INSTANCE and prior[0].kind == PRIOR
+    with pytest.raises(CastloraError, match=r"segmix_p=0\.3 .*Seg-Mix bank \('segmix_bank'\)"):
+        only_plain.check(prior_preservation=True, segmix_p=0.3)
+    only_plain.check(prior_preservation=True, segmix_p=0.0)  # no Seg-Mix asked: plain images are fine
+
+
+def test_bank_without_prior_composites_keeps_plain_class_images_in_the_prior_slot():
+    no_prior_bank = SamplePools.of(
+        [
+            TrainingSample("a", "/a.png", "x", INSTANCE),
+            TrainingSample("m", "/m.png", "x and y", SEGMIX),
+            TrainingSample("p", "/p.png", "y", PRIOR),
+        ]
+    )
+    no_prior_bank.check(prior_preservation=True, segmix_p=1.0)  # n_prior: 0 is a valid bank
+    for step in range(20):
+        instance, prior = plan_step(no_prior_bank, 0, step, 1, 1.0, True)
+        assert instance[0].kind == SEGMIX and prior[0].kind == PRIOR
 
 
 def test_training_process_does_not_import_pandas_or_opencv():

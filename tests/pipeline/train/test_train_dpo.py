@@ -24,6 +24,7 @@ DPO = TrainConfig(
     alpha=4,
     lr=1e-2,
     prior_weight=0,
+    segmix_p=0,
     dpo_beta=5000.0,
     batch_size=2,
     log_every=1,
@@ -56,7 +57,9 @@ def pairs(tmp_path_factory) -> list[tuple[TrainingSample, TrainingSample]]:
 @pytest.fixture(scope="module")
 def init_lora(tiny_pipe, pairs, tmp_path_factory) -> dict[str, torch.Tensor]:
     root = tmp_path_factory.mktemp("dpo_round0")
-    config = TrainConfig(steps=2, resolution=64, rank=4, alpha=4, lr=1e-2, prior_weight=0, targets=TARGETS)
+    config = TrainConfig(
+        steps=2, resolution=64, rank=4, alpha=4, lr=1e-2, prior_weight=0, segmix_p=0, targets=TARGETS
+    )  # generated images only: no Seg-Mix bank
     samples = [s for pair in pairs for s in pair]
     return train_lora(tiny_pipe, samples, config, root / "out", root / "cache").lora_state
 

@@ -115,7 +115,7 @@ def test_mismatched_config_is_refused_naming_the_field(tiny_pipe, sample_set, un
 
 def test_changed_samples_are_refused(tiny_pipe, sample_set, uninterrupted):
     _, root = uninterrupted
-    fewer = [s for s in sample_set if s.kind != "segmix"]
+    fewer = [s for s in sample_set if s.kind != "prior_segmix"]
     with pytest.raises(CheckpointError, match="samples"):
         train_lora(tiny_pipe, fewer, CONFIG, root / "out", root / "cache")
 
