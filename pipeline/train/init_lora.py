@@ -29,6 +29,24 @@ def split_init_lora(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
     return unet, {name: part for name, part in text.items() if part}
 
 
+def check_init_lora_matches(expected: dict[str, tuple[int, ...]], state: dict[str, torch.Tensor], part: str) -> None:
+    """``state`` has exactly the tensor names and shapes of the adapter it is loaded into (``expected``); a
+    different target set (names) or rank (shapes) is refused, naming the first difference."""
+    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or extra:
+        raise LoraError(
+            f"init_lora does not match this training config's {part} ({len(missing)} tensors missing, e.g. "
+            f"{missing[:2]}; {len(extra)} unexpected, e.g. {extra[:2]}): train with the targets of the run that "
+            "produced init_lora."
+        )
+    for key, shape in expected.items():
+        if tuple(state[key].shape) != shape:
+            raise LoraError(
+                f"init_lora tensor {key} has shape {tuple(state[key].shape)} but this config's {part} needs {shape}: "
+                "set rank (and alpha) to those of the run that produced init_lora."
+            )
+
+
 def load_text_encoder_lora(encoder: torch.nn.Module, state: dict[str, torch.Tensor], adapter_name: str) -> None:
     """Copy ``state`` (``text_encoder_lora_state_dict`` naming) into the encoder's adapter ``adapter_name``.
 
@@ -40,18 +58,7 @@ def load_text_encoder_lora(encoder: torch.nn.Module, state: dict[str, torch.Tens
     if len(exported) != len(peft_state):
         raise LoraError(f"Internal error: {len(exported)} exported names for {len(peft_state)} LoRA tensors.")
     peft_key = dict(zip(exported, peft_state, strict=True))
-    missing, extra = sorted(set(exported) - set(state)), sorted(set(state) - set(exported))
-    if missing or extra:
-        raise LoraError(
-            f"init_lora's text-encoder part does not match this config's text-encoder LoRA ({len(missing)} tensors "
-            f"missing, e.g. {missing[:2]}; {len(extra)} unexpected, e.g. {extra[:2]})."
-        )
-    for key, value in exported.items():
-        if tuple(state[key].shape) != tuple(value.shape):
-            raise LoraError(
-                f"init_lora tensor {key} has shape {tuple(state[key].shape)} but this config's text-encoder LoRA "
-                f"needs {tuple(value.shape)}: set rank to that of the run that produced init_lora."
-            )
+    check_init_lora_matches({k: tuple(v.shape) for k, v in exported.items()}, state, "text-encoder LoRA")
     with torch.no_grad():
         converted = {peft_key[k]: v.to(peft_state[peft_key[k]].dtype) for k, v in state.items()}
         result = set_peft_model_state_dict(encoder, converted, adapter_name=adapter_name)

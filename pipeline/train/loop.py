@@ -37,7 +37,6 @@ from pipeline.errors import CastloraError, CheckpointError
 from pipeline.hashing import sha256_json
 from pipeline.lora.adapters import (
     DEFAULT_ADAPTER,
-    LoraError,
     LoraSpec,
     activate_adapter,
     add_text_encoder_lora,
@@ -66,7 +65,12 @@ from pipeline.train.checkpoint import (
 )
 from pipeline.train.config import TrainConfig
 from pipeline.train.data import SamplePools, TrainingSample, plan_step, samples_fingerprint_items
-from pipeline.train.init_lora import activate_or_disable, load_text_encoder_lora, split_init_lora
+from pipeline.train.init_lora import (
+    activate_or_disable,
+    check_init_lora_matches,
+    load_text_encoder_lora,
+    split_init_lora,
+)
 
 ADAPTER_NAME = DEFAULT_ADAPTER
 REFERENCE_ADAPTER = "reference"
@@ -138,19 +142,7 @@ def load_unet_lora(unet: torch.nn.Module, state: dict[str, torch.Tensor], adapte
         for name, param in unet.named_parameters()
         if name.endswith(suffix) and (".lora_A." in name or ".lora_B." in name)
     }
-    missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
-    if missing or extra:
-        raise LoraError(
-            f"init_lora does not match the LoRA targets of this training config ({len(missing)} tensors missing, "
-            f"e.g. {missing[:2]}; {len(extra)} unexpected, e.g. {extra[:2]}): train with the targets of the run "
-            "that produced init_lora."
-        )
-    for key, param in params.items():
-        if tuple(state[key].shape) != tuple(param.shape):
-            raise LoraError(
-                f"init_lora tensor {key} has shape {tuple(state[key].shape)} but this config's LoRA needs "
-                f"{tuple(param.shape)}: set rank (and alpha) to those of the run that produced init_lora."
-            )
+    check_init_lora_matches({k: tuple(p.shape) for k, p in params.items()}, state, "U-Net LoRA")
     with torch.no_grad():
         for key, param in params.items():
             param.copy_(state[key].to(param.device, param.dtype))
