@@ -55,11 +55,16 @@ def check_home(home: Path) -> Path:
     return home
 
 
+def is_within(path: Path, root: Path) -> bool:
+    """``path`` is ``root`` or lies below it (both already resolved: no links, no ``..``)."""
+    return path == root or root in path.parents
+
+
 def safe_child(root: Path, *parts: str) -> Path:
     """Join ``parts`` under ``root`` and refuse any result that escapes ``root``."""
     root = root.resolve()
     candidate = root.joinpath(*parts).resolve()
-    if candidate != root and root not in candidate.parents:
+    if not is_within(candidate, root):
         raise PairKeyError(f"Path {'/'.join(parts)!r} escapes {root}; refusing to use it.")
     return candidate
 
@@ -72,7 +77,7 @@ def confined_path(path: str | os.PathLike[str], root: Path, what: str) -> Path:
     """
     try:
         root, resolved = Path(root).resolve(), Path(path).resolve()
-        inside = resolved == root or root in resolved.parents
+        inside = is_within(resolved, root)
     except (OSError, RuntimeError, ValueError) as exc:  # link loops, over-long names, NUL bytes
         raise ConfinementError(f"{what} {str(path)[:300]!r} cannot be resolved ({type(exc).__name__}).") from exc
     if not inside:

@@ -36,7 +36,7 @@ import yaml
 
 from pipeline.errors import CastloraError, ConfinementError, SpecError
 from pipeline.hashing import sha256_file
-from pipeline.paths import confined_path, validate_key
+from pipeline.paths import confined_path, is_within, validate_key
 
 SPEC_FILENAMES = ("pair.yaml", "pair.yml", "pair.json")
 TOP_FIELDS = ("pair", "characters", "class_images")
@@ -426,7 +426,7 @@ def _resolve(value: Any, base_dir: Path, field_at: str, confine_to: Path | None 
         raise
     except _FS_ERRORS as exc:
         raise SpecError(f"{field_at}: {_shown(text)} cannot be used as a path ({_fs_reason(exc)}).") from exc
-    if confine_to is not None and resolved != confine_to and confine_to not in resolved.parents:
+    if confine_to is not None and not is_within(resolved, confine_to):
         raise SpecError(
             f"{field_at}: {_shown(text)} points outside the pair folder {confine_to}; inbox specs may only name files "
             "inside their own folder."
