@@ -16,9 +16,9 @@ from assets.training_assets import lora
 from pipeline.errors import CastloraError
 from pipeline.images import IntakeConfig
 from pipeline.lora.verify import verify_lora_file
-from pipeline.manifest import read_manifest
 from pipeline.stages.lora import current_lora
 from pipeline.stages.segments import USABLE
+from pipeline.storage.manifest import read_manifest
 from resources import StorageResource
 
 # How far the headline D&C of a variant may fall below the previous evaluation before the check fails.

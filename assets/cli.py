@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from pipeline.errors import CastloraError
-from pipeline.paths import DataLayout, resolve_home
+from pipeline.storage.paths import DataLayout, resolve_home
 
 SAMPLE_PAIR = Path(__file__).resolve().parent.parent / "samples" / "dog6__dog2"
 
@@ -56,7 +56,7 @@ def register(folder: Path, layout: DataLayout) -> str:
 
 def _write_spec(storage, spec, layout: DataLayout) -> Path:
     """``storage.register(spec)``; if it fails (publishing to S3), the spec that was in force is put back."""
-    from pipeline.atomic import write_text_atomic
+    from pipeline.storage.atomic import write_text_atomic
 
     target = layout.spec_path(spec.pair)
     previous = target.read_text(encoding="utf-8") if target.is_file() else None
@@ -74,7 +74,7 @@ def materialize(pair: str, layout: DataLayout) -> bool:
     from assets.definitions import defs
     from assets.jobs import pair_job
     from assets.partitions import character_pairs
-    from pipeline.paths import validate_key
+    from pipeline.storage.paths import validate_key
 
     validate_key(pair)
     from diffusers.utils import logging as diffusers_logging
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "import-mudi":
             import_mudi_folder(args.source, args.destination, args.pair, args.class_noun)
         elif args.command == "pairs":
-            from pipeline.registry import registered_pairs
+            from pipeline.storage.registry import registered_pairs
 
             for key in registered_pairs(layout):
                 print(key)

@@ -22,8 +22,8 @@ from typing import Any
 import yaml
 
 from assets.compute import GPU_POOL
-from pipeline.atomic import write_text_atomic
 from pipeline.errors import CastloraError
+from pipeline.storage.atomic import write_text_atomic
 
 POSTGRES_URL_VAR = "CASTLORA_POSTGRES_URL"
 GPU_SLOTS_VAR = "CASTLORA_GPU_SLOTS"

@@ -11,17 +11,17 @@ from assets.compute import cpu_step, gpu_step
 from assets.metadata import grid_md, table_md, user_errors
 from assets.partitions import REFERENCES_FINGERPRINT, character_pairs, pair_key
 from pipeline.captions import CaptionCache
-from pipeline.class_images import ClassImageConfig
 from pipeline.images import IntakeConfig
-from pipeline.manifest import read_manifest
-from pipeline.registry import references_fingerprint
+from pipeline.prior_images import ClassImageConfig
 from pipeline.segment import SegmentConfig
-from pipeline.segmix import SegMixConfig
+from pipeline.segmix.compose import SegMixConfig
 from pipeline.stages.captions import USER_BACKEND, run_captions, user_caption_files
 from pipeline.stages.class_images import run_class_images
 from pipeline.stages.references import run_references
 from pipeline.stages.segments import USABLE, run_segments
 from pipeline.stages.segmix_bank import BankConfig, run_segmix_bank
+from pipeline.storage.manifest import read_manifest
+from pipeline.storage.registry import references_fingerprint
 from resources import CaptionerResource, ModelResource, StorageResource
 
 GROUP = "castlora"

@@ -1,6 +1,6 @@
 import dagster as dg
 
-from pipeline.paths import validate_key
+from pipeline.storage.paths import validate_key
 
 character_pairs = dg.DynamicPartitionsDefinition(name="character_pairs")
 

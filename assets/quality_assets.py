@@ -11,13 +11,12 @@ from assets.metadata import image_md, user_errors
 from assets.pair_assets import GROUP
 from assets.partitions import DNC_HEADLINE, character_pairs, pair_key
 from assets.training_assets import TRAINING_STAGES, lora
-from pipeline.dnc.scorer import references_from_manifest
+from pipeline.dnc.pair_scorer import references_from_manifest
 from pipeline.errors import CastloraError
 from pipeline.evaluation.draw import annotated_grid
 from pipeline.evaluation.report import headline_values, plot_rounds, rounds_markdown, training_markdown
 from pipeline.infer import DEFAULT_NEGATIVE, scene_prompts
-from pipeline.iteration import CONVERGENCE_KEPT_RATIO, IterationConfig
-from pipeline.manifest import read_manifest
+from pipeline.iteration_rules import CONVERGENCE_KEPT_RATIO, IterationConfig
 from pipeline.stages.evaluation import (
     VARIANTS,
     Subject,
@@ -29,7 +28,8 @@ from pipeline.stages.evaluation import (
 from pipeline.stages.iteration import GenerationSettings, current_iteration, run_iteration
 from pipeline.stages.lora import current_lora, train_config_of
 from pipeline.stages.samples import segmix_layout_factory
-from pipeline.train.samples import load_samples
+from pipeline.storage.manifest import read_manifest
+from pipeline.train.training_set import load_samples
 from resources import ModelResource, StorageResource
 
 

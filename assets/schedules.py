@@ -15,7 +15,7 @@ import dagster as dg
 from assets.jobs import PAIR_ASSETS, pair_job
 from assets.partitions import REFERENCES_FINGERPRINT, character_pairs, latest_materializations
 from pipeline.errors import CastloraError
-from pipeline.registry import references_fingerprint
+from pipeline.storage.registry import references_fingerprint
 from resources import StorageResource
 
 RETRAIN_CRON_ENV = "CASTLORA_RETRAIN_CRON"

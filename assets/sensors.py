@@ -5,7 +5,7 @@ import dagster as dg
 from assets.jobs import pair_job
 from assets.partitions import character_pairs
 from pipeline.errors import StorageError
-from pipeline.registry import scan_inbox, spec_fingerprint
+from pipeline.storage.registry import scan_inbox, spec_fingerprint
 from resources import StorageResource
 
 

@@ -11,11 +11,11 @@ from assets.pair_assets import GROUP, captions, class_images, segments, segmix_b
 from assets.partitions import character_pairs, pair_key
 from pipeline.images import image_grid
 from pipeline.infer import DEFAULT_NEGATIVE, scene_prompts
-from pipeline.manifest import read_manifest
 from pipeline.stages.lora import current_lora, run_lora
 from pipeline.stages.samples import run_samples, segmix_layout_factory
+from pipeline.storage.manifest import read_manifest
 from pipeline.train import TrainConfig
-from pipeline.train.samples import load_samples
+from pipeline.train.training_set import load_samples
 from resources import ModelResource, StorageResource
 
 # The stage folders load_samples reads (with S3 they are fetched first).

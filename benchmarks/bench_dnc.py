@@ -37,7 +37,7 @@ import torch  # noqa: E402
 from benchmarks.machine import cpu_name  # noqa: E402
 from pipeline.dnc.detect import Box, LayoutDetector, OwlDetector  # noqa: E402
 from pipeline.dnc.embed import ClipImageEmbedder, Dinov2Embedder, Embedder  # noqa: E402
-from pipeline.dnc.score import (  # noqa: E402
+from pipeline.dnc.image_scores import (  # noqa: E402
     DncRecord,
     SubjectReferences,
     embed_all_references,

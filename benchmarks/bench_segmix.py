@@ -1,4 +1,4 @@
-"""Seg-Mix throughput: castlora's ``pipeline.segmix`` vs a naive MuDI Algorithm 1, same inputs, same run.
+"""Seg-Mix throughput: castlora's ``pipeline.segmix.compose`` vs a naive MuDI Algorithm 1, same inputs, same run.
 
 Run from the repository root:
 
@@ -37,7 +37,7 @@ if str(_REPO) not in sys.path:  # `python benchmarks/bench_segmix.py` puts bench
 from benchmarks.machine import cpu_name  # noqa: E402
 from benchmarks.mudi_naive_segmix import naive_seg_mix  # noqa: E402
 from pipeline.segment.masks import cutout_rgba  # noqa: E402
-from pipeline.segmix import SegMixConfig, SegMixSubject, compose, prepare_subjects  # noqa: E402
+from pipeline.segmix.compose import SegMixConfig, SegMixSubject, compose, prepare_subjects  # noqa: E402
 
 SAMPLE_DIRS = (_REPO / "samples/dog6__dog2/dog6", _REPO / "samples/dog6__dog2/dog2")
 RESULTS = _REPO / "benchmarks/results/segmix.json"

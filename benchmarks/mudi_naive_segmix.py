@@ -4,7 +4,7 @@ Like MuDI's training loop, every composite starts again from the *full-resolutio
 mask: find the mask's bbox, crop photo and mask, draw a scale U(0.75·max, max) for a half-canvas fit box
 ((512 - 32) x (1024 - 32)), resize photo and mask (PIL default filter), zero the pixels outside the mask,
 paste one subject at x = randint(1, 256) and the other ending at 1024 - randint(1, 256), y uniform, the
-second pasted wins overlaps, white background. Used only to time castlora's ``pipeline.segmix`` against
+second pasted wins overlaps, white background. Used only to time castlora's ``pipeline.segmix.compose`` against
 this way of working; nothing in ``pipeline/`` imports it.
 """
 

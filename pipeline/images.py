@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipeline.hashing import sha256_bytes, sha256_file
+from pipeline.storage.hashing import sha256_bytes, sha256_file
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 """File types castlora treats as images when scanning a folder (class images, user masks)."""

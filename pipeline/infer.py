@@ -30,7 +30,7 @@ from PIL import Image
 from pipeline.errors import CastloraError
 from pipeline.images import to_rgb
 from pipeline.models.latents import encode_to_model_latents
-from pipeline.segmix import join_phrases
+from pipeline.segmix.compose import join_phrases
 
 DEFAULT_NEGATIVE = "sticker, collage"
 """MuDI's negative prompt against Seg-Mix sticker artefacts (an option: the paper found heavier ones oversaturate)."""
@@ -97,7 +97,7 @@ class Layout:
 
 
 def layout_from_composite(composite: Any) -> Layout:
-    """A Layout from a ``pipeline.segmix.compose`` result (anything with image, union_mask, boxes, seed)."""
+    """A Layout from a ``pipeline.segmix.compose.compose`` result (anything with image, union_mask, boxes, seed)."""
     return Layout(
         image=to_rgb(composite.image),
         union_mask=np.asarray(composite.union_mask, dtype=bool),

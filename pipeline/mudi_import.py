@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from pipeline.errors import SpecError
-from pipeline.paths import validate_key
+from pipeline.storage.paths import validate_key
 
 METADATA_FILE = "metadata.jsonl"
 

@@ -35,8 +35,8 @@ from urllib.parse import unquote, urlparse
 import yaml
 
 from pipeline.errors import CastloraError, ConfinementError, SpecError
-from pipeline.hashing import sha256_file
-from pipeline.paths import confined_path, is_within, validate_key
+from pipeline.storage.hashing import sha256_file
+from pipeline.storage.paths import confined_path, is_within, validate_key
 
 SPEC_FILENAMES = ("pair.yaml", "pair.yml", "pair.json")
 TOP_FIELDS = ("pair", "characters", "class_images")

@@ -142,11 +142,11 @@ class ModelResource(dg.ConfigurableResource):
         return distributed_trainer(settings, self.base_model_spec(), model_cache=cache_root)
 
     def dnc_scorer(self, subjects: Any, cache_root: Path) -> Any:
-        """D&C for a pair's characters (``pipeline.dnc.scorer.DncScorer``): detector and every embedder the preset
+        """D&C for a pair's characters (``pipeline.dnc.pair_scorer.DncScorer``): detector and every embedder the preset
         can load; the others are listed as unavailable."""
         import torch
 
-        from pipeline.dnc.scorer import load_dnc_scorer
+        from pipeline.dnc.pair_scorer import load_dnc_scorer
 
         preset = self.resolved_preset()
         return load_dnc_scorer(

@@ -19,13 +19,13 @@ import dagster as dg
 from pydantic import PrivateAttr
 
 import pipeline
-from pipeline.atomic import atomic_path
 from pipeline.errors import PairKeyError, StorageError
-from pipeline.lineage import LineageRecorder
-from pipeline.paths import DataLayout, check_home, safe_child, validate_key
-from pipeline.registry import load_registered, register_pair
-from pipeline.remote import RetryPolicy, S3Location, S3Store, boto3_client_factory, key_parts
 from pipeline.spec import SPEC_FILENAMES, PairSpec
+from pipeline.storage.atomic import atomic_path
+from pipeline.storage.lineage import LineageRecorder
+from pipeline.storage.paths import DataLayout, check_home, safe_child, validate_key
+from pipeline.storage.registry import load_registered, register_pair
+from pipeline.storage.remote import RetryPolicy, S3Location, S3Store, boto3_client_factory, key_parts
 
 
 class StorageResource(dg.ConfigurableResource):

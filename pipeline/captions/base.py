@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from PIL import Image
 
-from pipeline.hashing import sha256_json
+from pipeline.storage.hashing import sha256_json
 
 if TYPE_CHECKING:
     from pipeline.captions.cache import CaptionCache

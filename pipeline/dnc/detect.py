@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.dnc.scoring import CLASS_NOUN_FIELD, PHOTO_QUERY
+from pipeline.dnc.metric import CLASS_NOUN_FIELD, PHOTO_QUERY
 from pipeline.errors import CastloraError
 from pipeline.images import to_rgb
 from pipeline.models.inputs import index_chunks, to_device

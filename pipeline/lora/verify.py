@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from pipeline.hashing import sha256_file
 from pipeline.lora.adapters import LoraError
+from pipeline.storage.hashing import sha256_file
 
 # Key suffixes of the two halves of one LoRA module, per file format.
 _PAIR_SUFFIXES = {

@@ -11,9 +11,9 @@ from PIL import Image, UnidentifiedImageError
 
 from pipeline.errors import SegmentationError
 from pipeline.images import IMAGE_SUFFIXES
-from pipeline.paths import confined_path
 from pipeline.segment.base import SegmentConfig, Segmenter, SegmentResult, mask_status
 from pipeline.segment.masks import mask_bbox
+from pipeline.storage.paths import confined_path
 
 LABEL = "user mask"
 ASPECT_TOLERANCE = 0.01

@@ -15,11 +15,11 @@ from PIL import Image
 
 from pipeline.captions import CaptionCache, Captioner, caption_image
 from pipeline.errors import CastloraError
-from pipeline.hashing import sha256_bytes
-from pipeline.lineage import LineageRecorder
-from pipeline.manifest import prune_unlisted, write_manifest
-from pipeline.paths import confined_path
 from pipeline.spec import PairSpec
+from pipeline.storage.hashing import sha256_bytes
+from pipeline.storage.lineage import LineageRecorder
+from pipeline.storage.manifest import prune_unlisted, write_manifest
+from pipeline.storage.paths import confined_path
 
 USER_BACKEND = "user"
 MAX_CAPTION_BYTES = 64 * 1024

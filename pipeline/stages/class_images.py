@@ -20,15 +20,15 @@ from typing import Any
 import pandas as pd
 from PIL import Image
 
-from pipeline.class_images import ClassImageConfig, generate_class_images, list_class_image_files
-from pipeline.hashing import sha256_file, sha256_json
 from pipeline.images import IntakeConfig, intake_photos, save_png
-from pipeline.lineage import LineageRecorder
-from pipeline.manifest import prune_unlisted, write_manifest
+from pipeline.prior_images import ClassImageConfig, generate_class_images, list_class_image_files
 from pipeline.segment import SegmentConfig, Segmenter
 from pipeline.segment.user_masks import segment_with_user_masks
 from pipeline.spec import PairSpec
 from pipeline.stages.segments import write_segment
+from pipeline.storage.hashing import sha256_file, sha256_json
+from pipeline.storage.lineage import LineageRecorder
+from pipeline.storage.manifest import prune_unlisted, write_manifest
 
 
 def noun_slug(class_noun: str) -> str:

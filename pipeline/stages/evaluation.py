@@ -33,12 +33,12 @@ from pipeline.evaluation.report import (
     summarize,
 )
 from pipeline.infer import Layout
-from pipeline.lineage import LineageRecorder
-from pipeline.manifest import write_manifest
 from pipeline.models.loading import release_memory
 from pipeline.stages.iteration import GenerationSettings, ImageScorer
 from pipeline.stages.lora import LoraOutput, run_lora, train_config_of
 from pipeline.stages.samples import run_samples
+from pipeline.storage.lineage import LineageRecorder
+from pipeline.storage.manifest import write_manifest
 from pipeline.train import TrainConfig, TrainingSample
 
 OK, UNAVAILABLE, UNDEFINED = "ok", "unavailable", "undefined"

@@ -22,11 +22,9 @@ import pandas as pd
 from PIL import Image
 from safetensors.torch import load_file
 
-from pipeline.atomic import write_json_atomic
 from pipeline.errors import CastloraError
-from pipeline.hashing import sha256_file, sha256_json
 from pipeline.infer import Layout
-from pipeline.iteration import (
+from pipeline.iteration_rules import (
     IterationConfig,
     RoundSummary,
     best_round,
@@ -37,11 +35,13 @@ from pipeline.iteration import (
     stop_reason,
     summarize_round,
 )
-from pipeline.lineage import LineageRecorder
-from pipeline.manifest import read_manifest, write_manifest
 from pipeline.models.loading import release_memory
 from pipeline.stages.lora import loaded_lora, run_lora, run_preference, stored_lora
 from pipeline.stages.samples import run_samples
+from pipeline.storage.atomic import write_json_atomic
+from pipeline.storage.hashing import sha256_file, sha256_json
+from pipeline.storage.lineage import LineageRecorder
+from pipeline.storage.manifest import read_manifest, write_manifest
 from pipeline.train import TrainConfig, TrainingSample
 from pipeline.train.data import INSTANCE
 from pipeline.train.loop import _check_mixed_precision
@@ -58,7 +58,7 @@ STOP_PAUSED = "paused"
 
 
 class ImageScorer(Protocol):
-    """D&C for generated images (``pipeline.dnc.scorer.DncScorer``)."""
+    """D&C for generated images (``pipeline.dnc.pair_scorer.DncScorer``)."""
 
     def score(self, images: Sequence[Image.Image], layout_boxes: Sequence[Sequence[Sequence[float]]]) -> pd.DataFrame:
         """One row per (image, embedder, mode): image_index, embedder, mode, score, reason, boxes_json, ..."""

@@ -16,13 +16,13 @@ from typing import Any
 import torch
 from PIL import Image
 
-from pipeline.atomic import write_json_atomic
 from pipeline.errors import CastloraError
-from pipeline.hashing import sha256_file, sha256_json
 from pipeline.infer import SampleRequest, generate
-from pipeline.lineage import LineageRecorder
 from pipeline.lora import LoraSpec, export_lora
-from pipeline.stored_paths import load_paths, store_paths
+from pipeline.storage.atomic import write_json_atomic
+from pipeline.storage.hashing import sha256_file, sha256_json
+from pipeline.storage.lineage import LineageRecorder
+from pipeline.storage.stored_paths import load_paths, store_paths
 from pipeline.train import TrainConfig, TrainingSample, TrainResult, train_lora, train_preference
 from pipeline.train.loop import lora_state_hash
 

@@ -9,9 +9,9 @@ import pandas as pd
 
 from pipeline.errors import NotEnoughReferencesError
 from pipeline.images import IntakeConfig, intake_photos, save_png
-from pipeline.lineage import LineageRecorder
-from pipeline.manifest import prune_unlisted, write_manifest
 from pipeline.spec import PairSpec
+from pipeline.storage.lineage import LineageRecorder
+from pipeline.storage.manifest import prune_unlisted, write_manifest
 
 REJECTED_NAME = "rejected.parquet"
 

@@ -19,8 +19,8 @@ import pandas as pd
 from pipeline.errors import CastloraError
 from pipeline.images import mask_to_image, save_png
 from pipeline.infer import Layout, SampleRequest, check_gamma, generate
-from pipeline.lineage import LineageRecorder
-from pipeline.manifest import prune_unlisted, write_manifest
+from pipeline.storage.lineage import LineageRecorder
+from pipeline.storage.manifest import prune_unlisted, write_manifest
 
 
 def _seeds_for(seeds: Sequence[int], images_per_prompt: int) -> list[int]:
@@ -163,7 +163,7 @@ def segmix_layout_factory(segments: pd.DataFrame, resolution: int, seed_offset: 
     """Layouts made from the pair's cut-outs: seed s composes the (s + offset)-th cut-out of each character
     (cycling) with Seg-Mix seed s + offset, so a seed always shows the same arrangement."""
     from pipeline.infer import layout_from_composite
-    from pipeline.segmix import SegMixConfig, compose
+    from pipeline.segmix.compose import SegMixConfig, compose
     from pipeline.stages.segmix_bank import instance_subjects
 
     subjects = list(instance_subjects(segments).values())

@@ -15,11 +15,11 @@ import pandas as pd
 from PIL import Image
 
 from pipeline.images import mask_to_image, save_png
-from pipeline.lineage import LineageRecorder
-from pipeline.manifest import prune_unlisted, write_manifest
 from pipeline.segment import SegmentConfig, Segmenter, SegmentResult
 from pipeline.segment.masks import cutout_rgba
 from pipeline.segment.user_masks import find_user_mask, segment_with_user_masks
+from pipeline.storage.lineage import LineageRecorder
+from pipeline.storage.manifest import prune_unlisted, write_manifest
 
 USABLE = "ok"
 

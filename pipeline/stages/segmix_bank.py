@@ -14,11 +14,11 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from pipeline.lineage import LineageRecorder
-from pipeline.manifest import prune_unlisted, write_manifest
-from pipeline.segmix import SegMixConfig, SegMixSubject
-from pipeline.segmix_bank import plan_bank, render_bank, write_bank_entry
+from pipeline.segmix.bank import plan_bank, render_bank, write_bank_entry
+from pipeline.segmix.compose import SegMixConfig, SegMixSubject
 from pipeline.stages.segments import USABLE
+from pipeline.storage.lineage import LineageRecorder
+from pipeline.storage.manifest import prune_unlisted, write_manifest
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from pipeline.errors import CastloraError
-from pipeline.hashing import sha256_bytes, sha256_file, sha256_json
 from pipeline.images import load_mask, to_rgb
 from pipeline.models.latents import encode_to_model_latents
+from pipeline.storage.hashing import sha256_bytes, sha256_file, sha256_json
 from pipeline.train.data import TrainingSample
 
 ENCODE_BATCH = 8

@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pipeline.errors import CheckpointError
-from pipeline.hashing import sha256_file, sha256_json
+from pipeline.storage.hashing import sha256_file, sha256_json
 
 CHECKPOINTS_DIR = "checkpoints"
 LORA_FILE = "lora.safetensors"

@@ -3,7 +3,7 @@
 The plan is a pure function of (seed, step): resuming at step N replays exactly the batches an
 uninterrupted run would have seen, so the "data position" of a checkpoint is just its step.
 
-Reading samples from the stage manifests lives in ``pipeline.train.samples``: it needs pandas and the
+Reading samples from the stage manifests lives in ``pipeline.train.training_set``: it needs pandas and the
 segmentation stage, which a training process (every ``accelerate`` rank, a script) should not import —
 they cost ~90 MiB of RSS and ~0.3 s of start-up.
 """

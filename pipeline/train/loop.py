@@ -34,7 +34,6 @@ from diffusers.optimization import get_scheduler
 from diffusers.utils.state_dict_utils import StateDictType, convert_state_dict_to_diffusers
 
 from pipeline.errors import CastloraError, CheckpointError
-from pipeline.hashing import sha256_json
 from pipeline.lora.adapters import (
     DEFAULT_ADAPTER,
     LoraSpec,
@@ -46,6 +45,7 @@ from pipeline.lora.adapters import (
     text_encoder_lora_state_dict,
     unet_lora_state_dict,
 )
+from pipeline.storage.hashing import sha256_json
 from pipeline.train.caches import (
     CachedLatent,
     CachedText,

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.errors import CastloraError
-from pipeline.hashing import sha256_json
+from pipeline.storage.hashing import sha256_json
 from pipeline.train.config import TrainConfig
 from pipeline.train.data import TrainingSample
 from pipeline.train.loop import (

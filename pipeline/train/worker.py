@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.atomic import atomic_path, write_json_atomic
 from pipeline.errors import CastloraError
 from pipeline.models.sdxl import BaseModelSpec, load_base_pipeline
+from pipeline.storage.atomic import atomic_path, write_json_atomic
 from pipeline.train.config import TrainConfig
 from pipeline.train.data import TrainingSample
 from pipeline.train.launch import ADAPTER_FILE, ERROR_PREFIX, LOG_PREFIX, LORA_STATE_FILE, RESULT_FILE

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from assets import cli
-from pipeline.paths import DataLayout
-from pipeline.registry import load_registered
+from pipeline.storage.paths import DataLayout
+from pipeline.storage.registry import load_registered
 
 
 def test_register_adds_partition_and_lists_pair(tmp_path, make_pair, monkeypatch, capsys):

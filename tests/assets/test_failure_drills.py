@@ -18,10 +18,10 @@ from assets.definitions import build_resources
 from assets.jobs import PAIR_ASSETS
 from assets.partitions import character_pairs
 from assets.training_assets import lora
-from pipeline.paths import DataLayout
-from pipeline.registry import register_pair
 from pipeline.spec import load_spec
 from pipeline.stages.lora import current_lora
+from pipeline.storage.paths import DataLayout
+from pipeline.storage.registry import register_pair
 from pipeline.train.checkpoint import list_checkpoints
 from tests.assets.test_materialize import RUN_CONFIG
 from tests.conftest import REPO, ball_pair

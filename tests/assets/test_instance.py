@@ -22,9 +22,9 @@ from assets.instance import (
 )
 from assets.partitions import character_pairs
 from pipeline.errors import CastloraError
-from pipeline.paths import DataLayout
-from pipeline.registry import register_pair
 from pipeline.spec import load_spec
+from pipeline.storage.paths import DataLayout
+from pipeline.storage.registry import register_pair
 from tests.assets import pool_job
 from tests.conftest import ball_pair
 

@@ -9,11 +9,11 @@ import pytest
 from assets.pair_assets import ClassImagesConfig, ReferencesConfig, SegmentsConfig, SegMixBankConfig
 from assets.quality_assets import IterationAssetConfig
 from assets.training_assets import LoraTrainingConfig
-from pipeline.class_images import ClassImageConfig
 from pipeline.images import IntakeConfig
-from pipeline.iteration import IterationConfig
+from pipeline.iteration_rules import IterationConfig
+from pipeline.prior_images import ClassImageConfig
 from pipeline.segment import SegmentConfig
-from pipeline.segmix import SegMixConfig
+from pipeline.segmix.compose import SegMixConfig
 from pipeline.stages.segmix_bank import BankConfig
 from pipeline.train import TrainConfig
 

@@ -12,11 +12,11 @@ from assets import checks, pair_assets, training_assets
 from assets.definitions import build_resources, defs
 from assets.jobs import PAIR_ASSETS, pair_job
 from assets.partitions import character_pairs
-from pipeline.lineage import ancestors, read_lineage
-from pipeline.manifest import is_path_column, read_manifest
-from pipeline.paths import DataLayout
-from pipeline.registry import register_pair
 from pipeline.spec import load_spec
+from pipeline.storage.lineage import ancestors, read_lineage
+from pipeline.storage.manifest import is_path_column, read_manifest
+from pipeline.storage.paths import DataLayout
+from pipeline.storage.registry import register_pair
 from tests.conftest import ball_pair
 
 RUN_CONFIG = {

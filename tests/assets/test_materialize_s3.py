@@ -9,8 +9,8 @@ import pytest
 from assets import pair_assets
 from assets.definitions import build_resources
 from assets.partitions import character_pairs
-from pipeline.remote import MARKER_NAME
 from pipeline.spec import load_spec
+from pipeline.storage.remote import MARKER_NAME
 from resources import CaptionerResource, StorageResource
 from tests.servers.openai_api import start_chat_server
 from tests.servers.s3 import TEST_ACCESS_KEY, TEST_SECRET_KEY, s3_client, start_moto

@@ -5,11 +5,11 @@ import dagster as dg
 from assets import pair_assets
 from assets.definitions import build_resources
 from assets.partitions import character_pairs
-from pipeline.manifest import read_manifest
 from pipeline.mudi_import import import_mudi
-from pipeline.paths import DataLayout
-from pipeline.registry import register_pair
 from pipeline.spec import load_spec
+from pipeline.storage.manifest import read_manifest
+from pipeline.storage.paths import DataLayout
+from pipeline.storage.registry import register_pair
 from tests.pipeline.test_mudi_import import PHRASES, _text, mudi_folder
 
 

@@ -12,9 +12,9 @@ from assets.definitions import build_resources, defs
 from assets.pair_assets import references
 from assets.partitions import character_pairs
 from assets.schedules import CODE_VERSION_TAG, code_versions, retrain_schedule
-from pipeline.paths import DataLayout
-from pipeline.registry import register_pair
 from pipeline.spec import load_spec
+from pipeline.storage.paths import DataLayout
+from pipeline.storage.registry import register_pair
 from tests.conftest import subject_photo
 
 PAIRS = ["a__b", "c__d"]

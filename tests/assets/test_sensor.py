@@ -4,8 +4,8 @@ import dagster as dg
 
 from assets.partitions import character_pairs
 from assets.sensors import inbox_sensor
-from pipeline.paths import DataLayout
-from pipeline.registry import load_registered, registered_pairs
+from pipeline.storage.paths import DataLayout
+from pipeline.storage.registry import load_registered, registered_pairs
 from resources import StorageResource
 
 

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.class_images import list_class_image_files
 from pipeline.errors import CastloraError, ConfinementError, SpecError
-from pipeline.paths import DataLayout
-from pipeline.registry import load_registered, register_pair, scan_inbox, spec_fingerprint
+from pipeline.prior_images import list_class_image_files
 from pipeline.segment.user_masks import find_user_mask
 from pipeline.spec import MAX_ERROR_CHARS, load_spec
 from pipeline.stages.captions import _user_caption, user_caption_files
+from pipeline.storage.paths import DataLayout
+from pipeline.storage.registry import load_registered, register_pair, scan_inbox, spec_fingerprint
 
 SECRET = "AWS_SECRET_ACCESS_KEY=hunter2-very-secret"
 

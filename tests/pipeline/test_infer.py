@@ -15,7 +15,6 @@ from peft import LoraConfig
 from PIL import Image
 
 from pipeline.errors import CastloraError
-from pipeline.hashing import sha256_file
 from pipeline.infer import (
     DEFAULT_NEGATIVE,
     DEFAULT_SCENE_PROMPTS,
@@ -30,6 +29,7 @@ from pipeline.infer import (
 )
 from pipeline.models.latents import from_model_latents, to_model_latents
 from pipeline.models.tiny_sdxl import build_tiny_sdxl
+from pipeline.storage.hashing import sha256_file
 from pipeline.train.caches import build_latent_cache
 from pipeline.train.data import INSTANCE, TrainingSample
 

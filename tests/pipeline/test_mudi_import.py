@@ -11,12 +11,12 @@ from assets.cli import main as cli_main
 from pipeline.captions import CaptionCache, TemplateCaptioner
 from pipeline.errors import CastloraError, SpecError
 from pipeline.images import IntakeConfig, mask_to_image
-from pipeline.lineage import LineageRecorder
 from pipeline.mudi_import import import_mudi, mudi_pair_key
 from pipeline.segment.user_masks import find_user_mask
 from pipeline.spec import load_spec
 from pipeline.stages.captions import USER_BACKEND, run_captions, user_caption_files
 from pipeline.stages.references import run_references
+from pipeline.storage.lineage import LineageRecorder
 from tests.conftest import subject_photo
 
 PHRASES = {"a": "olis corgi", "b": "hta chow chow"}

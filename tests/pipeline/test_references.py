@@ -8,9 +8,9 @@ from PIL import Image
 
 from pipeline.errors import NotEnoughReferencesError
 from pipeline.images import IntakeConfig, intake_photos, load_mask
-from pipeline.lineage import LineageRecorder, read_lineage
 from pipeline.spec import load_spec
 from pipeline.stages.references import run_references
+from pipeline.storage.lineage import LineageRecorder, read_lineage
 from tests.conftest import subject_photo
 
 

@@ -12,12 +12,12 @@ from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 
 from pipeline.errors import CastloraError
-from pipeline.hashing import sha256_file
 from pipeline.infer import DEFAULT_NEGATIVE, Layout, layout_from_composite
-from pipeline.lineage import LineageRecorder, ancestors, read_lineage
 from pipeline.models.tiny_sdxl import build_tiny_sdxl
-from pipeline.segmix import SegMixConfig, SegMixSubject, compose
+from pipeline.segmix.compose import SegMixConfig, SegMixSubject, compose
 from pipeline.stages.samples import run_samples
+from pipeline.storage.hashing import sha256_file
+from pipeline.storage.lineage import LineageRecorder, ancestors, read_lineage
 
 SIDE = 64
 LORA_SHA = "ab" * 32

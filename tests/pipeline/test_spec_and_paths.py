@@ -4,9 +4,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import PairKeyError, SpecError
-from pipeline.paths import DataLayout, safe_child, validate_key
-from pipeline.registry import load_registered, register_pair, scan_inbox, spec_fingerprint
 from pipeline.spec import PairSpec, load_spec
+from pipeline.storage.paths import DataLayout, safe_child, validate_key
+from pipeline.storage.registry import load_registered, register_pair, scan_inbox, spec_fingerprint
 
 
 @pytest.mark.parametrize("key", ["../x", "a b", "dog6/dog2", "", ".hidden", "UPPER", "a" * 129, "x\n", "é"])

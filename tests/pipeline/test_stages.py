@@ -7,15 +7,15 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline.class_images import ClassImageConfig
 from pipeline.images import IntakeConfig, mask_to_image
-from pipeline.lineage import LineageRecorder
+from pipeline.prior_images import ClassImageConfig
 from pipeline.segment import SegmentConfig
 from pipeline.segment.grabcut import GrabCutSegmenter
 from pipeline.spec import load_spec
 from pipeline.stages.class_images import run_class_images
 from pipeline.stages.references import run_references
 from pipeline.stages.segments import run_segments
+from pipeline.storage.lineage import LineageRecorder
 from tests.conftest import subject_photo
 
 

@@ -42,7 +42,7 @@ def test_wrong_vae_dir_is_named(tmp_path):
 def test_dnc_scorer_follows_the_preset_and_reports_missing_models(tmp_path):
     from PIL import Image
 
-    from pipeline.dnc.score import SubjectReferences
+    from pipeline.dnc.image_scores import SubjectReferences
 
     subjects = [
         SubjectReferences(cid, "dog", [Image.new("RGB", (32, 32), colour), Image.new("RGB", (32, 40), colour)])

@@ -9,11 +9,11 @@ import pytest
 from assets.partitions import character_pairs
 from assets.sensors import inbox_sensor
 from pipeline.errors import CastloraError, StorageError
-from pipeline.lineage import LineageRecorder, read_lineage
-from pipeline.manifest import read_manifest, write_manifest
-from pipeline.registry import scan_inbox
-from pipeline.remote import MARKER_NAME
 from pipeline.spec import load_spec
+from pipeline.storage.lineage import LineageRecorder, read_lineage
+from pipeline.storage.manifest import read_manifest, write_manifest
+from pipeline.storage.registry import scan_inbox
+from pipeline.storage.remote import MARKER_NAME
 from resources import StorageResource
 from tests.servers.s3 import TEST_ACCESS_KEY, TEST_SECRET_KEY
 

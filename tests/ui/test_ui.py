@@ -167,9 +167,9 @@ def wait_for_backfill(server: DagsterDev, backfill_id: str, timeout: float) -> d
 def test_backfill_over_many_pairs_respects_the_gpu_pool(
     dagster_ui, page, demo_home, make_pair, screenshots, record_property
 ):
-    from pipeline.paths import DataLayout
-    from pipeline.registry import register_pair
     from pipeline.spec import load_spec
+    from pipeline.storage.paths import DataLayout
+    from pipeline.storage.registry import register_pair
 
     # Register the pairs in the data home, and add their partitions through the server, as the UI does.
     layout = DataLayout(demo_home.data_home)

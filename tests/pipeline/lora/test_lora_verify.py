@@ -4,9 +4,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipeline.hashing import sha256_file
 from pipeline.lora.adapters import LoraError
 from pipeline.lora.verify import verify_lora_file
+from pipeline.storage.hashing import sha256_file
 
 
 def _diffusers_state(modules: int = 3) -> dict[str, torch.Tensor]:

@@ -11,12 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.dnc.score import SubjectReferences
-from pipeline.dnc.scorer import load_dnc_scorer
+from pipeline.dnc.image_scores import SubjectReferences
+from pipeline.dnc.pair_scorer import load_dnc_scorer
 from pipeline.infer import layout_from_composite
-from pipeline.lineage import LineageRecorder
-from pipeline.segmix import SegMixConfig, SegMixSubject, compose
+from pipeline.segmix.compose import SegMixConfig, SegMixSubject, compose
 from pipeline.stages.lora import run_lora
+from pipeline.storage.lineage import LineageRecorder
 from pipeline.train import TrainConfig, TrainingSample
 
 SIDE = 64
@@ -69,7 +69,7 @@ def quality(tmp_path_factory) -> SimpleNamespace:
     for index, colour in enumerate(COLOURS):
         path = images / f"{index}.png"
         block(colour, SIDE, SIDE, alpha=False).save(path)
-        from pipeline.hashing import sha256_file
+        from pipeline.storage.hashing import sha256_file
 
         samples.append(TrainingSample(sha256_file(path), str(path), f"a photo of {PHRASES[index]}", "instance"))
     config = TrainConfig(steps=2, rank=4, alpha=4.0, resolution=SIDE, segmix_p=0.0, prior_weight=0.0, lr=1e-3)

@@ -11,7 +11,6 @@ import pytest
 from PIL import Image
 
 from pipeline.errors import CastloraError
-from pipeline.lineage import LineageRecorder, read_lineage
 from pipeline.stages.evaluation import (
     BASELINE_DIR,
     Subject,
@@ -25,6 +24,7 @@ from pipeline.stages.evaluation import (
 )
 from pipeline.stages.iteration import GenerationSettings
 from pipeline.stages.lora import current_lora, train_config_of
+from pipeline.storage.lineage import LineageRecorder, read_lineage
 from tests.pipeline.quality.conftest import SIDE, layout_for
 
 SUBJECTS = [Subject("olis", "dog", "olis dog"), Subject("vrin", "dog", "vrin dog")]

@@ -10,8 +10,7 @@ import pandas as pd
 import pytest
 
 from pipeline.errors import CastloraError
-from pipeline.iteration import STOP_MAX_ROUNDS, STOP_PROMPT_DISTANCE, IterationConfig
-from pipeline.lineage import LineageRecorder, read_lineage
+from pipeline.iteration_rules import STOP_MAX_ROUNDS, STOP_PROMPT_DISTANCE, IterationConfig
 from pipeline.stages.iteration import (
     PROMPT_DISTANCES_FILE,
     STOP_PAUSED,
@@ -21,6 +20,7 @@ from pipeline.stages.iteration import (
     round_training,
     run_iteration,
 )
+from pipeline.storage.lineage import LineageRecorder, read_lineage
 from pipeline.train import TrainConfig
 from tests.pipeline.quality.conftest import SIDE, layout_for
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.hashing import sha256_file
 from pipeline.images import mask_to_image
+from pipeline.storage.hashing import sha256_file
 from pipeline.train.data import TrainingSample
 
 

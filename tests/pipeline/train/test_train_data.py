@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from pipeline.errors import CastloraError
-from pipeline.manifest import write_manifest
+from pipeline.storage.manifest import write_manifest
 from pipeline.train.config import TrainConfig
 from pipeline.train.data import (
     INSTANCE,
@@ -23,7 +23,7 @@ from pipeline.train.data import (
     TrainingSample,
     plan_step,
 )
-from pipeline.train.samples import build_samples, load_samples
+from pipeline.train.training_set import build_samples, load_samples
 
 REPO = Path(__file__).resolve().parents[3]
 

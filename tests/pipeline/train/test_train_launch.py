@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.errors import CastloraError
-from pipeline.lineage import LineageRecorder
 from pipeline.lora.adapters import unet_lora_state_dict
 from pipeline.stages.lora import CURRENT_FILE, run_lora
+from pipeline.storage.lineage import LineageRecorder
 from pipeline.train import TrainConfig
 from pipeline.train.launch import LaunchSettings, distributed_trainer, launch_command, launch_env
 

@@ -9,19 +9,19 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.class_images import ClassImageConfig
 from pipeline.errors import CastloraError
-from pipeline.lineage import LineageRecorder
+from pipeline.prior_images import ClassImageConfig
 from pipeline.segment import SegmentConfig
 from pipeline.segment.grabcut import GrabCutSegmenter
 from pipeline.spec import load_spec
 from pipeline.stages.class_images import run_class_images
 from pipeline.stages.lora import lora_version
+from pipeline.storage.lineage import LineageRecorder
 from pipeline.train import TrainConfig, train_lora
 from pipeline.train.caches import build_latent_cache
 from pipeline.train.data import INSTANCE, PRIOR, SEGMIX, TrainingSample
 from pipeline.train.loop import _make_accelerator, _Trainer, fingerprint_fields
-from pipeline.train.samples import build_samples
+from pipeline.train.training_set import build_samples
 from tests.conftest import subject_photo
 from tests.pipeline.train.conftest import write_image
 

@@ -8,10 +8,10 @@ import dataclasses
 import pytest
 import torch
 
-from pipeline.lineage import LineageRecorder
 from pipeline.lora.adapters import DEFAULT_ADAPTER
 from pipeline.stages.iteration import _lora_state
 from pipeline.stages.lora import run_lora
+from pipeline.storage.lineage import LineageRecorder
 from pipeline.train import TrainConfig, train_lora
 from pipeline.train.init_lora import TEXT_ENCODERS, split_init_lora
 from pipeline.train.loop import REFERENCE_ADAPTER

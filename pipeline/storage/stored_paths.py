@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from pipeline.paths import PAIR_SPEC_FILE
+from pipeline.storage.paths import PAIR_SPEC_FILE
 
 
 def pair_folder_of(folder: Path) -> Path | None:

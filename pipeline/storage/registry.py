@@ -7,12 +7,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from pipeline.atomic import write_text_atomic
 from pipeline.errors import CastloraError, PairKeyError
-from pipeline.hashing import sha256_bytes, sha256_file, sha256_json
-from pipeline.paths import PAIR_SPEC_FILE, DataLayout, validate_key
 from pipeline.spec import PairSpec, check_confinement, find_spec_file, load_spec
-from pipeline.stored_paths import loaded_path, stored_path
+from pipeline.storage.atomic import write_text_atomic
+from pipeline.storage.hashing import sha256_bytes, sha256_file, sha256_json
+from pipeline.storage.paths import PAIR_SPEC_FILE, DataLayout, validate_key
+from pipeline.storage.stored_paths import loaded_path, stored_path
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,8 @@ def load_registered(layout: DataLayout, pair_key: str) -> PairSpec:
 
 def _with_paths(spec: PairSpec, convert: Callable[[str], str]) -> PairSpec:
     """``spec`` with ``convert`` applied to every file and folder it names. The registered copy stores those
-    inside the data home (inbox folders) relative to itself, so the home can move (``pipeline.stored_paths``)."""
+    inside the data home (inbox folders) relative to itself, so the home can move
+    (``pipeline.storage.stored_paths``)."""
     characters = tuple(
         replace(
             c,

@@ -21,8 +21,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.atomic import atomic_path
-from pipeline.paths import validate_key
+from pipeline.storage.atomic import atomic_path
+from pipeline.storage.paths import validate_key
 
 LINEAGE_SCHEMA = pa.schema(
     [

@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pipeline.atomic import atomic_path
 from pipeline.errors import PairKeyError, StorageError
-from pipeline.hashing import sha256_file
-from pipeline.paths import safe_child
 from pipeline.redact import without_credentials
+from pipeline.storage.atomic import atomic_path
+from pipeline.storage.hashing import sha256_file
+from pipeline.storage.paths import safe_child
 
 MARKER_NAME = "_castlora_done.json"
 MARKER_FORMAT = 1

@@ -19,7 +19,7 @@ from PIL import Image
 
 from pipeline.errors import CastloraError
 from pipeline.images import IMAGE_SUFFIXES
-from pipeline.paths import confined_path
+from pipeline.storage.paths import confined_path
 
 CLASS_NOUN_FIELD = "{class_noun}"
 

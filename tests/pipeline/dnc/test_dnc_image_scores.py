@@ -12,7 +12,7 @@ from PIL import Image
 
 from pipeline.dnc.detect import LAYOUT_LABEL, LayoutDetector, OwlDetector
 from pipeline.dnc.embed import ClipImageEmbedder, Dinov2Embedder, EnsembleEmbedder
-from pipeline.dnc.score import (
+from pipeline.dnc.image_scores import (
     DncRecord,
     SubjectReferences,
     embed_all_references,
@@ -21,7 +21,7 @@ from pipeline.dnc.score import (
     score_images,
     score_images_one_by_one,
 )
-from pipeline.dnc.scoring import COUNT_MISMATCH, PHOTO_QUERY, get_mode, reference_gram
+from pipeline.dnc.metric import COUNT_MISMATCH, PHOTO_QUERY, get_mode, reference_gram
 
 RED, BLUE = (200, 40, 40), (40, 40, 200)
 

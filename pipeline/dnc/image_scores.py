@@ -1,4 +1,4 @@
-"""Image-level Detect-and-Compare: detect, crop, embed, then the pure maths of ``pipeline.dnc.scoring``.
+"""Image-level Detect-and-Compare: detect, crop, embed, then the pure maths of ``pipeline.dnc.metric``.
 
 Batching is where the time goes: the detector runs once per batch of images and distinct query set (modes that
 send the same queries share one detection; NMS for the default mode is applied afterwards to the raw detections),
@@ -18,7 +18,7 @@ from PIL import Image
 
 from pipeline.dnc.detect import Box, BoxDetection, Detector, crop_to_square
 from pipeline.dnc.embed import Embedder
-from pipeline.dnc.scoring import DncMode, DncResult, dnc_from_similarities, get_mode, reference_gram
+from pipeline.dnc.metric import DncMode, DncResult, dnc_from_similarities, get_mode, reference_gram
 from pipeline.errors import CastloraError
 from pipeline.images import to_rgb
 from pipeline.segment.boxes import nms

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from pipeline.errors import CastloraError
-from pipeline.iteration import (
+from pipeline.iteration_rules import (
     STOP_DISTANCE,
     STOP_MAX_ROUNDS,
     STOP_NO_IMPROVEMENT,

@@ -1,4 +1,4 @@
-"""pipeline.remote against a real moto S3 server: key safety, publish/fetch, marker written last, retries."""
+"""pipeline.storage.remote against a real moto S3 server: key safety, publish/fetch, marker written last, retries."""
 
 import json
 
@@ -6,8 +6,8 @@ import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
 
 from pipeline.errors import PairKeyError, StorageError
-from pipeline.hashing import sha256_file
-from pipeline.remote import MARKER_NAME, RetryPolicy, S3Location, S3Store, boto3_client_factory, s3_key
+from pipeline.storage.hashing import sha256_file
+from pipeline.storage.remote import MARKER_NAME, RetryPolicy, S3Location, S3Store, boto3_client_factory, s3_key
 from tests.servers.s3 import TEST_ACCESS_KEY, TEST_SECRET_KEY, free_port
 
 

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 from pipeline.errors import CastloraError
-from pipeline.manifest import read_manifest, write_manifest
-from pipeline.paths import PAIR_SPEC_FILE
+from pipeline.storage.manifest import read_manifest, write_manifest
+from pipeline.storage.paths import PAIR_SPEC_FILE
 
 
 def _frame(pair: Path, outside: Path) -> pd.DataFrame:

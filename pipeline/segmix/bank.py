@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.images import mask_to_image, save_png
-from pipeline.segmix import (
+from pipeline.segmix.compose import (
     DEFAULT_CONFIG,
     Composite,
     PreparedSubject,

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.dnc.scoring import MODES, l2_normalize
+from pipeline.dnc.metric import MODES, l2_normalize
 from pipeline.errors import CastloraError
 
 STOP_DISTANCE = "distance"

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.hashing import sha256_file
 from pipeline.images import load_mask
-from pipeline.segmix import SegMixConfig, SegMixError, SegMixSubject, compose, config_hash
-from pipeline.segmix_bank import entry_seed, plan_bank, render_bank, write_bank_entry
+from pipeline.segmix.bank import entry_seed, plan_bank, render_bank, write_bank_entry
+from pipeline.segmix.compose import SegMixConfig, SegMixError, SegMixSubject, compose, config_hash
+from pipeline.storage.hashing import sha256_file
 
 CONFIG = SegMixConfig(canvas=(192, 192))
 

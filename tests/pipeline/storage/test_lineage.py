@@ -1,7 +1,7 @@
 import duckdb
 import pandas as pd
 
-from pipeline.lineage import LINEAGE_SCHEMA, LineageRecorder, ancestors, read_lineage
+from pipeline.storage.lineage import LINEAGE_SCHEMA, LineageRecorder, ancestors, read_lineage
 
 
 def _write(tmp_path, asset, rows, run="r1"):

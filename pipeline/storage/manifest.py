@@ -1,7 +1,7 @@
 """Stage manifests: one Parquet table per stage and pair, the single source of truth for later stages.
 
 Columns named ``path``, ``*_path`` (a file) or ``*_paths`` (a list of files) hold artifact paths. Inside a
-registered pair folder they are stored relative to the manifest's folder (``pipeline.stored_paths``), so the
+registered pair folder they are stored relative to the manifest's folder (``pipeline.storage.stored_paths``), so the
 data home can move; ``read_manifest`` returns them absolute. Read manifests with it, not ``pd.read_parquet``.
 """
 
@@ -16,8 +16,8 @@ import pandas as pd
 import pyarrow as pa
 
 from pipeline.errors import CastloraError
-from pipeline.lineage import write_parquet_atomic
-from pipeline.stored_paths import loaded_path, pair_folder_of, stored_path
+from pipeline.storage.lineage import write_parquet_atomic
+from pipeline.storage.stored_paths import loaded_path, pair_folder_of, stored_path
 
 MANIFEST_NAME = "manifest.parquet"
 

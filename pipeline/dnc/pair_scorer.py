@@ -13,7 +13,7 @@ from PIL import Image
 
 from pipeline.dnc.detect import Box, Detector, LayoutDetector, OwlDetector
 from pipeline.dnc.embed import EMBEDDER_NAMES, Embedder, load_embedders
-from pipeline.dnc.score import (
+from pipeline.dnc.image_scores import (
     DEFAULT_MODES,
     SubjectReferences,
     embed_all_references,

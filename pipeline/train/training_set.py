@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline.errors import CastloraError
-from pipeline.manifest import read_manifest
 from pipeline.stages.segments import USABLE
+from pipeline.storage.manifest import read_manifest
 from pipeline.train.data import INSTANCE, PRIOR, PRIOR_SEGMIX, SEGMIX, TrainingSample
 
 

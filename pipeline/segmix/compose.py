@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.errors import CastloraError
-from pipeline.hashing import sha256_json
+from pipeline.storage.hashing import sha256_json
 
 # MuDI's constants at its 1024-px canvas, kept as fractions so other resolutions scale with them.
 _MUDI_CANVAS = 1024

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from pipeline.errors import CastloraError
-from pipeline.segmix import (
+from pipeline.segmix.compose import (
     SegMixConfig,
     SegMixError,
     SegMixSubject,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.dnc.scoring import (
+from pipeline.dnc.metric import (
     COUNT_MISMATCH,
     MODES,
     dnc_from_similarities,
