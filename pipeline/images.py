@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from pipeline.storage.atomic import atomic_path
 from pipeline.storage.hashing import sha256_bytes, sha256_file
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
@@ -210,10 +211,8 @@ def intake_photos(sources: Iterable[str | Path], config: IntakeConfig) -> Intake
 
 def save_png(image: Image.Image, path: Path) -> str:
     """Write ``image`` as PNG (atomically) and return the file's SHA-256."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    image.save(tmp, format="PNG")
-    tmp.replace(path)
+    with atomic_path(path) as temporary:
+        image.save(temporary, format="PNG")
     return sha256_file(path)
 
 

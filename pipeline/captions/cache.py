@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from pipeline.storage.atomic import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +50,6 @@ class CaptionCache:
 
     def put(self, key: str, raw_caption: str, meta: dict[str, Any]) -> None:
         path = self.path_for(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
         entry = {"key": key, "raw_caption": raw_caption, "meta": meta, "created_unix": time.time()}
         payload = json.dumps(entry, indent=2, sort_keys=True, default=str, ensure_ascii=False)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{key[:12]}-", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(payload + "\n")
-            os.replace(tmp_name, path)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
+        write_text_atomic(payload + "\n", path)

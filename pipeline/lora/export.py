@@ -15,10 +15,7 @@ Both files are written atomically (temporary name in the target directory, then 
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +35,7 @@ from pipeline.lora.adapters import (
     text_encoder_lora_state_dict,
     unet_lora_state_dict,
 )
+from pipeline.storage.atomic import atomic_path
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHT_NAME = "lora_kohya_sgm.safetensors"
@@ -160,17 +158,11 @@ def save_diffusers_lora(
             layers[f"{name}_lora_layers"] = {key: value.detach().contiguous() for key, value in state.items()}
             layers[f"{name}_lora_adapter_metadata"] = _adapter_metadata(spec, targets)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tmp-lora-", dir=out_dir))
-    try:
-        StableDiffusionXLPipeline.save_lora_weights(staging, weight_name=DIFFUSERS_WEIGHT_NAME, **layers)
-        written = staging / DIFFUSERS_WEIGHT_NAME
+    target = out_dir / DIFFUSERS_WEIGHT_NAME
+    with atomic_path(target) as temporary:
+        StableDiffusionXLPipeline.save_lora_weights(temporary.parent, weight_name=temporary.name, **layers)
         if extra:
-            _add_header_metadata(written, extra)
-        target = out_dir / DIFFUSERS_WEIGHT_NAME
-        os.replace(written, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            _add_header_metadata(temporary, extra)
     return target
 
 
@@ -327,15 +319,8 @@ def save_kohya_lora(path: Path, state: Mapping[str, torch.Tensor], metadata: Map
     (taken from the weights unless ``metadata`` sets them)."""
     path = Path(path)
     header = {"format": "pt", **_kohya_network_header(state), **_string_metadata(metadata, path.name)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        save_file({key: value.detach().contiguous() for key, value in state.items()}, temporary, metadata=header)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as temporary:
+        save_file({key: value.detach().contiguous() for key, value in state.items()}, str(temporary), metadata=header)
     return path
 
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import importlib
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 from pipeline.errors import ModelLoadError
+from pipeline.storage.atomic import atomic_dir
 
 TINY_PREFIX = "tiny:"
 TINY_VERSION = "2"
@@ -41,17 +40,9 @@ def ensure_tiny(name: str, cache_root: Path) -> Path:
         return target
     module_name, function_name = TINY_BUILDERS[name].split(":")
     builder: Callable[[Path], None] = getattr(importlib.import_module(module_name), function_name)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".build-{name}-", dir=target.parent))
-    try:
+    with atomic_dir(target) as staging:
         builder(staging)
         (staging / ".complete").write_text("ok\n")
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
 
 

@@ -8,7 +8,6 @@ records its own key, checked on read, so a misplaced file is recomputed instead 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from pipeline.errors import CastloraError
 from pipeline.images import load_mask, to_rgb
 from pipeline.models.latents import encode_to_model_latents
+from pipeline.storage.atomic import atomic_path
 from pipeline.storage.hashing import sha256_bytes, sha256_file, sha256_json
 from pipeline.train.data import TrainingSample
 
@@ -93,10 +93,8 @@ def load_training_mask(path: str | Path, resolution: int, latent_side: int) -> t
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, key: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(temp), metadata={"key": key})
-    os.replace(temp, path)  # concurrent writers (DDP ranks) each replace with identical content
+    with atomic_path(path) as temporary:  # concurrent writers (DDP ranks) each replace with identical content
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(temporary), metadata={"key": key})
 
 
 def _read_entry(path: Path, key: str) -> dict[str, torch.Tensor] | None:

@@ -10,7 +10,6 @@ and a fingerprint of what determines the result; a checkpoint that fails either 
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pipeline.errors import CheckpointError
+from pipeline.storage.atomic import atomic_dir
 from pipeline.storage.hashing import sha256_file, sha256_json
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -98,31 +98,27 @@ def save_checkpoint(out_dir: Path, state: TrainingState, fingerprint_fields: dic
     root = checkpoints_root(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{_PREFIX}{state.step:06d}"
-    temp = root / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(temp, ignore_errors=True)
-    temp.mkdir()
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.lora.items()}, str(temp / LORA_FILE))
-    torch.save(state.optimizer, temp / OPTIMIZER_FILE)
-    trainer = {
-        "step": state.step,
-        "scheduler": state.scheduler,
-        "rng": state.rng,
-        "losses": [list(x) for x in state.losses],
-        "scaler": state.scaler,
-    }
-    torch.save(trainer, temp / TRAINER_FILE)
-    files = {name: sha256_file(temp / name) for name in (LORA_FILE, OPTIMIZER_FILE, TRAINER_FILE)}
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "step": state.step,
-        "fingerprint": sha256_json(fingerprint_fields),
-        "fingerprint_fields": fingerprint_fields,
-        "files": files,
-    }
-    (temp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str), encoding="utf-8")
-    if final.exists():  # re-saving the same step (e.g. a resumed run that ends where it started)
-        shutil.rmtree(final)
-    os.replace(temp, final)
+    # Re-saving the same step (a resumed run that ends where it started) replaces that checkpoint.
+    with atomic_dir(final) as temp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.lora.items()}, str(temp / LORA_FILE))
+        torch.save(state.optimizer, temp / OPTIMIZER_FILE)
+        trainer = {
+            "step": state.step,
+            "scheduler": state.scheduler,
+            "rng": state.rng,
+            "losses": [list(x) for x in state.losses],
+            "scaler": state.scaler,
+        }
+        torch.save(trainer, temp / TRAINER_FILE)
+        files = {name: sha256_file(temp / name) for name in (LORA_FILE, OPTIMIZER_FILE, TRAINER_FILE)}
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "step": state.step,
+            "fingerprint": sha256_json(fingerprint_fields),
+            "fingerprint_fields": fingerprint_fields,
+            "files": files,
+        }
+        (temp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str), encoding="utf-8")
     for _, old in list_checkpoints(out_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
