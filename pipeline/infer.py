@@ -5,7 +5,9 @@ layout image (a Seg-Mix composite of the characters' cut-outs, or a user-given a
 mask at latent size, so the model starts from a coarse picture of who stands where and is less likely to drop or
 merge a character.
 
-Two details decide whether this matches the paper and diffusers:
+Everything that depends on the base model comes from its family (docs/design.md#model-families): the latent
+grid (channels, downsampling factor, dtype), the pixel → latent map shared with training, and the pipeline call
+that takes the initial latent. Two details decide whether this matches the paper and diffusers:
 
 - diffusers multiplies latents passed through ``latents=`` by ``scheduler.init_noise_sigma`` (about 14.6 for
   SDXL's Euler scheduler, 1.0 for DDIM). The latents built here are therefore **unscaled**; scaling them here as
@@ -28,8 +30,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from pipeline.errors import CastloraError
+from pipeline.families import RenderRequest, family_for
 from pipeline.images import to_rgb
-from pipeline.models.latents import encode_to_model_latents
 from pipeline.segmix.compose import join_phrases
 
 DEFAULT_NEGATIVE = "sticker, collage"
@@ -159,14 +161,8 @@ def _execution_device(pipe: Any) -> torch.device:
     return torch.device(getattr(pipe, "_execution_device", None) or getattr(pipe, "device", "cpu"))
 
 
-def _latent_dtype(pipe: Any) -> torch.dtype:
-    """The dtype SDXL's prepare_latents draws noise in: that of the prompt embeddings."""
-    encoder = getattr(pipe, "text_encoder_2", None)
-    return encoder.dtype if encoder is not None else pipe.unet.dtype
-
-
 def _check_size(pipe: Any, height: int, width: int) -> int:
-    factor = int(pipe.vae_scale_factor)
+    factor = family_for(pipe).downsampling_factor(pipe)
     if height <= 0 or width <= 0 or height % factor or width % factor:
         raise CastloraError(
             f"Image size {width}x{height} must be positive multiples of the VAE's downsampling factor {factor}."
@@ -183,17 +179,18 @@ def encode_layout(
     width: int,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """VAE latent ``z`` (1, C, h, w) and mask ``M`` (1, 1, h, w) of a layout, at latent size h = height / 8.
+    """VAE latent ``z`` (1, C, h, w) and mask ``M`` (1, 1, h, w) of a layout, at latent size h = height / f (f the
+    family's downsampling factor, 8 for SDXL).
 
-    ``z`` is ``vae.encode(x).latent_dist.mean`` normalised by ``pipeline.models.latents.to_model_latents`` (the
-    inverse of the pipeline's decode: ``scaling_factor``, and latents_mean/std or shift_factor when the VAE config
-    has them), the same function the training latent cache uses, with ``x`` the composite resized to (width,
-    height) in [-1, 1]. The mean, not a sample, is used, so ``generator`` is accepted for API symmetry and not
-    consumed: the encoding is deterministic and the only randomness of a sample is its ε. The VAE runs in float32
-    (SDXL's VAE overflows in float16) and is put back in its dtype afterwards.
+    ``z`` is the family's ``encode_pixels`` of ``x``, the composite resized to (width, height) in [-1, 1]: the
+    same function the training latent cache uses (for SDXL ``vae.encode(x).latent_dist.mean`` normalised by
+    ``pipeline.models.latents.to_model_latents``, the inverse of the pipeline's decode). The mean, not a sample,
+    is used, so ``generator`` is accepted for API symmetry and not consumed: the encoding is deterministic and the
+    only randomness of a sample is its ε. The VAE runs in float32 (SDXL's VAE overflows in float16) and is put
+    back in its dtype afterwards.
 
     ``M``: the union mask's area fraction per latent cell (area interpolation), thresholded at 0.5, as float
-    {0, 1}: a cell counts as subject when most of its 8x8 pixels are.
+    {0, 1}: a cell counts as subject when most of its f x f pixels are.
     """
     del generator  # see docstring: encoding uses the distribution's mean
     factor = _check_size(pipe, height, width)
@@ -206,7 +203,7 @@ def encode_layout(
     device = _execution_device(pipe)
     rgb = to_rgb(composite_image).resize((width, height), Image.Resampling.BICUBIC)
     pixels = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
-    latents = encode_to_model_latents(pipe.vae, pixels, device)
+    latents = family_for(pipe).encode_pixels(pipe, pixels, device)
 
     mask_tensor = torch.from_numpy(mask.astype(np.float32))[None, None]
     fraction = F.interpolate(mask_tensor, size=(height // factor, width // factor), mode="area")
@@ -224,19 +221,20 @@ def mudi_initial_latents(
 ) -> torch.Tensor:
     """UNSCALED ``ε + γ · M ⊙ z`` to pass as ``latents=``; the pipeline multiplies it by init_noise_sigma.
 
-    ε comes from ``randn_tensor`` with the shape, dtype, device and generator SDXL's ``prepare_latents`` would
-    use, so ``gamma=0`` returns exactly the pipeline's own noise. The shift is computed in float32 and the sum
-    cast to the pipeline's latent dtype.
+    ε comes from ``randn_tensor`` with the shape, dtype, device and generator the family's pipeline would use
+    (SDXL's ``prepare_latents``), so ``gamma=0`` returns exactly the pipeline's own noise. The shift is computed
+    in float32 and the sum cast to the pipeline's latent dtype.
     """
     check_gamma(gamma, "gamma")
-    channels = int(pipe.unet.config.in_channels)
+    family = family_for(pipe)
+    channels = family.latent_channels(pipe)
     if layout_latents.ndim != 4 or layout_latents.shape[1] != channels:
         raise CastloraError(
-            f"Layout latents have shape {tuple(layout_latents.shape)}; the U-Net expects (1, {channels}, h, w). "
+            f"Layout latents have shape {tuple(layout_latents.shape)}; the model expects (1, {channels}, h, w). "
             "Encode the layout with encode_layout for this pipeline."
         )
     shape = (batch_size, channels, layout_latents.shape[2], layout_latents.shape[3])
-    dtype = _latent_dtype(pipe)
+    dtype = family.latent_dtype(pipe)
     device = _execution_device(pipe)
     noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
     if gamma == 0:
@@ -271,9 +269,10 @@ def generate(
     """Render each request, in order, yielding ``(request, image)``.
 
     Each image has its own generator seeded with ``request.seed`` and is rendered alone (batch 1), so it depends
-    only on its own request, never on batch order or neighbours. The LoRA scale goes through
-    ``cross_attention_kwargs={"scale": s}``, which SDXL applies to the U-Net's and text encoders' PEFT layers. The
-    layout is encoded once and shared by all requests that use MuDI init.
+    only on its own request, never on batch order or neighbours. The family's ``render`` runs its pipeline from
+    the initial latent and applies the LoRA scale (SDXL: ``cross_attention_kwargs={"scale": s}``, which reaches
+    the U-Net's and text encoders' PEFT layers). The layout is encoded once and shared by all requests that use
+    MuDI init.
     """
     _check_size(pipe, height, width)
     if steps < 1:
@@ -285,6 +284,7 @@ def generate(
             "Layout (Seg-Mix composite or layout_from_boxes) or set gamma=None for plain noise."
         )
     device = _execution_device(pipe)
+    family = family_for(pipe)
     encoded: tuple[torch.Tensor, torch.Tensor] | None = None
     for request in requests:
         generator = torch.Generator(device=device).manual_seed(request.seed)
@@ -293,16 +293,15 @@ def generate(
             if encoded is None:
                 encoded = encode_layout(pipe, layout.image, layout.union_mask, height, width)
             latents = mudi_initial_latents(pipe, encoded[0], encoded[1], request.gamma, generator)
-        output = pipe(
+        render = RenderRequest(
             prompt=request.prompt,
             negative_prompt=request.negative_prompt,
             height=height,
             width=width,
-            num_inference_steps=steps,
+            steps=steps,
             guidance_scale=guidance_scale,
             generator=generator,
-            latents=latents,
-            cross_attention_kwargs={"scale": float(request.lora_scale)},
-            output_type="pil",
+            lora_scale=float(request.lora_scale),
+            initial_latents=latents,
         )
-        yield request, output.images[0]
+        yield request, family.render(pipe, render)

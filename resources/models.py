@@ -120,7 +120,7 @@ class ModelResource(dg.ConfigurableResource):
         )
 
     def base_pipeline_factory(self, cache_root: Path) -> Callable[[], Any]:
-        from pipeline.models.sdxl import load_base_pipeline
+        from pipeline.families import load_base_pipeline
 
         spec = self.base_model_spec()
         return lambda: load_base_pipeline(spec, cache_root)

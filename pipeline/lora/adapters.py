@@ -1,5 +1,5 @@
 """Attach PEFT LoRA adapters to the SDXL U-Net and CLIP text encoders, switch and remove them, and read their
-weights back.
+weights back and load them in (the SDXL family's LoRA handling, docs/design.md#model-families).
 
 Adapters are attached with PEFT's own ``inject_adapter_in_model`` for every model, never through the
 ``add_adapter``/``set_adapter`` methods that diffusers and transformers wrap around it: transformers gates its
@@ -14,12 +14,14 @@ what ``save_lora_weights`` writes and what the kohya/SGM converter in ``export.p
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from diffusers.utils import convert_state_dict_to_diffusers
 from diffusers.utils.peft_utils import delete_adapter_layers
-from peft import LoraConfig, inject_adapter_in_model
+from diffusers.utils.state_dict_utils import StateDictType
+from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 
@@ -185,3 +187,68 @@ def text_encoder_lora_state_dict(
         canonical_clip_key(key): value
         for key, value in _diffusers_state(text_encoder, adapter_name, "lora_linear_layer").items()
     }
+
+
+def check_lora_state_matches(
+    expected: dict[str, tuple[int, ...]], state: Mapping[str, torch.Tensor], part: str
+) -> None:
+    """``state`` has exactly the tensor names and shapes of the adapter it is loaded into (``expected``); a
+    different target set (names) or rank (shapes) is refused, naming the first difference."""
+    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or extra:
+        raise LoraError(
+            f"init_lora does not match this training config's {part} ({len(missing)} tensors missing, e.g. "
+            f"{missing[:2]}; {len(extra)} unexpected, e.g. {extra[:2]}): train with the targets of the run that "
+            "produced init_lora."
+        )
+    for key, shape in expected.items():
+        if tuple(state[key].shape) != shape:
+            raise LoraError(
+                f"init_lora tensor {key} has shape {tuple(state[key].shape)} but this config's {part} needs {shape}: "
+                "set rank (and alpha) to those of the run that produced init_lora."
+            )
+
+
+def _unet_file_key(peft_key: str) -> str:
+    """``unet_lora_state_dict``'s name for a PEFT key without adapter name (``….to_q.lora_A.weight``)."""
+    (key,) = convert_state_dict_to_diffusers({peft_key: None}, original_type=StateDictType.PEFT)
+    key = key.replace(".lora_A.weight", ".lora.down.weight").replace(".lora_B.weight", ".lora.up.weight")
+    return f"unet.{key}"
+
+
+def load_unet_lora(unet: torch.nn.Module, state: Mapping[str, torch.Tensor], adapter_name: str) -> None:
+    """Copy ``state`` (``unet_lora_state_dict`` format) into the U-Net adapter ``adapter_name``.
+
+    The adapter was built from the training config, so a different rank (tensor shapes) or target set (names)
+    is refused here. Alpha is not stored in the state dict: the caller must pass the round's own alpha.
+    """
+    suffix = f".{adapter_name}.weight"
+    params = {
+        _unet_file_key(name[: -len(suffix)] + ".weight"): param
+        for name, param in unet.named_parameters()
+        if name.endswith(suffix) and (".lora_A." in name or ".lora_B." in name)
+    }
+    check_lora_state_matches({k: tuple(p.shape) for k, p in params.items()}, state, "U-Net LoRA")
+    with torch.no_grad():
+        for key, param in params.items():
+            param.copy_(state[key].to(param.device, param.dtype))
+
+
+def load_text_encoder_lora(encoder: torch.nn.Module, state: Mapping[str, torch.Tensor], adapter_name: str) -> None:
+    """Copy ``state`` (``text_encoder_lora_state_dict`` naming) into the encoder's adapter ``adapter_name``.
+
+    The names are matched through PEFT's own state dict of that adapter (the export renames each of its keys in
+    order), so this works however the adapter was attached; a different rank or target set is refused.
+    """
+    peft_state = get_peft_model_state_dict(encoder, adapter_name=adapter_name)
+    exported = text_encoder_lora_state_dict(encoder, adapter_name)
+    if len(exported) != len(peft_state):
+        raise LoraError(f"Internal error: {len(exported)} exported names for {len(peft_state)} LoRA tensors.")
+    peft_key = dict(zip(exported, peft_state, strict=True))
+    check_lora_state_matches({k: tuple(v.shape) for k, v in exported.items()}, state, "text-encoder LoRA")
+    with torch.no_grad():
+        converted = {peft_key[k]: v.to(peft_state[peft_key[k]].dtype) for k, v in state.items()}
+        result = set_peft_model_state_dict(encoder, converted, adapter_name=adapter_name)
+    unexpected = getattr(result, "unexpected_keys", None) or []
+    if unexpected:
+        raise LoraError(f"Loading init_lora into the text encoder left unexpected keys {unexpected[:2]}.")

@@ -21,3 +21,9 @@ def to_device(inputs: Mapping[str, Any], device: torch.device | str, dtype: torc
             value = value.to(device, dtype) if value.is_floating_point() else value.to(device)
         moved[key] = value
     return moved
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    """Where ``module``'s weights are (its first parameter's device; CPU for a module without any)."""
+    first = next(module.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")

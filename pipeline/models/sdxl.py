@@ -1,19 +1,17 @@
-"""Load the base text-to-image model (SDXL today) from a preset reference.
+"""The base-model reference (``BaseModelSpec``) and the SDXL pipeline loader.
 
-Callers go through ``load_base_pipeline`` and a ``BaseModelSpec``; the family registry ``FAMILIES`` maps a
-family name to its loader, so another family (e.g. a flow-matching DiT) is one new entry here and no
-change in assets or resources.
+Callers load through ``pipeline.families.load_base_pipeline``, which hands the spec to the loader of the family
+it names (docs/design.md#model-families); ``load_sdxl_pipeline`` here is the SDXL family's.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 
 from pipeline.errors import CastloraError, ModelLoadError
 from pipeline.models.loading import load_pretrained, resolve_model
@@ -30,7 +28,7 @@ class BaseModelSpec:
     source: str
     """``tiny:sdxl``, a local diffusers directory (with model_index.json) or a hub id in the local cache."""
     family: str = "sdxl"
-    """Key of ``FAMILIES``: which loader understands ``source``."""
+    """Key of ``pipeline.families.FAMILIES``: which family loads ``source``."""
     vae_source: str | None = None
     """Replacement VAE (directory or id), e.g. ``madebyollin/sdxl-vae-fp16-fix``: SDXL's own VAE overflows
     in float16."""
@@ -94,17 +92,3 @@ def load_sdxl_pipeline(spec: BaseModelSpec, cache_root: Path) -> StableDiffusion
         raise ModelLoadError(f"{what}: cannot move the pipeline to device {spec.device!r}: {exc}.") from exc
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-FAMILIES: dict[str, Callable[[BaseModelSpec, Path], DiffusionPipeline]] = {
-    "sdxl": load_sdxl_pipeline,
-}
-
-
-def load_base_pipeline(spec: BaseModelSpec, cache_root: Path) -> DiffusionPipeline:
-    """Load ``spec`` with its family's loader: on ``spec.device`` in ``spec.dtype``, progress bars off."""
-    try:
-        loader = FAMILIES[spec.family]
-    except KeyError:
-        raise CastloraError(f"Unknown base model family {spec.family!r}; known families: {sorted(FAMILIES)}.") from None
-    return loader(spec, Path(cache_root))

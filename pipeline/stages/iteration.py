@@ -44,8 +44,8 @@ from pipeline.storage.lineage import LineageRecorder
 from pipeline.storage.manifest import read_manifest, write_manifest
 from pipeline.train import TrainConfig, TrainingSample
 from pipeline.train.data import INSTANCE
-from pipeline.train.loop import _check_mixed_precision
 from pipeline.train.preference import check_preference_config
+from pipeline.train.runtime import check_mixed_precision
 
 _STOP_ONLY_FIELDS = frozenset({"max_rounds", "convergence", "d_conv"})
 SUMMARY_FILE = "summary.json"
@@ -168,7 +168,7 @@ def round_training(base: TrainConfig, config: IterationConfig) -> RoundTraining:
         )
     except CastloraError as exc:
         raise CastloraError(f"The iteration's training settings are invalid: {exc}") from exc
-    _check_mixed_precision(fine_tune)
+    check_mixed_precision(fine_tune)
     if preference is not None:
         if preference.train_text_encoder:
             raise CastloraError(

@@ -19,12 +19,12 @@ from PIL import Image
 from pipeline.errors import CastloraError
 from pipeline.infer import SampleRequest, generate
 from pipeline.lora import LoraSpec, export_lora
+from pipeline.lora.training import lora_state_hash
 from pipeline.storage.atomic import write_json_atomic
 from pipeline.storage.hashing import sha256_file, sha256_json
 from pipeline.storage.lineage import LineageRecorder
 from pipeline.storage.stored_paths import load_paths, store_paths
 from pipeline.train import TrainConfig, TrainingSample, TrainResult, train_lora, train_preference
-from pipeline.train.loop import lora_state_hash
 
 CURRENT_FILE = "current.json"
 LORA_FILE_KINDS = ("diffusers", "kohya")  # the keys of a LoRA record (``as_current``) that are file paths

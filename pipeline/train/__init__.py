@@ -1,4 +1,5 @@
-"""DreamBooth-LoRA training for SDXL: config, content-keyed caches, data plan, resumable loop, Diffusion-DPO."""
+"""DreamBooth-LoRA training for any model family (docs/design.md#model-families): config, content-keyed caches,
+data plan, trainer and its resumable loop, losses, runtime, Diffusion-DPO."""
 
 from pipeline.train.config import TrainConfig
 from pipeline.train.data import TrainingSample

@@ -1,4 +1,5 @@
-"""Content-addressed caches of VAE latents and SDXL text embeddings, built once before training.
+"""Content-addressed caches of model latents and prompt embeddings, built once before training through the
+model family's encoders (docs/design.md#model-families).
 
 Every entry is keyed by *what it was computed from* (image bytes' SHA-256 + resolution + VAE identity;
 prompt text + text-encoder identity), never by a dataloader index or step: diffusers' ``--cache_latents``
@@ -8,7 +9,7 @@ records its own key, checked on read, so a misplaced file is recomputed instead 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,38 +20,18 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from pipeline.errors import CastloraError
+from pipeline.families import family_for
 from pipeline.images import load_mask, to_rgb
+from pipeline.models.identity import module_identity
+from pipeline.models.inputs import module_device
 from pipeline.models.latents import encode_to_model_latents
 from pipeline.storage.atomic import atomic_path
-from pipeline.storage.hashing import sha256_bytes, sha256_file, sha256_json
+from pipeline.storage.hashing import sha256_file, sha256_json
 from pipeline.train.data import TrainingSample
 
 ENCODE_BATCH = 8
 """Images per VAE encode on CUDA. On CPU batching buys no speed but multiplies the encoder's activation memory
 (tiny SDXL at 1024 px, 5 photos: peak RSS 2451 MiB batched vs 1659 MiB one at a time), so CPU encodes one by one."""
-
-
-def module_identity(*modules: torch.nn.Module) -> str:
-    """A cheap identity of frozen modules: class, config and the bytes of their first and last parameter.
-
-    Hashing every weight of SDXL's text encoders would cost seconds per run; the probe tensors change with
-    any retraining or different checkpoint, and the config catches architecture changes.
-    """
-    parts = []
-    for module in modules:
-        params = list(module.parameters())
-        probes = [params[0], params[-1]] if params else []
-        config = getattr(module, "config", None)
-        config_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
-        config_dict = {k: v for k, v in config_dict.items() if not k.startswith("_")}  # drops name_or_path, version
-        parts.append(
-            {
-                "class": type(module).__name__,
-                "config": config_dict,
-                "probes": [sha256_bytes(p.detach().float().cpu().numpy().tobytes()) for p in probes],
-            }
-        )
-    return sha256_json(parts)
 
 
 def _center_crop_geometry(width: int, height: int, resolution: int) -> tuple[int, int, int, int]:
@@ -124,7 +105,7 @@ LATENT_CACHE_FORMAT = 2
 @dataclass(frozen=True)
 class CachedLatent:
     latent: torch.Tensor
-    """(4, h, w) float32 model latents (``pipeline.models.latents.to_model_latents``)."""
+    """(C, h, w) float32 model latents (``ModelFamily.encode_pixels``; C = 4 for SDXL)."""
     original_size: tuple[int, int]
     """(height, width) of the source image."""
     crop_top_left: tuple[int, int] = (0, 0)
@@ -134,9 +115,9 @@ class CachedLatent:
 @dataclass(frozen=True)
 class CachedText:
     prompt_embeds: torch.Tensor
-    """(77, D1 + D2): penultimate hidden states of both text encoders, concatenated."""
+    """(L, D) token embeddings (SDXL: (77, D1 + D2), both text encoders' penultimate hidden states)."""
     pooled: torch.Tensor
-    """(D2,): text encoder 2's projected pooled output."""
+    """(P,) pooled embedding (SDXL: text encoder 2's projected pooled output)."""
 
 
 @dataclass
@@ -205,9 +186,16 @@ def encode_images(vae: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
 
 
 def build_latent_cache(
-    vae: torch.nn.Module, samples: Sequence[TrainingSample], resolution: int, cache_dir: Path
+    vae: torch.nn.Module,
+    samples: Sequence[TrainingSample],
+    resolution: int,
+    cache_dir: Path,
+    encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[dict[str, CachedLatent], CacheStats]:
-    """Latents for every distinct image of ``samples``, by sample id; encodes only what the cache lacks."""
+    """Latents for every distinct image of ``samples``, by sample id; encodes only what the cache lacks.
+
+    ``encode`` maps pixels to model latents: the family's ``encode_pixels`` bound to its pipeline (the trainer
+    passes it); without it, ``vae``'s normalised latents (``encode_images``). ``vae`` keys the entries."""
     cache = LatentCache(Path(cache_dir), module_identity(vae), resolution)
     by_id = {s.sample_id: s for s in samples}
     result: dict[str, CachedLatent] = {}
@@ -231,7 +219,8 @@ def build_latent_cache(
                     f"says {sample.sample_id[:12]}…): re-materialize the stage that wrote it."
                 )
             loaded.append(load_training_image(sample.image_path, resolution))
-        latents = encode_images(vae, torch.stack([pixels for pixels, _ in loaded]))
+        pixels = torch.stack([pixels for pixels, _ in loaded])
+        latents = encode_images(vae, pixels) if encode is None else encode(pixels).cpu()
         for sample, latent, (_, original) in zip(chunk, latents, loaded, strict=True):
             entry = CachedLatent(latent.clone(), original, center_crop_top_left(original, resolution))
             cache.put(sample.sample_id, entry)
@@ -240,22 +229,15 @@ def build_latent_cache(
 
 
 def encode_prompts(pipe, prompts: Sequence[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """SDXL conditioning for ``prompts`` exactly as the pipeline computes it at inference (no CFG)."""
-    prompt_embeds, _, pooled, _ = pipe.encode_prompt(
-        prompt=list(prompts), device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
-    )
-    return prompt_embeds, pooled
-
-
-def text_encoders_identity(pipe) -> str:
-    tokenizers = [pipe.tokenizer, pipe.tokenizer_2]
-    vocab = [sha256_json(sorted(t.get_vocab().items())) for t in tokenizers if t is not None]
-    return sha256_json({"modules": module_identity(pipe.text_encoder, pipe.text_encoder_2), "tokenizers": vocab})
+    """(token embeddings, pooled embeddings) of ``prompts`` exactly as ``pipe``'s family computes them at
+    inference (no CFG)."""
+    return family_for(pipe).encode_prompts(pipe, prompts, device)
 
 
 def build_text_cache(pipe, prompts: Iterable[str], cache_dir: Path) -> tuple[dict[str, CachedText], CacheStats]:
     """Embeddings of every distinct prompt, by prompt text; encodes only what the cache lacks."""
-    cache = TextCache(Path(cache_dir), text_encoders_identity(pipe))
+    family = family_for(pipe)
+    cache = TextCache(Path(cache_dir), family.prompt_encoder_identity(pipe))
     result: dict[str, CachedText] = {}
     missing = []
     for prompt in sorted(set(prompts)):
@@ -265,10 +247,10 @@ def build_text_cache(pipe, prompts: Iterable[str], cache_dir: Path) -> tuple[dic
         else:
             result[prompt] = cached
     cache.stats.hits, cache.stats.misses = len(result), len(missing)
-    device = pipe.text_encoder_2.device
+    device = module_device(family.component(pipe, family.text_encoders[-1]))
     for chunk in _batches(missing, ENCODE_BATCH):
         with torch.no_grad():
-            embeds, pooled = encode_prompts(pipe, chunk, device)
+            embeds, pooled = family.encode_prompts(pipe, chunk, device)
         for prompt, e, p in zip(chunk, embeds, pooled, strict=True):
             entry = CachedText(e.float().cpu().clone(), p.float().cpu().clone())
             cache.put(prompt, entry)

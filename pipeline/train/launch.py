@@ -33,18 +33,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.errors import CastloraError
-from pipeline.lora.adapters import LoraSpec, text_encoder_lora_state_dict
+from pipeline.families import family_for
+from pipeline.lora.adapters import LoraSpec
+from pipeline.lora.training import ADAPTER_NAME, add_fresh_lora, cpu_copy, load_trainable_state
 from pipeline.models.sdxl import BaseModelSpec
 from pipeline.train.config import TrainConfig
 from pipeline.train.data import TrainingSample
-from pipeline.train.loop import (
-    ADAPTER_NAME,
-    LogCallback,
-    TrainResult,
-    _add_lora,
-    _cpu_copy,
-    _load_trainable_state,
-)
+from pipeline.train.loop import LogCallback, TrainResult
 
 WORKER_MODULE = "pipeline.train.worker"
 LOG_PREFIX = "castlora-log "
@@ -273,14 +268,13 @@ def load_result(pipe: Any, config: TrainConfig, result_dir: Path) -> TrainResult
         )
     fields = json.loads(result_file.read_text())
     adapter = load_file(str(result_dir / ADAPTER_FILE))
-    models: dict[str, torch.nn.Module] = {"unet": pipe.unet}
-    if config.train_text_encoder:
-        models.update(text_encoder=pipe.text_encoder, text_encoder_2=pipe.text_encoder_2)
+    family = family_for(pipe)
+    models = family.lora_components(pipe, config.train_text_encoder)
     spec = LoraSpec(rank=config.rank, alpha=config.alpha, target_modules=tuple(config.targets))
     for component, model in models.items():
-        _add_lora(model, spec, component != "unet", config.seed)
+        add_fresh_lora(family, component, model, spec, config.seed)
         model.eval()
-    _load_trainable_state(models, adapter, result_dir)
+    load_trainable_state(models, adapter, result_dir)
     return TrainResult(
         steps_done=int(fields["steps_done"]),
         final_loss=fields["final_loss"],
@@ -288,9 +282,9 @@ def load_result(pipe: Any, config: TrainConfig, result_dir: Path) -> TrainResult
         lora_state=load_file(str(result_dir / LORA_STATE_FILE)),
         resumed_from=fields["resumed_from"],
         text_encoder_lora_states={
-            name: _cpu_copy(text_encoder_lora_state_dict(model, ADAPTER_NAME))
+            name: cpu_copy(family.lora_state_dict(name, model, ADAPTER_NAME))
             for name, model in models.items()
-            if name != "unet"
+            if name != family.denoiser
         },
         metrics=fields["metrics"],
     )

@@ -2,8 +2,9 @@
 
 An optional IdGlow-style preference step after a training round: given (winner, loser) images generated
 from the same prompt, make the LoRA prefer the winner more than the reference model (the starting LoRA,
-``init_lora``) does. It reuses ``train_lora``'s caches, checkpoints, resume and DDP handling; only the batch
-plan (pairs), the noise (shared within a pair) and the loss differ.
+``init_lora``) does. It is a ``pipeline.train.trainer.Trainer`` subclass, so it reuses ``train_lora``'s caches,
+checkpoints, resume and DDP handling; only the batch plan (pairs), the noise (shared within a pair) and the loss
+differ.
 
 Conventions follow the authors' code (and diffusers' research example): errors are per-element means over
 the latent, both images of a pair get the same noise and timestep, and
@@ -18,50 +19,21 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from pipeline.errors import CastloraError
+from pipeline.lora.training import ADAPTER_NAME, REFERENCE_ADAPTER
 from pipeline.storage.hashing import sha256_json
 from pipeline.train.config import TrainConfig
 from pipeline.train.data import TrainingSample
-from pipeline.train.loop import (
-    ADAPTER_NAME,
-    REFERENCE_ADAPTER,
-    LogCallback,
-    TrainResult,
-    _Batch,
-    _check_mixed_precision,
-    _make_accelerator,
-    _step_seed,
-    _Trainer,
-    fingerprint_fields,
-    per_sample_error,
-    run_trainer,
-)
+from pipeline.train.loop import LogCallback, TrainResult, fingerprint_fields, run_trainer
+from pipeline.train.losses import diffusion_dpo_loss, implicit_accuracy, per_sample_error
+from pipeline.train.runtime import check_mixed_precision, make_accelerator, step_seed
+from pipeline.train.trainer import Batch, Trainer
 
 PreferencePair = tuple[TrainingSample, TrainingSample]
 """(winner, loser): two different images generated from the same prompt."""
 
 _EVAL_SEED = 0xE7A1
-
-
-def diffusion_dpo_loss(
-    model_errors: torch.Tensor, reference_errors: torch.Tensor, beta: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Diffusion-DPO loss and per-pair margins from per-sample errors laid out (winners…, losers…).
-
-    margin = −β/2 · [(m_w − r_w) − (m_l − r_l)]: positive when the model lowers the winner's error relative
-    to the reference more than the loser's. Loss = mean(−log σ(margin)); log 2 when model == reference.
-    """
-    model_w, model_l = model_errors.float().chunk(2)
-    ref_w, ref_l = reference_errors.float().chunk(2)
-    margins = -0.5 * beta * ((model_w - ref_w) - (model_l - ref_l))
-    return -F.logsigmoid(margins).mean(), margins
-
-
-def implicit_accuracy(margins: torch.Tensor) -> torch.Tensor:
-    """Fraction of pairs where the model prefers the winner more than the reference does (ties count half)."""
-    return (margins > 0).float().mean() + 0.5 * (margins == 0).float().mean()
 
 
 def check_pairs(pairs: Sequence[PreferencePair]) -> list[PreferencePair]:
@@ -100,8 +72,8 @@ def check_preference_config(config: TrainConfig) -> None:
         raise CastloraError("Invalid config for train_preference: " + "; ".join(problems) + ".")
 
 
-class _PreferenceTrainer(_Trainer):
-    """``_Trainer`` with pairs as the data: each step draws ``batch_size`` pairs (winners then losers)."""
+class PreferenceTrainer(Trainer):
+    """``Trainer`` with pairs as the data: each step draws ``batch_size`` pairs (winners then losers)."""
 
     needs_caches_when_done = True  # final_metrics scores every pair
 
@@ -122,21 +94,20 @@ class _PreferenceTrainer(_Trainer):
         chosen = [self.pairs[i] for i in picks]
         return [w for w, _ in chosen] + [loser for _, loser in chosen], len(chosen)
 
-    def draw(self, step: int, batch: _Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._paired_noise(torch.Generator().manual_seed(_step_seed(self.config.seed, step, self.rank)), batch)
+    def draw(self, step: int, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._paired_noise(torch.Generator().manual_seed(step_seed(self.config.seed, step, self.rank)), batch)
 
-    def _paired_noise(self, generator: torch.Generator, batch: _Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _paired_noise(self, generator: torch.Generator, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """The same noise and timestep for the winner and the loser of each pair."""
         n = batch.n_instance
         noise = torch.randn(batch.latents[:n].shape, generator=generator).repeat(2, 1, 1, 1)
-        n_train = self.noise_scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, n_train, (n,), generator=generator).repeat(2)
+        timesteps = self.objective.draw_timesteps(n, generator).repeat(2)
         return noise.to(self.device), timesteps.to(self.device)
 
-    def _errors(self, batch: _Batch, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def _errors(self, batch: Batch, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return per_sample_error(pred, target, batch.masks, self.config.mask_normalization)
 
-    def loss(self, step: int, batch: _Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, step: int, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         inputs = self.inputs(batch, *self.draw(step, batch))
         reference = self.frozen_pred(inputs, self.reference_adapter)  # before the graph: it flips requires_grad
         model_errors = self._errors(batch, self.predict(inputs), inputs.target)
@@ -195,10 +166,10 @@ def train_preference(
     """
     pairs = check_pairs(pairs)
     check_preference_config(config)
-    _check_mixed_precision(config)
-    accelerator = _make_accelerator(config)
+    check_mixed_precision(config)
+    accelerator = make_accelerator(config)
     fields = fingerprint_fields(pipe, [], config, accelerator.num_processes, base_model_id, init_lora, preference=True)
     fields["samples"] = sha256_json([[w.sample_id, loser.sample_id, w.prompt] for w, loser in pairs])
     fields["objective"] = "diffusion_dpo"  # a DPO checkpoint never resumes a plain run, nor the reverse
-    trainer = _PreferenceTrainer(pipe, pairs, config, accelerator, init_lora)
+    trainer = PreferenceTrainer(pipe, pairs, config, accelerator, init_lora)
     return run_trainer(trainer, fields, Path(out_dir), Path(cache_dir), on_log, should_stop)

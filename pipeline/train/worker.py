@@ -18,12 +18,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.errors import CastloraError
-from pipeline.models.sdxl import BaseModelSpec, load_base_pipeline
+from pipeline.families import family_for, load_base_pipeline
+from pipeline.lora.training import ADAPTER_NAME
+from pipeline.models.sdxl import BaseModelSpec
 from pipeline.storage.atomic import atomic_path, write_json_atomic
 from pipeline.train.config import TrainConfig
 from pipeline.train.data import TrainingSample
 from pipeline.train.launch import ADAPTER_FILE, ERROR_PREFIX, LOG_PREFIX, LORA_STATE_FILE, RESULT_FILE
-from pipeline.train.loop import ADAPTER_NAME, TrainResult, train_lora
+from pipeline.train.loop import TrainResult, train_lora
 
 
 def _rank_device() -> str:
@@ -37,12 +39,12 @@ def _print_log(step: int, metrics: dict[str, Any]) -> None:
 
 def _adapter_tensors(pipe: Any, config: TrainConfig) -> dict[str, torch.Tensor]:
     """The trained adapter's tensors by ``<component>.<parameter name>`` (what the parent loads back)."""
-    components = ["unet"] + (["text_encoder", "text_encoder_2"] if config.train_text_encoder else [])
+    components = family_for(pipe).lora_components(pipe, config.train_text_encoder)
     marker = f".{ADAPTER_NAME}."
     return {
         f"{component}.{name}": param.detach().float().cpu().contiguous()
-        for component in components
-        for name, param in getattr(pipe, component).named_parameters()
+        for component, model in components.items()
+        for name, param in model.named_parameters()
         if "lora_" in name and marker in name
     }
 

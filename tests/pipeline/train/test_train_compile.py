@@ -13,7 +13,7 @@ from torch._dynamo.utils import counters
 
 from pipeline.errors import CastloraError
 from pipeline.train import TrainConfig, train_lora
-from pipeline.train import loop as train_loop
+from pipeline.train import runtime as train_runtime
 
 RES = 64
 
@@ -24,7 +24,7 @@ def _config(**overrides) -> TrainConfig:
 
 
 def test_compiled_step_trains_the_same_lora_as_eager(tiny_pipe, sample_set, tmp_path, monkeypatch):
-    monkeypatch.setattr(train_loop, "COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr(train_runtime, "COMPILE_BACKEND", "aot_eager")
     instance = [s for s in sample_set if s.kind == "instance"]
     eager = train_lora(tiny_pipe, instance, _config(), tmp_path / "eager", tmp_path / "cache")
     torch._dynamo.reset()
@@ -48,9 +48,9 @@ def test_compile_does_not_change_the_run_fingerprint():
 
 
 def test_cpu_compile_without_a_cxx_compiler_is_a_clear_error(tiny_pipe, sample_set, tmp_path, monkeypatch):
-    monkeypatch.setattr(train_loop, "COMPILE_BACKEND", "inductor")
+    monkeypatch.setattr(train_runtime, "COMPILE_BACKEND", "inductor")
     monkeypatch.delenv("CXX", raising=False)
-    monkeypatch.setattr(train_loop.shutil, "which", lambda name: None)
+    monkeypatch.setattr(train_runtime.shutil, "which", lambda name: None)
     instance = [s for s in sample_set if s.kind == "instance"]
     with pytest.raises(CastloraError, match=r"C\+\+ compiler.*compile_unet=False"):
         train_lora(tiny_pipe, instance, _config(compile_unet=True), tmp_path / "out", tmp_path / "cache")

@@ -12,7 +12,7 @@ from pipeline.errors import CastloraError
 from pipeline.lora.adapters import remove_adapter
 from pipeline.train import TrainConfig, train_lora
 from pipeline.train.caches import encode_images, encode_prompts, load_training_image
-from pipeline.train.loop import dco_loss, per_sample_error
+from pipeline.train.losses import dco_loss, per_sample_error
 
 RES = 64
 

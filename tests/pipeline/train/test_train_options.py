@@ -20,7 +20,9 @@ from pipeline.storage.lineage import LineageRecorder
 from pipeline.train import TrainConfig, train_lora
 from pipeline.train.caches import build_latent_cache
 from pipeline.train.data import INSTANCE, PRIOR, SEGMIX, TrainingSample
-from pipeline.train.loop import _make_accelerator, _Trainer, fingerprint_fields
+from pipeline.train.loop import fingerprint_fields
+from pipeline.train.runtime import make_accelerator
+from pipeline.train.trainer import Trainer
 from pipeline.train.training_set import build_samples
 from tests.conftest import subject_photo
 from tests.pipeline.train.conftest import write_image
@@ -29,8 +31,8 @@ RES = 64
 BASE = TrainConfig(steps=2, resolution=RES, rank=4, alpha=4, lr=1e-3, segmix_p=0, prior_weight=0, log_every=1)
 
 
-def ready_trainer(pipe, samples, config: TrainConfig, cache_dir) -> _Trainer:
-    trainer = _Trainer(pipe, samples, config, _make_accelerator(config))
+def ready_trainer(pipe, samples, config: TrainConfig, cache_dir) -> Trainer:
+    trainer = Trainer(pipe, samples, config, make_accelerator(config))
     trainer.build_caches(cache_dir)
     trainer.setup_models()
     trainer.prepare()
@@ -93,7 +95,7 @@ def test_crop_offsets_of_non_square_photos_reach_the_time_ids(tiny_pipe, tmp_pat
     rows = {}
     for step in range(12):
         batch = trainer.batch(step)
-        rows[batch.prompts[0]] = batch.time_ids[0].tolist()
+        rows[batch.prompts[0]] = batch.conditioning["time_ids"][0].tolist()
     assert rows["a photo of olis dog"] == [64, 80, 0, 8, RES, RES]  # (orig h, orig w, top, left, target h, w)
     assert rows["a photo of vrin dog"] == [96, 48, 32, 0, RES, RES]
 
@@ -111,7 +113,7 @@ def test_accumulation_averages_the_micro_batches_and_steps_every_k(tiny_pipe, sa
     config = replace(BASE, steps=2, gradient_accumulation_steps=2, max_grad_norm=0.0)
     seen: list[tuple[str, int | None]] = []
     first_grads: dict[str, torch.Tensor] = {}
-    original_batch, original_optimize = _Trainer.batch, _Trainer.optimize
+    original_batch, original_optimize = Trainer.batch, Trainer.optimize
 
     def counting_batch(self, step):
         seen.append(("batch", step))
@@ -120,11 +122,11 @@ def test_accumulation_averages_the_micro_batches_and_steps_every_k(tiny_pipe, sa
     def capturing_optimize(self):
         seen.append(("optimize", None))
         if not first_grads:
-            first_grads.update({n: p.grad.clone() for n, p in self.unet.named_parameters() if p.requires_grad})
+            first_grads.update({n: p.grad.clone() for n, p in self.denoiser.named_parameters() if p.requires_grad})
         return original_optimize(self)
 
-    monkeypatch.setattr(_Trainer, "batch", counting_batch)
-    monkeypatch.setattr(_Trainer, "optimize", capturing_optimize)
+    monkeypatch.setattr(Trainer, "batch", counting_batch)
+    monkeypatch.setattr(Trainer, "optimize", capturing_optimize)
     result = train_lora(tiny_pipe, instance, config, tmp_path / "out", tmp_path / "cache")
     monkeypatch.undo()
     assert result.steps_done == 2 and len(result.losses) == 2
@@ -135,7 +137,7 @@ def test_accumulation_averages_the_micro_batches_and_steps_every_k(tiny_pipe, sa
     reference = ready_trainer(tiny_pipe, instance, replace(config, gradient_accumulation_steps=1), tmp_path / "c2")
     total = sum(reference.loss(index, reference.batch(index))[0] for index in (0, 1)) / 2
     total.backward()
-    expected = {n: p.grad for n, p in reference.unet.named_parameters() if p.requires_grad}
+    expected = {n: p.grad for n, p in reference.denoiser.named_parameters() if p.requires_grad}
     assert set(expected) == set(first_grads) and first_grads
     for name, grad in expected.items():
         torch.testing.assert_close(first_grads[name], grad, rtol=1e-4, atol=1e-7)

@@ -8,13 +8,13 @@ import dataclasses
 import pytest
 import torch
 
+from pipeline.families.sdxl import SDXL
 from pipeline.lora.adapters import DEFAULT_ADAPTER
+from pipeline.lora.training import REFERENCE_ADAPTER, split_init_lora
 from pipeline.stages.iteration import _lora_state
 from pipeline.stages.lora import run_lora
 from pipeline.storage.lineage import LineageRecorder
 from pipeline.train import TrainConfig, train_lora
-from pipeline.train.init_lora import TEXT_ENCODERS, split_init_lora
-from pipeline.train.loop import REFERENCE_ADAPTER
 
 TE = TrainConfig(
     steps=3, resolution=64, rank=4, alpha=4, lr=1e-2, prior_weight=0, segmix_p=0.0, train_text_encoder=True,
@@ -39,8 +39,8 @@ def model_k(fresh_pipe, sample_set, tmp_path_factory) -> dict[str, torch.Tensor]
     recorder = LineageRecorder(root / "lineage", "run", "lora", "olis__vrin", "test")
     out = run_lora(fresh_pipe, sample_set, TE, root / "lora", root / "cache", recorder, "tiny-sdxl")
     state = _lora_state(out.files["diffusers"])
-    _, text = split_init_lora(state)
-    assert set(text) == set(TEXT_ENCODERS)
+    _, text = split_init_lora(state, SDXL.denoiser, SDXL.text_encoders)
+    assert set(text) == set(SDXL.text_encoders)
     assert any(v.abs().sum() > 0 for k, v in text["text_encoder"].items() if ".up." in k)  # not a fresh adapter
     return state
 
@@ -49,8 +49,8 @@ def test_round_k_plus_1_starts_from_model_k_text_encoder_lora(fresh_pipe, sample
     # One step at a negligible learning rate: what comes out is where training started.
     still = dataclasses.replace(TE, steps=1, lr=1e-12, text_encoder_lr=1e-12, kl_weight=1.0)
     result = train_lora(fresh_pipe, sample_set, still, tmp_path / "out", tmp_path / "cache", init_lora=model_k)
-    _, text = split_init_lora(model_k)
-    for name in TEXT_ENCODERS:
+    _, text = split_init_lora(model_k, SDXL.denoiser, SDXL.text_encoders)
+    for name in SDXL.text_encoders:
         started = result.text_encoder_lora_states[name]
         assert set(started) == set(text[name])
         for key, value in text[name].items():
