@@ -83,3 +83,55 @@ def test_code_cites_only_the_design_doc_and_its_anchors_exist():
         "\n".join(offenders)
     )
     assert not dangling, f"no such heading in docs/design.md (anchors: {sorted(anchors)}):\n" + "\n".join(dangling)
+
+
+TRAIN_MODULE_MAX_LINES = 400
+
+
+def test_no_training_module_is_over_400_lines():
+    """``pipeline/train`` stays one concept per file (trainer, loop, losses, runtime, caches, ...)."""
+    too_long = {
+        path.relative_to(REPO).as_posix(): count
+        for path in sorted((REPO / "pipeline" / "train").rglob("*.py"))
+        if (count := len(path.read_text(encoding="utf-8").splitlines())) > TRAIN_MODULE_MAX_LINES
+    }
+    assert not too_long, f"split these modules (over {TRAIN_MODULE_MAX_LINES} lines): {too_long}"
+
+
+def _code_names(tree: ast.AST) -> set[str]:
+    """Identifiers, attribute names and string literals of a module, docstrings excluded."""
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            names.add(node.id)
+        elif isinstance(node, ast.Attribute):
+            names.add(node.attr)
+        elif isinstance(node, ast.alias):
+            names.add(node.name.split(".")[-1])
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            names.add(node.value)
+    return names
+
+
+def test_only_the_family_modules_name_sdxl_components():
+    """Training, generation, stages and assets reach SDXL's parts through ``pipeline.families`` (the model-family
+    seam, docs/design.md#model-families); only the family modules, the model loaders and the SDXL LoRA formats
+    (``pipeline/lora``) name them in code."""
+    sdxl_only = {"StableDiffusionXLPipeline", "UNet2DConditionModel", "time_ids", "text_encoder_2"}
+    allowed = ("pipeline/families/", "pipeline/models/", "pipeline/lora/")
+    offenders = []
+    for package in ("pipeline", "resources", "assets"):
+        for path in sorted((REPO / package).rglob("*.py")):
+            name = path.relative_to(REPO).as_posix()
+            if not name.startswith(allowed):
+                found = _code_names(ast.parse(path.read_text(encoding="utf-8"))) & sdxl_only
+                offenders += [f"{name}: {sorted(found)}"] if found else []
+    assert not offenders, "family-specific names outside pipeline/families:\n" + "\n".join(offenders)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -53,14 +53,24 @@ def add_fresh_lora(
     return lora_parameters(model)
 
 
-def add_reference_lora(
-    family: ModelFamily, component: str, model: torch.nn.Module, spec: LoraSpec, state: Mapping[str, torch.Tensor]
-) -> None:
-    """The frozen ``REFERENCE_ADAPTER`` holding ``state``, beside the trained adapter (which stays active)."""
-    with torch.random.fork_rng(devices=[]):  # its random init is overwritten: keep the global RNG as is
-        family.add_lora(component, model, spec, REFERENCE_ADAPTER)
-    family.load_lora(component, model, state, REFERENCE_ADAPTER)
-    activate_adapter(model, ADAPTER_NAME)  # attaching activated (and unfroze) the reference
+def start_from_lora(
+    family: ModelFamily,
+    component: str,
+    model: torch.nn.Module,
+    spec: LoraSpec,
+    state: Mapping[str, torch.Tensor],
+    keep_reference: bool,
+) -> list[torch.nn.Parameter]:
+    """Load ``state`` (``init_lora``'s part for ``component``) into the trained adapter and, with
+    ``keep_reference``, into a frozen ``REFERENCE_ADAPTER`` beside it; returns the trainable parameters."""
+    family.load_lora(component, model, state, ADAPTER_NAME)
+    if keep_reference:
+        with torch.random.fork_rng(devices=[]):  # its random init is overwritten: keep the global RNG as is
+            family.add_lora(component, model, spec, REFERENCE_ADAPTER)
+        family.load_lora(component, model, state, REFERENCE_ADAPTER)
+        activate_adapter(model, ADAPTER_NAME)  # attaching activated (and unfroze) the reference
+    check_only_adapter_trains(model, ADAPTER_NAME)
+    return lora_parameters(model)
 
 
 def check_only_adapter_trains(model: torch.nn.Module, adapter_name: str) -> None:
@@ -81,11 +91,13 @@ def activate_or_disable(model: torch.nn.Module, adapter_name: str | None) -> Non
         activate_adapter(model, adapter_name)
 
 
-def remove_reference_lora(model: torch.nn.Module) -> None:
-    """Drop the reference adapter if ``model`` has one; the trained adapter is active afterwards."""
-    if REFERENCE_ADAPTER in (getattr(model, "peft_config", None) or {}):
-        remove_adapter(model, REFERENCE_ADAPTER)
-        activate_adapter(model, ADAPTER_NAME)
+def remove_reference_lora(family: ModelFamily, pipe: Any) -> None:
+    """Drop the reference adapter wherever ``pipe`` has one, leaving the trained adapter active."""
+    for name in (family.denoiser, *family.text_encoders):
+        model = family.component(pipe, name)
+        if REFERENCE_ADAPTER in (getattr(model, "peft_config", None) or {}):
+            remove_adapter(model, REFERENCE_ADAPTER)
+            activate_adapter(model, ADAPTER_NAME)
 
 
 def split_init_lora(

@@ -17,8 +17,9 @@ import torch
 from PIL import Image
 
 from pipeline.errors import CastloraError
+from pipeline.families import family_for
 from pipeline.infer import SampleRequest, generate
-from pipeline.lora import LoraSpec, export_lora
+from pipeline.lora import LoraSpec
 from pipeline.lora.training import lora_state_hash
 from pipeline.storage.atomic import write_json_atomic
 from pipeline.storage.hashing import sha256_file, sha256_json
@@ -101,14 +102,8 @@ def _export(
         target_modules=tuple(config.targets),
         train_text_encoders=config.train_text_encoder,
     )
-    encoders = (pipe.text_encoder, pipe.text_encoder_2) if config.train_text_encoder else ()
-    files = export_lora(
-        folder,
-        pipe.unet,
-        spec,
-        text_encoders=encoders,
-        metadata={"castlora_version": version, "base_model": base_model_id},
-    )
+    metadata = {"castlora_version": version, "base_model": base_model_id}
+    files = family_for(pipe).export_lora(folder, pipe, spec, metadata)
     sha256s = {kind: sha256_file(path) for kind, path in files.items()}
     params = {
         "version": version,

@@ -32,7 +32,14 @@ from pipeline.storage.hashing import sha256_json
 from pipeline.train.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
 from pipeline.train.config import TrainConfig
 from pipeline.train.data import TrainingSample, samples_fingerprint_items
-from pipeline.train.runtime import check_mixed_precision, make_accelerator, peak_memory_mb, placement_restored
+from pipeline.train.runtime import (
+    agree,
+    check_mixed_precision,
+    make_accelerator,
+    mean_over_ranks,
+    peak_memory_mb,
+    placement_restored,
+)
 from pipeline.train.trainer import Trainer
 
 LogCallback = Callable[[int, dict[str, Any]], None]
@@ -160,7 +167,7 @@ def run_trainer(
                 loss = torch.stack(micro_losses).mean()
                 parts = {k: torch.stack([p[k] for p in micro_parts]).float().mean() for k in micro_parts[0]}
                 done = step + 1
-                loss_value = trainer.mean_over_ranks(loss)
+                loss_value = mean_over_ranks(accelerator, loss)
                 losses.append((done, loss_value, lr))
                 window.append(loss_value)
                 step_times.append(time.perf_counter() - tick)
@@ -172,7 +179,7 @@ def run_trainer(
                     metrics = {"loss": float(np.mean(window)), "lr": lr, "step_time_s": step_times[-1]}
                     on_log(done, {**metrics, **{k: float(v) for k, v in parts.items()}})
                     window = []
-                stop = trainer.agree(bool(should_stop and accelerator.is_main_process and should_stop()))
+                stop = agree(accelerator, bool(should_stop and accelerator.is_main_process and should_stop()))
                 if done % config.checkpoint_every == 0 or done == config.steps or stop:
                     _save(trainer, out_dir, done, losses, fields)
                     last_saved = done

@@ -124,3 +124,25 @@ def peak_memory_mb(device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
         peak["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return peak
+
+
+def average_gradients(accelerator: Accelerator, params: list[torch.nn.Parameter]) -> None:
+    """Average ``params``' gradients over the processes (for modules outside the DDP wrapper)."""
+    for param in params:
+        if param.grad is not None:
+            param.grad = accelerator.reduce(param.grad, reduction="mean")
+
+
+def agree(accelerator: Accelerator, flag: bool) -> bool:
+    """True on every rank when the main process says so (e.g. a stop request seen only there)."""
+    if accelerator.num_processes == 1:
+        return flag
+    value = torch.tensor([1.0 if flag and accelerator.is_main_process else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(value, reduction="sum").item() > 0)
+
+
+def mean_over_ranks(accelerator: Accelerator, value: torch.Tensor) -> float:
+    value = value.detach().float().reshape(1)
+    if accelerator.num_processes > 1:
+        value = accelerator.reduce(value, reduction="mean")
+    return float(value.item())

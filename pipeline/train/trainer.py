@@ -30,17 +30,17 @@ from accelerate import Accelerator
 
 from pipeline.errors import CastloraError
 from pipeline.families import ImageGeometry, family_for
-from pipeline.lora.adapters import LoraSpec, activate_adapter, lora_parameters
+from pipeline.lora.adapters import LoraSpec, activate_adapter
 from pipeline.lora.training import (
     ADAPTER_NAME,
     REFERENCE_ADAPTER,
     activate_or_disable,
     add_fresh_lora,
-    add_reference_lora,
     check_only_adapter_trains,
     load_trainable_state,
     remove_reference_lora,
     split_init_lora,
+    start_from_lora,
     trainable_state,
 )
 from pipeline.train.caches import CachedLatent, CachedText, build_latent_cache, build_text_cache, load_masks
@@ -50,6 +50,7 @@ from pipeline.train.data import SamplePools, TrainingSample, plan_step
 from pipeline.train.losses import dco_loss, kl_to_reference, per_sample_error
 from pipeline.train.runtime import (
     WEIGHT_DTYPES,
+    average_gradients,
     compiled,
     free_accelerator_memory,
     make_lr_scheduler,
@@ -87,13 +88,9 @@ class StepInputs:
 
     def head(self, k: int) -> StepInputs:
         """The first ``k`` samples (the instance part of a batch)."""
+        conditioning = {name: value[:k] for name, value in self.conditioning.items()}
         return StepInputs(
-            self.noisy[:k],
-            self.timesteps[:k],
-            self.embeds[:k],
-            self.pooled[:k],
-            {name: value[:k] for name, value in self.conditioning.items()},
-            self.target[:k],
+            self.noisy[:k], self.timesteps[:k], self.embeds[:k], self.pooled[:k], conditioning, self.target[:k]
         )
 
 
@@ -195,7 +192,7 @@ class Trainer:
             params = add_fresh_lora(family, component, model, spec, config.seed)
             start = self.init_lora if component == family.denoiser else self.init_text.get(component)
             if start is not None:
-                params = self._start_from_init(component, model, spec, start)
+                params = start_from_lora(family, component, model, spec, start, self.reference_adapter is not None)
             lr = config.lr if component == family.denoiser else (config.text_encoder_lr or config.lr)
             groups.append({"params": params, "lr": lr})
             set_gradient_checkpointing(model, config.gradient_checkpointing)
@@ -205,25 +202,11 @@ class Trainer:
         self.optimizer = make_optimizer(groups, config)
         self.lr_scheduler = make_lr_scheduler(self.optimizer, config)
 
-    def _start_from_init(
-        self, component: str, model: torch.nn.Module, spec: LoraSpec, state: dict[str, torch.Tensor]
-    ) -> list[torch.nn.Parameter]:
-        """Load ``init_lora``'s part for ``component`` into the trainable adapter and, if needed, into a frozen
-        reference adapter."""
-        self.family.load_lora(component, model, state, ADAPTER_NAME)
-        if self.reference_adapter is not None:
-            add_reference_lora(self.family, component, model, spec, state)
-        check_only_adapter_trains(model, ADAPTER_NAME)
-        return lora_parameters(model)
-
-    def text_encoder_modules(self) -> list[torch.nn.Module]:
-        return [self.family.component(self.pipe, name) for name in self.family.text_encoders]
-
     @torch.no_grad()
     def reference_text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Text embeddings of the reference model (the KL term's): the encoders with their frozen reference
         adapter, or with LoRA off where ``init_lora`` had no text-encoder part (what model k then used)."""
-        encoders = self.text_encoder_modules()
+        encoders = [self.family.component(self.pipe, name) for name in self.family.text_encoders]
         for name, encoder in zip(self.family.text_encoders, encoders, strict=True):
             activate_or_disable(encoder, self.reference_adapter if name in self.init_text else None)
         try:
@@ -235,10 +218,8 @@ class Trainer:
 
     def remove_reference(self) -> None:
         """Leave the models as a plain ``train_lora`` leaves them: only the trained adapter, active."""
-        if self.reference_adapter is None:
-            return
-        for model in (self.family.component(self.pipe, self.family.denoiser), *self.text_encoder_modules()):
-            remove_reference_lora(model)
+        if self.reference_adapter is not None:
+            remove_reference_lora(self.family, self.pipe)
 
     def resume(self, state: TrainingState, folder: Path) -> None:
         load_trainable_state(self.models, state.lora, folder)
@@ -248,7 +229,7 @@ class Trainer:
 
     def prepare(self) -> None:
         # Only the denoiser is DDP-wrapped: prompt encoding calls the text encoders directly, so their LoRA
-        # gradients are averaged by hand in ``_sync_text_grads``.
+        # gradients are averaged by hand in ``optimize``.
         denoiser = self.family.component(self.pipe, self.family.denoiser)
         self.denoiser, self.optimizer = self.accelerator.prepare(denoiser, self.optimizer)
         # The compiled callable wraps the prepared module (the order DDP wants) and shares its parameters; the
@@ -407,29 +388,10 @@ class Trainer:
 
     def optimize(self) -> None:
         """One optimizer step on the gradients ``backward`` accumulated, then clear them."""
-        self._sync_text_grads()
+        if self.world > 1:  # prompt encoding runs outside DDP: average the text encoders' gradients by hand
+            average_gradients(self.accelerator, self.text_params)
         if self.config.max_grad_norm > 0:
             self.accelerator.clip_grad_norm_(self.params, self.config.max_grad_norm)
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-
-    def _sync_text_grads(self) -> None:
-        if self.world == 1 or not self.text_params:
-            return
-        for param in self.text_params:
-            if param.grad is not None:
-                param.grad = self.accelerator.reduce(param.grad, reduction="mean")
-
-    def agree(self, flag: bool) -> bool:
-        """True on every rank when the main process says so (e.g. a stop request seen only there)."""
-        if self.world == 1:
-            return flag
-        value = torch.tensor([1.0 if flag and self.accelerator.is_main_process else 0.0], device=self.device)
-        return bool(self.accelerator.reduce(value, reduction="sum").item() > 0)
-
-    def mean_over_ranks(self, value: torch.Tensor) -> float:
-        value = value.detach().float().reshape(1)
-        if self.world > 1:
-            value = self.accelerator.reduce(value, reduction="mean")
-        return float(value.item())
