@@ -24,7 +24,7 @@ class ModelResource(dg.ConfigurableResource):
     """Optional VAE override for the base model, e.g. the fp16-fix SDXL VAE (madebyollin/sdxl-vae-fp16-fix) as a
     hub id or local directory; the stock SDXL VAE overflows in fp16."""
     family: str = "sdxl"
-    """Base-model family (a loader in pipeline.models.sdxl.FAMILIES); new families plug in there."""
+    """Base-model family: a key of pipeline.families.FAMILIES (docs/design.md#model-families)."""
     vlm: str = ""
     dino: str = ""
     """Override the preset's DINOv2 embedder (D&C, DINO similarity)."""

@@ -1,4 +1,6 @@
-"""LoRA adapters on the SDXL U-Net / text encoders and their export (diffusers/PEFT and kohya/SGM files)."""
+"""LoRA adapters on the SDXL U-Net / text encoders and their export (diffusers/PEFT and kohya/SGM files): the SDXL
+family's LoRA handling (docs/design.md#model-families); ``training`` holds the family-free adapter bookkeeping of a
+training run."""
 
 from pipeline.lora.adapters import (
     DEFAULT_ADAPTER,
