@@ -14,8 +14,8 @@ from PIL import Image
 from pipeline.errors import CastloraError
 from pipeline.infer import DEFAULT_NEGATIVE, Layout, layout_from_composite
 from pipeline.models.tiny_sdxl import build_tiny_sdxl
-from pipeline.segmix.compose import SegMixConfig, SegMixSubject, compose
 from pipeline.rendering import RenderSettings, render_samples
+from pipeline.segmix.compose import SegMixConfig, SegMixSubject, compose
 from pipeline.storage.hashing import sha256_file
 from pipeline.storage.lineage import LineageRecorder, ancestors, read_lineage
 

@@ -14,8 +14,8 @@ from PIL import Image
 from pipeline.dnc.image_scores import SubjectReferences
 from pipeline.dnc.pair_scorer import load_dnc_scorer
 from pipeline.infer import layout_from_composite
-from pipeline.segmix.compose import SegMixConfig, SegMixSubject, compose
 from pipeline.lora.versions import TrainingRun
+from pipeline.segmix.compose import SegMixConfig, SegMixSubject, compose
 from pipeline.stages.lora import run_lora
 from pipeline.storage.lineage import LineageRecorder
 from pipeline.train import TrainConfig, TrainingSample

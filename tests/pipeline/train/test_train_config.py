@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import CastloraError
-from pipeline.stages.evaluation import dreambooth_config
 from pipeline.lora.record import LoraRecord
 from pipeline.lora.versions import LoraOutput
+from pipeline.stages.evaluation import dreambooth_config
 from pipeline.train import TrainConfig
 from pipeline.train.loop import TrainResult
 

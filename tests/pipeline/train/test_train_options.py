@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from pipeline.errors import CastloraError
+from pipeline.lora.versions import lora_version
 from pipeline.prior_images import ClassImageConfig
 from pipeline.segment import SegmentConfig
 from pipeline.segment.grabcut import GrabCutSegmenter
 from pipeline.spec import load_spec
 from pipeline.stages.class_images import run_class_images
-from pipeline.lora.versions import lora_version
 from pipeline.storage.lineage import LineageRecorder
 from pipeline.train import TrainConfig, train_lora
 from pipeline.train.caches import build_latent_cache

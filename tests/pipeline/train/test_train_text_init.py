@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from pipeline.lora.adapters import DEFAULT_ADAPTER
-from pipeline.stages.iteration import _lora_state
 from pipeline.lora.versions import TrainingRun
+from pipeline.stages.iteration import _lora_state
 from pipeline.stages.lora import run_lora
 from pipeline.storage.lineage import LineageRecorder
 from pipeline.train import TrainConfig, train_lora
