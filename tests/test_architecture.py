@@ -157,3 +157,24 @@ def test_the_stage_rules_catch_a_violation(tmp_path, path, source, rule):
     (tmp_path / "pipeline/stages/own.py").write_text("from pipeline.stages.own import helper\n")  # itself: fine
     offenders = stage_rule_offenders(tmp_path)
     assert path in offenders[rule] and not offenders[1 - rule]
+
+
+def positional_stage_functions(root: Path) -> list[str]:
+    """Stage functions (``run_*`` in ``pipeline/stages/``) that accept an argument by position."""
+    found = []
+    for path in sorted((root / "pipeline" / "stages").glob("*.py")):
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if (
+                isinstance(node, ast.FunctionDef)
+                and node.name.startswith("run_")
+                and (node.args.args or node.args.vararg)
+            ):
+                found.append(f"{path.relative_to(root).as_posix()}: {node.name}")
+    return found
+
+
+def test_stage_functions_take_keyword_arguments_only(tmp_path):
+    assert not positional_stage_functions(REPO), "add `*` first: stage functions take keyword arguments only"
+    (tmp_path / "pipeline" / "stages").mkdir(parents=True)
+    (tmp_path / "pipeline" / "stages" / "x.py").write_text("def run_x(a, *, b): ...\ndef run_y(*, a): ...\n")
+    assert positional_stage_functions(tmp_path) == ["pipeline/stages/x.py: run_x"]
