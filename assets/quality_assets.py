@@ -2,8 +2,11 @@
 
 import dataclasses
 import functools
+from collections.abc import Callable
+from typing import Any
 
 import dagster as dg
+import pandas as pd
 from pydantic import Field
 
 from assets.metadata import image_md
@@ -16,6 +19,8 @@ from pipeline.evaluation.draw import annotated_grid
 from pipeline.evaluation.report import headline_values, plot_rounds, rounds_markdown, training_markdown
 from pipeline.infer import DEFAULT_NEGATIVE, scene_prompts
 from pipeline.iteration_rules import CONVERGENCE_KEPT_RATIO, IterationConfig
+from pipeline.lora.record import LoraRecord
+from pipeline.lora.versions import LoraOutput
 from pipeline.rendering import GenerationSettings, segmix_layout_factory
 from pipeline.spec import PairSpec
 from pipeline.stage_names import Stage
@@ -34,6 +39,7 @@ from pipeline.stages.lora import current_lora
 from pipeline.storage.manifest import read_manifest
 from pipeline.train.training_set import load_samples
 from resources import ModelResource, StorageResource
+from resources.storage import StageRun
 
 
 class IterationAssetConfig(dg.Config):
@@ -196,6 +202,52 @@ def _open(path):
         return opened.convert("RGB")
 
 
+def _variants(
+    context: dg.AssetExecutionContext,
+    config: EvaluationAssetConfig,
+    storage: StorageResource,
+    run: StageRun,
+    segmix_lora: LoraRecord,
+    pipe_factory: Callable[[], Any],
+    base_model_id: str,
+) -> tuple[list[Variant], list[str], pd.DataFrame | None, LoraOutput | None]:
+    """The configured variants (training the DreamBooth baseline when asked), notes for the report, the iteration's
+    rounds (for the report's plot) and the baseline's training output (None when not evaluated)."""
+    iteration_root = storage.input_dir(run.pair, Stage.ITERATION)
+    variants, notes, rounds, baseline = [], [], None, None
+    for name in config.variants:
+        if name == "dreambooth":
+            context.log.info("evaluation: training the DreamBooth baseline (the Seg-Mix LoRA's settings, no Seg-Mix)")
+            training_data = storage.input_pair_dir(run.pair, *TRAINING_STAGES)
+            # A declared output of this asset: <evaluation>/baseline/<version>/, published with the stage.
+            baseline = train_baseline(
+                pipe=pipe_factory(),
+                segmix_lora=segmix_lora,
+                samples_for=functools.partial(_samples_for, training_data),
+                out_dir=run.out_dir,
+                cache_dir=storage.layout.cache / "train",
+                recorder=run.recorder,
+                base_model_id=base_model_id,
+            )
+            note = "dreambooth: the Seg-Mix LoRA's training settings without Seg-Mix (segmix_p=0)"
+            variants.append(Variant(name, baseline.as_current(), None, note))
+        elif name == "segmix":
+            variants.append(Variant(name, segmix_lora, None))
+        elif name == "segmix_init":
+            variants.append(Variant(name, segmix_lora, config.gamma, f"segmix_init: MuDI init with γ={config.gamma}"))
+        else:
+            try:
+                iterated = current_iteration(iteration_root)
+            except CastloraError as exc:  # reported; the other variants still run
+                notes.append(f"iterative: skipped ({exc})")
+                continue
+            pick = iterated.picked
+            note = f"iterative: best round {pick.round} of run {pick.run} ({pick.stop_reason})"
+            variants.append(Variant(name, iterated, config.gamma, note))
+            rounds = read_manifest(iteration_root / pick.run, Stage.ITERATION, ROUNDS_FILE)
+    return variants, notes, rounds, baseline
+
+
 @stage_asset(
     Stage.EVALUATION,
     gpu=True,
@@ -219,42 +271,9 @@ def evaluation(
         generation = _generation(run.spec, models, config, prompts)
         pipe_factory = models.base_pipeline_factory(storage.layout.models)
         segmix_lora = current_lora(storage.input_dir(run.pair, Stage.LORA))
-        iteration_root = storage.input_dir(run.pair, Stage.ITERATION)
-        variants, notes, rounds, baseline = [], [], None, None
-        for name in config.variants:
-            if name == "dreambooth":
-                context.log.info(
-                    "evaluation: training the DreamBooth baseline (the Seg-Mix LoRA's settings, no Seg-Mix)"
-                )
-                training_data = storage.input_pair_dir(run.pair, *TRAINING_STAGES)
-                # A declared output of this asset: <evaluation>/baseline/<version>/, published with the stage.
-                baseline = train_baseline(
-                    pipe=pipe_factory(),
-                    segmix_lora=segmix_lora,
-                    samples_for=functools.partial(_samples_for, training_data),
-                    out_dir=run.out_dir,
-                    cache_dir=storage.layout.cache / "train",
-                    recorder=run.recorder,
-                    base_model_id=preset.base_model,
-                )
-                note = "dreambooth: the Seg-Mix LoRA's training settings without Seg-Mix (segmix_p=0)"
-                variants.append(Variant(name, baseline.as_current(), None, note))
-            elif name == "segmix":
-                variants.append(Variant(name, segmix_lora, None))
-            elif name == "segmix_init":
-                variants.append(
-                    Variant(name, segmix_lora, config.gamma, f"segmix_init: MuDI init with γ={config.gamma}")
-                )
-            else:
-                try:
-                    iterated = current_iteration(iteration_root)
-                except CastloraError as exc:  # reported; the other variants still run
-                    notes.append(f"iterative: skipped ({exc})")
-                    continue
-                pick = iterated.picked
-                note = f"iterative: best round {pick.round} of run {pick.run} ({pick.stop_reason})"
-                variants.append(Variant(name, iterated, config.gamma, note))
-                rounds = read_manifest(iteration_root / pick.run, Stage.ITERATION, ROUNDS_FILE)
+        variants, notes, rounds, baseline = _variants(
+            context, config, storage, run, segmix_lora, pipe_factory, preset.base_model
+        )
         scorer = _scorer(storage, models, run.pair, run.spec)
         clip_t, clip_t_note = models.clip_t_scorer(storage.layout.models, scorer)
         out = run_evaluation(
