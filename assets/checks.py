@@ -10,16 +10,19 @@ from PIL import Image
 
 from assets.metadata import table_md, user_errors
 from assets.pair_assets import references, segments, segmix_bank
-from assets.partitions import DNC_HEADLINE, character_pairs, latest_materializations, pair_key
+from assets.partitions import DNC_HEADLINE, character_pairs, latest_materializations
 from assets.quality_assets import evaluation
 from assets.training_assets import lora
 from pipeline.errors import CastloraError
 from pipeline.images import IntakeConfig
+from pipeline.lora.record import LORA_FILE_KINDS
 from pipeline.lora.verify import verify_lora_file
+from pipeline.segment import STATUS_OK
+from pipeline.stage_names import Stage
 from pipeline.stages.lora import current_lora
-from pipeline.stages.segments import USABLE
 from pipeline.storage.manifest import read_manifest
 from resources import StorageResource
+from resources.storage import pair_key
 
 # How far the headline D&C of a variant may fall below the previous evaluation before the check fails.
 DNC_REGRESSION_TOLERANCE = 0.05
@@ -29,14 +32,14 @@ warnings.filterwarnings("ignore", category=dg.PreviewWarning)
 
 
 def _segments_manifest(context: dg.AssetCheckExecutionContext, storage: StorageResource):
-    return read_manifest(storage.input_dir(pair_key(context), "segments"), "segments")
+    return read_manifest(storage.input_dir(pair_key(context), Stage.SEGMENTS), Stage.SEGMENTS)
 
 
 @dg.asset_check(asset=segments, partitions_def=character_pairs, description="Every photo has a usable mask.")
 @user_errors
 def segments_found(context: dg.AssetCheckExecutionContext, storage: StorageResource) -> dg.AssetCheckResult:
     manifest = _segments_manifest(context, storage)
-    flagged = manifest[manifest["status"] != USABLE]
+    flagged = manifest[manifest["status"] != STATUS_OK]
     return dg.AssetCheckResult(
         passed=flagged.empty,
         severity=dg.AssetCheckSeverity.WARN,
@@ -61,7 +64,7 @@ def segments_found(context: dg.AssetCheckExecutionContext, storage: StorageResou
 @user_errors
 def every_character_segmented(context: dg.AssetCheckExecutionContext, storage: StorageResource) -> dg.AssetCheckResult:
     manifest = _segments_manifest(context, storage)
-    usable = manifest[manifest["status"] == USABLE].groupby("character_id").size()
+    usable = manifest[manifest["status"] == STATUS_OK].groupby("character_id").size()
     counts = {cid: int(usable.get(cid, 0)) for cid in manifest["character_id"].unique()}
     missing = [cid for cid, n in counts.items() if n == 0]
     return dg.AssetCheckResult(
@@ -80,7 +83,7 @@ def every_character_segmented(context: dg.AssetCheckExecutionContext, storage: S
 @user_errors
 def enough_references(context: dg.AssetCheckExecutionContext, storage: StorageResource) -> dg.AssetCheckResult:
     pair = pair_key(context)
-    manifest = read_manifest(storage.input_dir(pair, "references"), "references")
+    manifest = read_manifest(storage.input_dir(pair, Stage.REFERENCES), Stage.REFERENCES)
     counts = manifest.groupby("character_id").size()
     per_character = {c.id: int(counts.get(c.id, 0)) for c in storage.spec(pair).characters}
     recommended = IntakeConfig().min_photos
@@ -109,7 +112,7 @@ def enough_references(context: dg.AssetCheckExecutionContext, storage: StorageRe
 @user_errors
 def masks_not_empty(context: dg.AssetCheckExecutionContext, storage: StorageResource) -> dg.AssetCheckResult:
     manifest = _segments_manifest(context, storage)
-    usable = manifest[manifest["status"] == USABLE]
+    usable = manifest[manifest["status"] == STATUS_OK]
     problems = []
     for row in usable.itertuples():
         path = row.mask_path
@@ -137,7 +140,7 @@ def masks_not_empty(context: dg.AssetCheckExecutionContext, storage: StorageReso
 )
 @user_errors
 def bank_not_empty(context: dg.AssetCheckExecutionContext, storage: StorageResource) -> dg.AssetCheckResult:
-    manifest = read_manifest(storage.input_dir(pair_key(context), "segmix_bank"), "segmix_bank")
+    manifest = read_manifest(storage.input_dir(pair_key(context), Stage.SEGMIX_BANK), Stage.SEGMIX_BANK)
     instance = manifest[manifest["kind"] == "instance"]
     missing = [
         path
@@ -166,20 +169,20 @@ def bank_not_empty(context: dg.AssetCheckExecutionContext, storage: StorageResou
 )
 @user_errors
 def lora_file_loads(context: dg.AssetCheckExecutionContext, storage: StorageResource) -> dg.AssetCheckResult:
-    current = current_lora(storage.input_dir(pair_key(context), "lora"))
+    current = current_lora(storage.input_dir(pair_key(context), Stage.LORA))  # refuses a record lacking a file
     modules, problems = {}, []
-    for file_format in ("diffusers", "kohya"):
+    for file_format in LORA_FILE_KINDS:
         try:
-            report = verify_lora_file(Path(current[file_format]), file_format, current["sha256"].get(file_format))
+            report = verify_lora_file(current.files[file_format], file_format, current.sha256[file_format])
             modules[file_format] = report.modules
-        except (CastloraError, KeyError) as exc:
-            problems.append(str(exc) if isinstance(exc, CastloraError) else f"current.json has no {exc} entry")
+        except CastloraError as exc:
+            problems.append(str(exc))
     if not problems and len(set(modules.values())) != 1:
         problems.append(f"The two files hold different numbers of LoRA modules: {modules}.")
     return dg.AssetCheckResult(
         passed=not problems,
         description="; ".join(problems) or None,
-        metadata={"version": current.get("version", ""), "modules": dg.MetadataValue.json(modules)},
+        metadata={"version": current.version, "modules": dg.MetadataValue.json(modules)},
     )
 
 

@@ -1,30 +1,30 @@
 """The per-pair assets: references → segments, captions, class_images → segmix_bank.
 
-Each asset validates its partition key, calls one stage function from ``pipeline.stages``, and turns the
-result into metadata (counts, tables, preview grids) and lineage rows.
+Each asset (``assets.stage_asset``) reads its inputs, calls one stage function from ``pipeline.stages`` inside
+``storage.stage_run`` (pair, spec, output folder, lineage; published on success), and turns the result into
+metadata (counts, tables, preview grids).
 """
 
 import dagster as dg
 from pydantic import Field
 
-from assets.compute import cpu_step, gpu_step
-from assets.metadata import grid_md, table_md, user_errors
-from assets.partitions import REFERENCES_FINGERPRINT, character_pairs, pair_key
+from assets.metadata import grid_md, table_md
+from assets.partitions import REFERENCES_FINGERPRINT
+from assets.stage_asset import stage_asset
 from pipeline.captions import CaptionCache
 from pipeline.images import IntakeConfig
 from pipeline.prior_images import ClassImageConfig
-from pipeline.segment import SegmentConfig
+from pipeline.segment import STATUS_OK, SegmentConfig
 from pipeline.segmix.compose import SegMixConfig
+from pipeline.stage_names import Stage
 from pipeline.stages.captions import USER_BACKEND, run_captions, user_caption_files
 from pipeline.stages.class_images import run_class_images
 from pipeline.stages.references import run_references
-from pipeline.stages.segments import USABLE, run_segments
+from pipeline.stages.segments import run_segments
 from pipeline.stages.segmix_bank import BankConfig, run_segmix_bank
 from pipeline.storage.manifest import read_manifest
 from pipeline.storage.registry import references_fingerprint
 from resources import CaptionerResource, ModelResource, StorageResource
-
-GROUP = "castlora"
 
 
 class ReferencesConfig(dg.Config):
@@ -96,39 +96,33 @@ class ClassImagesConfig(dg.Config):
     detection_threshold: float = 0.1
 
 
-@dg.asset(
-    partitions_def=character_pairs,
-    group_name=GROUP,
-    code_version="references-v1",
+@stage_asset(
+    Stage.REFERENCES,
+    gpu=False,
     kinds={"python", "parquet"},
-    **cpu_step(),
+    code_version="references-v1",
     description="Validated, EXIF-oriented, de-duplicated RGB reference photos per character.",
 )
-@user_errors
 def references(
     context: dg.AssetExecutionContext, config: ReferencesConfig, storage: StorageResource
 ) -> dg.MaterializeResult:
-    pair = pair_key(context)
-    spec = storage.spec(pair)
-    recorder = storage.recorder(context)
     intake = IntakeConfig(
         min_side=config.min_side,
         max_side=config.max_side,
         max_aspect_ratio=config.max_aspect_ratio,
         min_photos=config.min_photos,
     )
-    out = run_references(spec, storage.output_dir(pair, "references"), intake, recorder)
-    recorder.flush()
+    with storage.stage_run(context, Stage.REFERENCES) as run:
+        out = run_references(spec=run.spec, out_dir=run.out_dir, config=intake, recorder=run.recorder)
     for row in out.rejected.itertuples():
         context.log.warning(f"Skipped {row.source} ({row.character_id}): {row.reason}")
     counts = out.manifest.groupby("character_id").size().to_dict()
-    storage.publish(context, pair, "references")
     return dg.MaterializeResult(
         metadata={
             "accepted": len(out.manifest),
             "rejected": len(out.rejected),
             # The retraining schedule compares this with the spec's current photos (assets/schedules.py).
-            REFERENCES_FINGERPRINT: references_fingerprint(spec),
+            REFERENCES_FINGERPRINT: references_fingerprint(run.spec),
             "per_character": dg.MetadataValue.json(counts),
             "rejected_files": table_md(out.rejected),
             "manifest": dg.MetadataValue.path(str(out.manifest_path)),
@@ -137,40 +131,33 @@ def references(
     )
 
 
-@dg.asset(
-    partitions_def=character_pairs,
-    group_name=GROUP,
-    deps=[references],
-    code_version="segments-v1",
+@stage_asset(
+    Stage.SEGMENTS,
+    gpu=True,
     kinds={"pytorch", "parquet"},
-    **gpu_step(),
+    code_version="segments-v1",
+    deps=[references],
     description="Subject masks and RGBA cut-outs (user masks first, else OWLv2 → SAM or the chosen backend).",
 )
-@user_errors
 def segments(
     context: dg.AssetExecutionContext, config: SegmentsConfig, storage: StorageResource, models: ModelResource
 ) -> dg.MaterializeResult:
-    pair = pair_key(context)
-    spec = storage.spec(pair)
-    refs = read_manifest(storage.input_dir(pair, "references"), "references")
     seg_config = config.segment_config()
-    recorder = storage.recorder(context)
-    manifest = run_segments(
-        refs,
-        {c.id: c.masks_dir for c in spec.characters},
-        storage.output_dir(pair, "segments"),
-        models.segmenter_factory(storage.layout.models, seg_config),
-        seg_config,
-        recorder,
-        model_ids=models.segmenter_model_ids(),
-        confine_to=spec.confined_to,
-    )
-    recorder.flush()
-    flagged = manifest[manifest["status"] != USABLE]
+    with storage.stage_run(context, Stage.SEGMENTS) as run:
+        manifest = run_segments(
+            references=read_manifest(storage.input_dir(run.pair, Stage.REFERENCES), Stage.REFERENCES),
+            masks_dirs={c.id: c.masks_dir for c in run.spec.characters},
+            out_dir=run.out_dir,
+            load_segmenter=models.segmenter_factory(storage.layout.models, seg_config),
+            config=seg_config,
+            recorder=run.recorder,
+            model_ids=models.segmenter_model_ids(),
+            confine_to=run.spec.confined_to,
+        )
+    flagged = manifest[manifest["status"] != STATUS_OK]
     for row in flagged.itertuples():
         context.log.warning(f"{row.source}: {row.status} — supply a mask in the spec's 'masks' folder")
-    usable = manifest[manifest["status"] == USABLE]
-    storage.publish(context, pair, "segments")
+    usable = manifest[manifest["status"] == STATUS_OK]
     return dg.MaterializeResult(
         metadata={
             "segmenters": dg.MetadataValue.json(manifest["segmenter"].value_counts().to_dict()),
@@ -183,36 +170,31 @@ def segments(
     )
 
 
-@dg.asset(
-    partitions_def=character_pairs,
-    group_name=GROUP,
-    deps=[references],
-    code_version="captions-v1",
+@stage_asset(
+    Stage.CAPTIONS,
+    gpu=False,
     kinds={"python", "parquet"},
-    **cpu_step(),
+    code_version="captions-v1",
+    deps=[references],
     description="One caption per reference with the token phrase in place of the class noun (cached).",
 )
-@user_errors
 def captions(
     context: dg.AssetExecutionContext,
     storage: StorageResource,
     captioner: CaptionerResource,
     models: ModelResource,
 ) -> dg.MaterializeResult:
-    pair = pair_key(context)
-    refs = read_manifest(storage.input_dir(pair, "references"), "references")
-    backend = captioner.build(storage.layout.models, models.resolved_preset().vlm)
-    recorder = storage.recorder(context)
-    manifest = run_captions(
-        refs,
-        storage.output_dir(pair, "captions"),
-        backend,
-        CaptionCache(storage.layout.cache / "captions"),
-        recorder,
-        user_captions=user_caption_files(storage.spec(pair)),
-    )
-    recorder.flush()
-    storage.publish(context, pair, "captions")
+    with storage.stage_run(context, Stage.CAPTIONS) as run:
+        refs = read_manifest(storage.input_dir(run.pair, Stage.REFERENCES), Stage.REFERENCES)
+        backend = captioner.build(storage.layout.models, models.resolved_preset().vlm)
+        manifest = run_captions(
+            references=refs,
+            out_dir=run.out_dir,
+            captioner=backend,
+            cache=CaptionCache(storage.layout.cache / "captions"),
+            recorder=run.recorder,
+            user_captions=user_caption_files(run.spec),
+        )
     return dg.MaterializeResult(
         metadata={
             "backend": backend.backend,
@@ -225,23 +207,19 @@ def captions(
     )
 
 
-@dg.asset(
-    partitions_def=character_pairs,
-    group_name=GROUP,
-    code_version="class-images-v2",
+@stage_asset(
+    Stage.CLASS_IMAGES,
+    gpu=True,
     kinds={"pytorch", "parquet"},
-    **gpu_step(),
+    code_version="class-images-v2",
     description="Prior-preservation images per class noun (generated by the base model or imported), segmented.",
 )
-@user_errors
 def class_images(
     context: dg.AssetExecutionContext,
     config: ClassImagesConfig,
     storage: StorageResource,
     models: ModelResource,
 ) -> dg.MaterializeResult:
-    pair = pair_key(context)
-    spec = storage.spec(pair)
     preset = models.resolved_preset()
     generation = ClassImageConfig(
         count=config.count or preset.class_images_per_noun,
@@ -252,21 +230,19 @@ def class_images(
         prompt_template=config.prompt_template,
     )
     seg_config = SegmentConfig(detection_threshold=config.detection_threshold)
-    recorder = storage.recorder(context)
-    manifest = run_class_images(
-        spec,
-        storage.output_dir(pair, "class_images"),
-        generation,
-        models.base_pipeline_factory(storage.layout.models),
-        preset.base_model,
-        models.segmenter_factory(storage.layout.models, seg_config),
-        seg_config,
-        recorder,
-        segmenter_model_ids=models.segmenter_model_ids(),
-    )
-    recorder.flush()
-    usable = manifest[manifest["status"] == USABLE]
-    storage.publish(context, pair, "class_images")
+    with storage.stage_run(context, Stage.CLASS_IMAGES) as run:
+        manifest = run_class_images(
+            spec=run.spec,
+            out_dir=run.out_dir,
+            config=generation,
+            load_pipeline=models.base_pipeline_factory(storage.layout.models),
+            base_model_id=preset.base_model,
+            load_segmenter=models.segmenter_factory(storage.layout.models, seg_config),
+            segment_config=seg_config,
+            recorder=run.recorder,
+            segmenter_model_ids=models.segmenter_model_ids(),
+        )
+    usable = manifest[manifest["status"] == STATUS_OK]
     return dg.MaterializeResult(
         metadata={
             "images": len(manifest),
@@ -278,37 +254,32 @@ def class_images(
     )
 
 
-@dg.asset(
-    partitions_def=character_pairs,
-    group_name=GROUP,
-    deps=[segments, class_images],
-    code_version="segmix-bank-v1",
+@stage_asset(
+    Stage.SEGMIX_BANK,
+    gpu=False,
     kinds={"python", "parquet"},
-    **cpu_step(),
+    code_version="segmix-bank-v1",
+    deps=[segments, class_images],
     description="A seeded bank of Seg-Mix composites (MuDI Alg. 1) with union/visible masks, boxes and prompts.",
 )
-@user_errors
 def segmix_bank(
     context: dg.AssetExecutionContext,
     config: SegMixBankConfig,
     storage: StorageResource,
     models: ModelResource,
 ) -> dg.MaterializeResult:
-    pair = pair_key(context)
-    spec = storage.spec(pair)
-    segs = read_manifest(storage.input_dir(pair, "segments"), "segments")
     bank = config.bank_config(models.resolved_preset().resolution)
-    prior = read_manifest(storage.input_dir(pair, "class_images"), "class_images") if bank.n_prior else None
-    recorder = storage.recorder(context)
-    out = run_segmix_bank(
-        segs,
-        prior,
-        {c.id: c.class_noun for c in spec.characters},
-        storage.output_dir(pair, "segmix_bank"),
-        bank,
-        recorder,
-    )
-    recorder.flush()
+    with storage.stage_run(context, Stage.SEGMIX_BANK) as run:
+        segs = read_manifest(storage.input_dir(run.pair, Stage.SEGMENTS), Stage.SEGMENTS)
+        prior_dir = storage.input_dir(run.pair, Stage.CLASS_IMAGES) if bank.n_prior else None
+        out = run_segmix_bank(
+            segments=segs,
+            class_images=read_manifest(prior_dir, Stage.CLASS_IMAGES) if prior_dir is not None else None,
+            character_nouns={c.id: c.class_noun for c in run.spec.characters},
+            out_dir=run.out_dir,
+            config=bank,
+            recorder=run.recorder,
+        )
     for note in out.notes:
         context.log.warning(note)
     manifest = out.manifest
@@ -326,5 +297,4 @@ def segmix_bank(
     }
     if len(prior_rows):
         metadata["prior_samples"] = grid_md(prior_rows["image_path"].head(6).tolist(), columns=6)
-    storage.publish(context, pair, "segmix_bank")
     return dg.MaterializeResult(metadata=metadata)

@@ -1,20 +1,11 @@
 import dagster as dg
 
-from pipeline.storage.paths import validate_key
-
 character_pairs = dg.DynamicPartitionsDefinition(name="character_pairs")
 
 # Metadata key on each ``references`` materialization: the fingerprint of the spec and its photos' bytes.
 REFERENCES_FINGERPRINT = "references_fingerprint"
 # Metadata key on each ``evaluation`` materialization: the headline D&C metric and its value per variant.
 DNC_HEADLINE = "dnc_headline"
-
-
-def pair_key(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext) -> str:
-    """The run's character-pair key, refused (with the rule) if it could not be a safe folder name."""
-    if not context.has_partition_key:
-        raise dg.Failure("castlora assets and checks run per character pair: select a partition.")
-    return validate_key(context.partition_key)
 
 
 def latest_materializations(

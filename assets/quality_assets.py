@@ -2,14 +2,16 @@
 
 import dataclasses
 import functools
+from collections.abc import Callable
+from typing import Any
 
 import dagster as dg
+import pandas as pd
 from pydantic import Field
 
-from assets.compute import gpu_step
-from assets.metadata import image_md, user_errors
-from assets.pair_assets import GROUP
-from assets.partitions import DNC_HEADLINE, character_pairs, pair_key
+from assets.metadata import image_md
+from assets.partitions import DNC_HEADLINE
+from assets.stage_asset import stage_asset
 from assets.training_assets import TRAINING_STAGES, lora
 from pipeline.dnc.pair_scorer import references_from_manifest
 from pipeline.errors import CastloraError
@@ -17,20 +19,27 @@ from pipeline.evaluation.draw import annotated_grid
 from pipeline.evaluation.report import headline_values, plot_rounds, rounds_markdown, training_markdown
 from pipeline.infer import DEFAULT_NEGATIVE, scene_prompts
 from pipeline.iteration_rules import CONVERGENCE_KEPT_RATIO, IterationConfig
+from pipeline.lora.record import LoraRecord
+from pipeline.lora.versions import LoraOutput
+from pipeline.rendering import GenerationSettings, segmix_layout_factory
+from pipeline.spec import PairSpec
+from pipeline.stage_names import Stage
 from pipeline.stages.evaluation import (
     VARIANTS,
+    EvaluationReport,
+    EvaluationScoring,
     Subject,
     Variant,
     image_reward_note,
     run_evaluation,
     train_baseline,
 )
-from pipeline.stages.iteration import GenerationSettings, current_iteration, run_iteration
-from pipeline.stages.lora import current_lora, train_config_of
-from pipeline.stages.samples import segmix_layout_factory
+from pipeline.stages.iteration import ROUNDS_FILE, current_iteration, run_iteration
+from pipeline.stages.lora import current_lora
 from pipeline.storage.manifest import read_manifest
 from pipeline.train.training_set import load_samples
 from resources import ModelResource, StorageResource
+from resources.storage import StageRun
 
 
 class IterationAssetConfig(dg.Config):
@@ -88,8 +97,7 @@ class EvaluationAssetConfig(dg.Config):
     """0: the preset's resolution."""
 
 
-def _generation(storage, models, pair, config, prompts, seed=0) -> GenerationSettings:
-    spec = storage.spec(pair)
+def _generation(spec: PairSpec, models: ModelResource, config, prompts, seed=0) -> GenerationSettings:
     preset = models.resolved_preset()
     return GenerationSettings(
         prompts=tuple(prompts or scene_prompts([c.token_phrase for c in spec.characters])),
@@ -101,30 +109,31 @@ def _generation(storage, models, pair, config, prompts, seed=0) -> GenerationSet
     )
 
 
-def _scorer(storage: StorageResource, models: ModelResource, pair: str):
-    spec = storage.spec(pair)
-    references = read_manifest(storage.input_dir(pair, "references"), "references")
+def _scorer(storage: StorageResource, models: ModelResource, pair: str, spec: PairSpec):
+    references = read_manifest(storage.input_dir(pair, Stage.REFERENCES), Stage.REFERENCES)
     subjects = references_from_manifest(references, [c.id for c in spec.characters])
     return models.dnc_scorer(subjects, storage.layout.models)
 
 
-@dg.asset(
-    partitions_def=character_pairs,
-    group_name=GROUP,
-    deps=[lora],
-    code_version="iteration-v2",
+def _layout_factory(storage: StorageResource, pair: str, resolution: int):
+    """MuDI init's layouts, made from the pair's cut-outs (the same for every round and variant)."""
+    segments = read_manifest(storage.input_dir(pair, Stage.SEGMENTS), Stage.SEGMENTS)
+    return segmix_layout_factory(segments, resolution)
+
+
+@stage_asset(
+    Stage.ITERATION,
+    gpu=True,
     kinds={"pytorch", "parquet"},
-    **gpu_step(),
+    code_version="iteration-v2",
+    deps=[lora],
     description="Iterative self-generation: render, score with Detect-and-Compare, keep the best, fine-tune with KL "
     "towards the previous round; stops when the identities converge.",
 )
-@user_errors
 def iteration(
     context: dg.AssetExecutionContext, config: IterationAssetConfig, storage: StorageResource, models: ModelResource
 ) -> dg.MaterializeResult:
-    pair = pair_key(context)
     preset = models.resolved_preset()
-    base = current_lora(storage.input_dir(pair, "lora"))
     # The launchpad fields mirror IterationConfig; only the preset-dependent defaults are resolved here.
     shared = {
         k: v for k, v in config.model_dump().items() if k in {f.name for f in dataclasses.fields(IterationConfig)}
@@ -138,29 +147,28 @@ def iteration(
             "max_rounds": config.max_rounds or preset.iteration_rounds,
         }
     )
-    generation = _generation(storage, models, pair, config, config.prompts, config.seed)
-    segments = read_manifest(storage.input_dir(pair, "segments"), "segments")
-    scorer = _scorer(storage, models, pair)
-    recorder = storage.recorder(context)
-    out = run_iteration(
-        models.base_pipeline_factory(storage.layout.models),
-        base,
-        scorer,
-        segmix_layout_factory(segments, generation.resolution),
-        generation,
-        loop_config,
-        train_config_of(base),
-        storage.output_dir(pair, "iteration"),
-        storage.layout.cache / "train",
-        recorder,
-        preset.base_model,
-        rounds_per_run=config.rounds_per_run,
-        on_log=lambda step, m: context.log.info(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in m.items())),
-        log=context.log.info,
-    )
-    recorder.flush()
-    threshold = loop_config.distance_fraction if loop_config.convergence == CONVERGENCE_KEPT_RATIO else None
-    plot = plot_rounds(out.rounds, out.run_dir / "rounds.png", distance_threshold=threshold)
+    with storage.stage_run(context, Stage.ITERATION) as run:
+        base = current_lora(storage.input_dir(run.pair, Stage.LORA))
+        generation = _generation(run.spec, models, config, config.prompts, config.seed)
+        scorer = _scorer(storage, models, run.pair, run.spec)
+        out = run_iteration(
+            pipe_factory=models.base_pipeline_factory(storage.layout.models),
+            base_lora=base,
+            scorer=scorer,
+            layout_factory=_layout_factory(storage, run.pair, generation.resolution),
+            generation=generation,
+            config=loop_config,
+            train_config=base.train_config(),
+            root=run.out_dir,
+            cache_dir=storage.layout.cache / "train",
+            recorder=run.recorder,
+            base_model_id=preset.base_model,
+            rounds_per_run=config.rounds_per_run,
+            on_log=lambda step, m: context.log.info(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in m.items())),
+            log=context.log.info,
+        )
+        threshold = loop_config.distance_fraction if loop_config.convergence == CONVERGENCE_KEPT_RATIO else None
+        plot = plot_rounds(out.rounds, out.run_dir / "rounds.png", distance_threshold=threshold)
     kept_items = [
         (_open(row["image_path"]), [], [], f"D&C {row['score']:.3f} s{row['seed']}")
         for row in out.kept.head(8).to_dict("records")
@@ -170,7 +178,7 @@ def iteration(
         "best_round": out.best_round,
         "stop_reason": out.stop_reason or "running",
         "convergence_rule": loop_config.convergence,
-        "best_lora": dg.MetadataValue.path(str(out.best_lora["diffusers"])),
+        "best_lora": dg.MetadataValue.path(str(out.best_lora.diffusers)),
         "rounds": dg.MetadataValue.md(rounds_markdown(out.rounds)),
         "dnc_per_round": image_md(_open(plot), "D&C per round"),
         "detector": scorer.detector.label,
@@ -180,7 +188,6 @@ def iteration(
     }
     if kept_items:
         metadata["kept_images"] = image_md(annotated_grid(kept_items, columns=4, cell_size=192), "kept")
-    storage.publish(context, pair, "iteration")
     return dg.MaterializeResult(metadata=metadata)
 
 
@@ -195,44 +202,33 @@ def _open(path):
         return opened.convert("RGB")
 
 
-@dg.asset(
-    partitions_def=character_pairs,
-    group_name=GROUP,
-    deps=[lora, iteration],
-    code_version="evaluation-v2",
-    kinds={"pytorch", "parquet"},
-    **gpu_step(),
-    description="DreamBooth vs Seg-Mix vs + MuDI init vs + iterative training on one prompt × seed grid: D&C (both "
-    "modes), DINO / CLIP-I per character, CLIP-T, count-gate failures; report, plots and annotated grids.",
-)
-@user_errors
-def evaluation(
-    context: dg.AssetExecutionContext, config: EvaluationAssetConfig, storage: StorageResource, models: ModelResource
-) -> dg.MaterializeResult:
-    pair = pair_key(context)
-    spec = storage.spec(pair)
-    preset = models.resolved_preset()
-    unknown = [v for v in config.variants if v not in VARIANTS]
-    if unknown:
-        raise dg.Failure(f"Unknown evaluation variant(s) {unknown}; choose from {list(VARIANTS)}.")
-    prompts = config.prompts or scene_prompts([c.token_phrase for c in spec.characters])[: preset.eval_prompts]
-    seeds = list(config.seeds) or list(range(1000, 1000 + preset.eval_seeds))
-    generation = _generation(storage, models, pair, config, prompts)
-    pipe_factory = models.base_pipeline_factory(storage.layout.models)
-    lora_root = storage.input_dir(pair, "lora")
-    segmix_lora = current_lora(lora_root)
-    recorder = storage.recorder(context)
-    iteration_root = storage.input_dir(pair, "iteration")
-    evaluation_dir = storage.output_dir(pair, "evaluation")
+def _variants(
+    context: dg.AssetExecutionContext,
+    config: EvaluationAssetConfig,
+    storage: StorageResource,
+    run: StageRun,
+    segmix_lora: LoraRecord,
+    pipe_factory: Callable[[], Any],
+    base_model_id: str,
+) -> tuple[list[Variant], list[str], pd.DataFrame | None, LoraOutput | None]:
+    """The configured variants (training the DreamBooth baseline when asked), notes for the report, the iteration's
+    rounds (for the report's plot) and the baseline's training output (None when not evaluated)."""
+    iteration_root = storage.input_dir(run.pair, Stage.ITERATION)
     variants, notes, rounds, baseline = [], [], None, None
     for name in config.variants:
         if name == "dreambooth":
             context.log.info("evaluation: training the DreamBooth baseline (the Seg-Mix LoRA's settings, no Seg-Mix)")
-            training_data = storage.input_pair_dir(pair, *TRAINING_STAGES)
+            training_data = storage.input_pair_dir(run.pair, *TRAINING_STAGES)
+            # A declared output of this asset: <evaluation>/baseline/<version>/, published with the stage.
             baseline = train_baseline(
-                pipe_factory(), segmix_lora, functools.partial(_samples_for, training_data),
-                evaluation_dir, storage.layout.cache / "train", recorder, preset.base_model,
-            )  # fmt: skip
+                pipe=pipe_factory(),
+                segmix_lora=segmix_lora,
+                samples_for=functools.partial(_samples_for, training_data),
+                out_dir=run.out_dir,
+                cache_dir=storage.layout.cache / "train",
+                recorder=run.recorder,
+                base_model_id=base_model_id,
+            )
             note = "dreambooth: the Seg-Mix LoRA's training settings without Seg-Mix (segmix_p=0)"
             variants.append(Variant(name, baseline.as_current(), None, note))
         elif name == "segmix":
@@ -245,34 +241,66 @@ def evaluation(
             except CastloraError as exc:  # reported; the other variants still run
                 notes.append(f"iterative: skipped ({exc})")
                 continue
-            note = f"iterative: best round {iterated['round']} of run {iterated['run']} ({iterated['stop_reason']})"
+            pick = iterated.picked
+            note = f"iterative: best round {pick.round} of run {pick.run} ({pick.stop_reason})"
             variants.append(Variant(name, iterated, config.gamma, note))
-            rounds = read_manifest(iteration_root / iterated["run"], "iteration", "rounds.parquet")
-    scorer = _scorer(storage, models, pair)
-    clip_t, clip_t_note = models.clip_t_scorer(storage.layout.models, scorer)
-    segments = read_manifest(storage.input_dir(pair, "segments"), "segments")
-    out = run_evaluation(
-        pipe_factory,
-        variants,
-        scorer,
-        scorer.unavailable,
-        clip_t,
-        clip_t_note,
-        image_reward_note(preset.image_reward),
-        segmix_layout_factory(segments, generation.resolution),
-        generation,
-        seeds,
-        [Subject(c.id, c.class_noun, c.token_phrase) for c in spec.characters],
-        evaluation_dir,
-        recorder,
-        preset.base_model,
-        rounds=rounds,
-        log=context.log.info,
-        title=f"castlora evaluation — {pair}",
-        notes=[*notes, f"detector: {scorer.detector.label}"],
-        segmix_lora=segmix_lora,
-    )
-    recorder.flush()
+            rounds = read_manifest(iteration_root / pick.run, Stage.ITERATION, ROUNDS_FILE)
+    return variants, notes, rounds, baseline
+
+
+@stage_asset(
+    Stage.EVALUATION,
+    gpu=True,
+    kinds={"pytorch", "parquet"},
+    code_version="evaluation-v2",
+    deps=[lora, iteration],
+    description="DreamBooth vs Seg-Mix vs + MuDI init vs + iterative training on one prompt × seed grid: D&C (both "
+    "modes), DINO / CLIP-I per character, CLIP-T, count-gate failures; report, plots and annotated grids.",
+)
+def evaluation(
+    context: dg.AssetExecutionContext, config: EvaluationAssetConfig, storage: StorageResource, models: ModelResource
+) -> dg.MaterializeResult:
+    preset = models.resolved_preset()
+    unknown = [v for v in config.variants if v not in VARIANTS]
+    if unknown:
+        raise dg.Failure(f"Unknown evaluation variant(s) {unknown}; choose from {list(VARIANTS)}.")
+    with storage.stage_run(context, Stage.EVALUATION) as run:
+        characters = run.spec.characters
+        prompts = config.prompts or scene_prompts([c.token_phrase for c in characters])[: preset.eval_prompts]
+        seeds = list(config.seeds) or list(range(1000, 1000 + preset.eval_seeds))
+        generation = _generation(run.spec, models, config, prompts)
+        pipe_factory = models.base_pipeline_factory(storage.layout.models)
+        segmix_lora = current_lora(storage.input_dir(run.pair, Stage.LORA))
+        variants, notes, rounds, baseline = _variants(
+            context, config, storage, run, segmix_lora, pipe_factory, preset.base_model
+        )
+        scorer = _scorer(storage, models, run.pair, run.spec)
+        clip_t, clip_t_note = models.clip_t_scorer(storage.layout.models, scorer)
+        out = run_evaluation(
+            pipe_factory=pipe_factory,
+            variants=variants,
+            scoring=EvaluationScoring(
+                scorer=scorer,
+                unavailable_embedders=scorer.unavailable,
+                clip_text_image=clip_t,
+                clip_t_note=clip_t_note,
+                image_reward_note=image_reward_note(preset.image_reward),
+            ),
+            layout_factory=_layout_factory(storage, run.pair, generation.resolution),
+            generation=generation,
+            seeds=seeds,
+            subjects=[Subject(c.id, c.class_noun, c.token_phrase) for c in characters],
+            out_dir=run.out_dir,
+            recorder=run.recorder,
+            base_model_id=preset.base_model,
+            report=EvaluationReport(
+                title=f"castlora evaluation — {run.pair}",
+                notes=[*notes, f"detector: {scorer.detector.label}"],
+                rounds=rounds,
+                segmix_lora=segmix_lora,
+            ),
+            log=context.log.info,
+        )
     metadata = {
         "report": dg.MetadataValue.md(out.report),
         "metrics_file": dg.MetadataValue.path(str(out.folder / "metrics.parquet")),
@@ -295,5 +323,4 @@ def evaluation(
         metadata[f"grid_{name}"] = image_md(_open(path), name)
     for name, path in out.plots.items():
         metadata[f"plot_{name.replace(':', '_')}"] = image_md(_open(path), name)
-    storage.publish(context, pair, "evaluation")  # the baseline LoRA is inside the evaluation folder
     return dg.MaterializeResult(metadata=metadata)

@@ -15,6 +15,7 @@ import dagster as dg
 from assets.jobs import PAIR_ASSETS, pair_job
 from assets.partitions import REFERENCES_FINGERPRINT, character_pairs, latest_materializations
 from pipeline.errors import CastloraError
+from pipeline.stage_names import Stage
 from pipeline.storage.registry import references_fingerprint
 from resources import StorageResource
 
@@ -56,7 +57,7 @@ def pair_staleness(
         made_with = (latest.tags or {}).get(CODE_VERSION_TAG)
         if made_with != version:
             reasons.append(f"{name}: code version {made_with} -> {version}")
-        if name == "references":
+        if name == Stage.REFERENCES:
             recorded = latest.metadata.get(REFERENCES_FINGERPRINT)
             recorded_value = getattr(recorded, "value", recorded)
             try:

@@ -5,21 +5,23 @@ import dataclasses
 import dagster as dg
 from pydantic import Field
 
-from assets.compute import gpu_step
-from assets.metadata import grid_md, image_md, loss_curve_md, table_md, user_errors
-from assets.pair_assets import GROUP, captions, class_images, segments, segmix_bank
-from assets.partitions import character_pairs, pair_key
+from assets.metadata import grid_md, image_md, loss_curve_md, table_md
+from assets.pair_assets import captions, class_images, segments, segmix_bank
+from assets.stage_asset import stage_asset
 from pipeline.images import image_grid
 from pipeline.infer import DEFAULT_NEGATIVE, scene_prompts
-from pipeline.stages.lora import current_lora, run_lora
-from pipeline.stages.samples import run_samples, segmix_layout_factory
+from pipeline.lora.versions import TrainingRun
+from pipeline.rendering import RenderSettings, segmix_layout_factory
+from pipeline.stage_names import Stage
+from pipeline.stages.lora import ValidationRenders, current_lora, run_lora
+from pipeline.stages.samples import run_samples
 from pipeline.storage.manifest import read_manifest
 from pipeline.train import TrainConfig
 from pipeline.train.training_set import load_samples
 from resources import ModelResource, StorageResource
 
 # The stage folders load_samples reads (with S3 they are fetched first).
-TRAINING_STAGES = ("references", "captions", "segments", "segmix_bank", "class_images")
+TRAINING_STAGES = (Stage.REFERENCES, Stage.CAPTIONS, Stage.SEGMENTS, Stage.SEGMIX_BANK, Stage.CLASS_IMAGES)
 
 
 class LoraTrainingConfig(dg.Config):
@@ -73,21 +75,17 @@ class SamplesConfig(dg.Config):
     resolution: int = 0
 
 
-@dg.asset(
-    partitions_def=character_pairs,
-    group_name=GROUP,
-    deps=[captions, segments, segmix_bank, class_images],
-    code_version="lora-v2",
+@stage_asset(
+    Stage.LORA,
+    gpu=True,
     kinds={"pytorch", "safetensors"},
-    **gpu_step(),
+    code_version="lora-v2",
+    deps=[captions, segments, segmix_bank, class_images],
     description="DreamBooth-LoRA on the U-Net with Seg-Mix and prior preservation; resumable; diffusers + kohya files.",
 )
-@user_errors
 def lora(
     context: dg.AssetExecutionContext, config: LoraTrainingConfig, storage: StorageResource, models: ModelResource
 ) -> dg.MaterializeResult:
-    pair = pair_key(context)
-    spec = storage.spec(pair)
     preset = models.resolved_preset()
     # auto: train in the precision the frozen base model is loaded in (the resource's dtype).
     autocast = {"float16": "fp16", "bfloat16": "bf16"}.get(models.torch_dtype_name(), "no")
@@ -102,31 +100,24 @@ def lora(
             "mixed_precision": mixed,
         }
     )
-    training_data = storage.input_pair_dir(pair, *TRAINING_STAGES)
-    samples = load_samples(training_data, with_prior=train_config.prior_preservation)
-    pipe = models.base_pipeline_factory(storage.layout.models)()
-    phrases = [c.token_phrase for c in spec.characters]
-    prompts = config.validation_prompts or scene_prompts(phrases)[:2]
-    recorder = storage.recorder(context)
 
     def log_progress(step: int, metrics: dict) -> None:
         shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
         context.log.info(f"step {step}/{train_config.steps}: {shown}")
 
-    out = run_lora(
-        pipe,
-        samples,
-        train_config,
-        storage.output_dir(pair, "lora"),
-        storage.layout.cache / "train",
-        recorder,
-        preset.base_model,
-        on_log=log_progress,
-        validation_prompts=prompts,
-        validation_steps=preset.inference_steps,
-        trainer=models.trainer(storage.layout.models),
-    )
-    recorder.flush()
+    with storage.stage_run(context, Stage.LORA) as run:
+        training_data = storage.input_pair_dir(run.pair, *TRAINING_STAGES)
+        samples = load_samples(training_data, with_prior=train_config.prior_preservation)
+        pipe = models.base_pipeline_factory(storage.layout.models)()
+        prompts = config.validation_prompts or scene_prompts([c.token_phrase for c in run.spec.characters])[:2]
+        out = run_lora(
+            pipe=pipe,
+            samples=samples,
+            config=train_config,
+            run=TrainingRun(run.out_dir, storage.layout.cache / "train", run.recorder, preset.base_model, log_progress),
+            validation=ValidationRenders(prompts=prompts, steps=preset.inference_steps),
+            trainer=models.trainer(storage.layout.models),
+        )
     result = out.result
     kinds = {kind: sum(s.kind == kind for s in samples) for kind in sorted({s.kind for s in samples})}
     metadata = {
@@ -144,64 +135,53 @@ def lora(
         metadata["loss_curve"] = loss_curve_md(result.losses)
     if out.validation:
         metadata["validation_images"] = image_md(image_grid([image for _, image in out.validation], columns=4))
-    storage.publish(context, pair, "lora")
     return dg.MaterializeResult(metadata=metadata)
 
 
-@dg.asset(
-    partitions_def=character_pairs,
-    group_name=GROUP,
-    deps=[lora],
-    code_version="samples-v1",
+@stage_asset(
+    Stage.SAMPLES,
+    gpu=True,
     kinds={"pytorch", "parquet"},
-    **gpu_step(),
+    code_version="samples-v1",
+    deps=[lora],
     description="The characters rendered together with the pair's LoRA, from MuDI's mean-shifted initialization.",
 )
-@user_errors
 def samples(
     context: dg.AssetExecutionContext, config: SamplesConfig, storage: StorageResource, models: ModelResource
 ) -> dg.MaterializeResult:
-    pair = pair_key(context)
-    spec = storage.spec(pair)
     preset = models.resolved_preset()
-    lora_root = storage.input_dir(pair, "lora")
-    current = current_lora(lora_root)
-    pipe = models.base_pipeline_factory(storage.layout.models)()
-    pipe.load_lora_weights(current["diffusers"])
     resolution = config.resolution or preset.resolution
-    prompts = config.prompts or scene_prompts([c.token_phrase for c in spec.characters])
     gamma = config.gamma if config.gamma >= 0 else None
-    layout_factory = None
-    if gamma is not None:
-        segments_manifest = read_manifest(storage.input_dir(pair, "segments"), "segments")
-        layout_factory = segmix_layout_factory(segments_manifest, resolution, config.layout_seed_offset)
-
-    recorder = storage.recorder(context)
-    manifest = run_samples(
-        pipe,
-        prompts,
-        list(config.seeds),
-        len(config.seeds),
-        layout_factory,
-        gamma,
-        current["version"],
-        storage.output_dir(pair, "samples"),
-        recorder,
-        resolution,
-        resolution,
-        config.steps or preset.inference_steps,
-        config.guidance_scale,
-        DEFAULT_NEGATIVE if config.use_default_negative else None,
-        lora_sha256=current["sha256"]["diffusers"],
+    settings = RenderSettings(
+        height=resolution,
+        width=resolution,
+        steps=config.steps or preset.inference_steps,
+        guidance_scale=config.guidance_scale,
+        negative_prompt=DEFAULT_NEGATIVE if config.use_default_negative else None,
         lora_scale=config.lora_scale,
-        model_ids=[preset.base_model],
     )
-    recorder.flush()
-    storage.publish(context, pair, "samples")
+    with storage.stage_run(context, Stage.SAMPLES) as run:
+        current = current_lora(storage.input_dir(run.pair, Stage.LORA))
+        layout_factory = None
+        if gamma is not None:
+            segments_manifest = read_manifest(storage.input_dir(run.pair, Stage.SEGMENTS), Stage.SEGMENTS)
+            layout_factory = segmix_layout_factory(segments_manifest, resolution, config.layout_seed_offset)
+        manifest = run_samples(
+            pipe=models.base_pipeline_factory(storage.layout.models)(),
+            lora=current,
+            prompts=config.prompts or scene_prompts([c.token_phrase for c in run.spec.characters]),
+            seeds=list(config.seeds),
+            layout_factory=layout_factory,
+            gamma=gamma,
+            settings=settings,
+            out_dir=run.out_dir,
+            recorder=run.recorder,
+            model_ids=[preset.base_model],
+        )
     return dg.MaterializeResult(
         metadata={
             "images": len(manifest),
-            "lora_version": current["version"],
+            "lora_version": current.version,
             "gamma": gamma if gamma is not None else "plain noise",
             "prompts": table_md(manifest[["prompt", "seed", "layout_source"]].drop_duplicates().head(20)),
             "samples": grid_md(manifest["path"].head(16).tolist(), columns=4),

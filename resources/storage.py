@@ -12,7 +12,10 @@ variables, profile, IAM role), or set them with ``dg.EnvVar("AWS_ACCESS_KEY_ID")
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
@@ -26,6 +29,33 @@ from pipeline.storage.lineage import LineageRecorder
 from pipeline.storage.paths import DataLayout, check_home, safe_child, validate_key
 from pipeline.storage.registry import load_registered, register_pair
 from pipeline.storage.remote import RetryPolicy, S3Location, S3Store, boto3_client_factory, key_parts
+
+
+def pair_key(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext) -> str:
+    """The run's character-pair key, refused (with the rule) if it could not be a safe folder name."""
+    if not context.has_partition_key:
+        raise dg.Failure("castlora assets and checks run per character pair: select a partition.")
+    return validate_key(context.partition_key)
+
+
+class StageRun:
+    """One asset writing its stage for one pair (``StorageResource.stage_run``)."""
+
+    def __init__(self, storage: StorageResource, context: dg.AssetExecutionContext, stage: str) -> None:
+        self.pair = pair_key(context)
+        self.stage = stage
+        self.recorder = storage.recorder(context)
+        self._storage = storage
+
+    @functools.cached_property
+    def spec(self) -> PairSpec:
+        """The pair's registered spec (read once, when first needed)."""
+        return self._storage.spec(self.pair)
+
+    @functools.cached_property
+    def out_dir(self) -> Path:
+        """The stage's folder (``StorageResource.output_dir``), made when the stage first needs it."""
+        return self._storage.output_dir(self.pair, self.stage)
 
 
 class StorageResource(dg.ConfigurableResource):
@@ -133,6 +163,16 @@ class StorageResource(dg.ConfigurableResource):
             remote.publish_tree(self.layout.stage_dir(pair_key, stage), rel)
             uris.append(remote.uri(rel))
         return uris
+
+    @contextlib.contextmanager
+    def stage_run(self, context: dg.AssetExecutionContext, stage: str) -> Iterator[StageRun]:
+        """The pair, spec, output folder and lineage recorder of the asset writing ``stage``. When the block
+        succeeds, the lineage is written and the stage published; when it fails, neither happens (what the
+        stage wrote stays on local disk, so a rerun resumes from it)."""
+        run = StageRun(self, context, stage)
+        yield run
+        run.recorder.flush()
+        self.publish(context, run.pair, stage)
 
     def register(self, spec: PairSpec) -> Path:
         """Register a pair locally and, with S3, publish its spec so every machine can read it."""

@@ -135,3 +135,98 @@ def test_only_the_family_modules_name_sdxl_components():
                 found = _code_names(ast.parse(path.read_text(encoding="utf-8"))) & sdxl_only
                 offenders += [f"{name}: {sorted(found)}"] if found else []
     assert not offenders, "family-specific names outside pipeline/families:\n" + "\n".join(offenders)
+
+
+# --- Stages as leaves (docs/design.md): a stage imports no other stage, and nothing else in pipeline/ imports one.
+
+STAGES_PACKAGE = "pipeline.stages"
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module ``path`` imports, absolute (``from pipeline.stages import lora`` gives ``pipeline.stages.lora``)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return found
+
+
+def stage_modules_imported(path: Path) -> set[str]:
+    """The stage modules (``pipeline.stages.<name>``) that ``path`` imports."""
+    return {
+        name
+        for name in imported_modules(path)
+        if name.startswith(STAGES_PACKAGE + ".") and name.count(".") >= 2 and name.split(".")[2] != "__init__"
+    }
+
+
+def stage_rule_offenders(root: Path) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+    """(stages importing another stage, non-stage modules of ``pipeline/`` importing a stage) under ``root``."""
+    between_stages, into_stages = {}, {}
+    for path in sorted((root / "pipeline").rglob("*.py")):
+        relative = path.relative_to(root)
+        imported = {".".join(name.split(".")[:3]) for name in stage_modules_imported(path)}
+        if relative.parts[:2] == ("pipeline", "stages"):
+            own = f"{STAGES_PACKAGE}.{path.stem}"
+            if imported - {own}:
+                between_stages[relative.as_posix()] = imported - {own}
+        elif imported:
+            into_stages[relative.as_posix()] = imported
+    return between_stages, into_stages
+
+
+def test_no_stage_imports_another_stage():
+    between_stages, _ = stage_rule_offenders(REPO)
+    assert not between_stages, (
+        "a stage must not import another stage: move the shared piece to a non-stage module "
+        f"(pipeline/lora/, pipeline/rendering.py, ...): {between_stages}"
+    )
+
+
+def test_no_module_outside_the_stages_imports_a_stage():
+    _, into_stages = stage_rule_offenders(REPO)
+    assert not into_stages, f"only assets (and tests) may import pipeline/stages/: {into_stages}"
+
+
+@pytest.mark.parametrize(
+    ("path", "source", "rule"),
+    [
+        ("pipeline/stages/samples.py", "from pipeline.stages.segments import run_segments\n", 0),
+        ("pipeline/stages/samples.py", "from pipeline.stages import lora\n", 0),
+        ("pipeline/stages/samples.py", "import pipeline.stages.lora as other\n", 0),
+        ("pipeline/train/data.py", "from pipeline.stages.segments import run_segments\n", 1),
+        ("pipeline/rendering.py", "def later():\n    from pipeline.stages.lora import run_lora\n", 1),
+    ],
+)
+def test_the_stage_rules_catch_a_violation(tmp_path, path, source, rule):
+    """The rules above find a stage import in a stage or outside the stages, at any depth of the module."""
+    (tmp_path / path).parent.mkdir(parents=True)
+    (tmp_path / path).write_text(source)
+    (tmp_path / "pipeline/stages").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "pipeline/stages/own.py").write_text("from pipeline.stages.own import helper\n")  # itself: fine
+    offenders = stage_rule_offenders(tmp_path)
+    assert path in offenders[rule] and not offenders[1 - rule]
+
+
+def positional_stage_functions(root: Path) -> list[str]:
+    """Stage functions (``run_*`` in ``pipeline/stages/``) that accept an argument by position."""
+    found = []
+    for path in sorted((root / "pipeline" / "stages").glob("*.py")):
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if (
+                isinstance(node, ast.FunctionDef)
+                and node.name.startswith("run_")
+                and (node.args.args or node.args.vararg)
+            ):
+                found.append(f"{path.relative_to(root).as_posix()}: {node.name}")
+    return found
+
+
+def test_stage_functions_take_keyword_arguments_only(tmp_path):
+    assert not positional_stage_functions(REPO), "add `*` first: stage functions take keyword arguments only"
+    (tmp_path / "pipeline" / "stages").mkdir(parents=True)
+    (tmp_path / "pipeline" / "stages" / "x.py").write_text("def run_x(a, *, b): ...\ndef run_y(*, a): ...\n")
+    assert positional_stage_functions(tmp_path) == ["pipeline/stages/x.py: run_x"]

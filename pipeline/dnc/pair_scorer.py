@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
@@ -24,6 +25,16 @@ from pipeline.errors import CastloraError
 from pipeline.models.loading import resolve_model
 
 DETECTORS = ("owlv2", "layout")
+
+
+class ImageScorer(Protocol):
+    """What the iteration and the evaluation need of a D&C scorer (``DncScorer``; tests pass simpler ones)."""
+
+    def score(self, images: Sequence[Image.Image], layout_boxes: Sequence[Sequence[Sequence[float]]]) -> pd.DataFrame:
+        """One row per (image, embedder, mode): image_index, embedder, mode, score, reason, boxes_json, ..."""
+        ...
+
+    def embed(self, images: Sequence[Image.Image], embedder: str) -> np.ndarray: ...
 
 
 @dataclass

@@ -66,6 +66,7 @@ def _user_caption(path: Path, token_phrase: str) -> str:
 
 
 def run_captions(
+    *,
     references: pd.DataFrame,
     out_dir: Path,
     captioner: Captioner,

@@ -23,9 +23,9 @@ from PIL import Image
 from pipeline.images import IntakeConfig, intake_photos, save_png
 from pipeline.prior_images import ClassImageConfig, generate_class_images, list_class_image_files
 from pipeline.segment import SegmentConfig, Segmenter
+from pipeline.segment.files import write_segment
 from pipeline.segment.user_masks import segment_with_user_masks
 from pipeline.spec import PairSpec
-from pipeline.stages.segments import write_segment
 from pipeline.storage.hashing import sha256_file, sha256_json
 from pipeline.storage.lineage import LineageRecorder
 from pipeline.storage.manifest import prune_unlisted, write_manifest
@@ -83,6 +83,7 @@ def _import(
 
 
 def run_class_images(
+    *,
     spec: PairSpec,
     out_dir: Path,
     config: ClassImageConfig,

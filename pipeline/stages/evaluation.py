@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from pipeline.dnc.pair_scorer import ImageScorer
 from pipeline.errors import CastloraError
 from pipeline.evaluation.draw import annotated_grid, box_annotations
 from pipeline.evaluation.report import (
@@ -33,10 +34,10 @@ from pipeline.evaluation.report import (
     summarize,
 )
 from pipeline.infer import Layout
+from pipeline.lora.record import LoraRecord
+from pipeline.lora.versions import LoraOutput, TrainingRun, train_version
 from pipeline.models.loading import release_memory
-from pipeline.stages.iteration import GenerationSettings, ImageScorer
-from pipeline.stages.lora import LoraOutput, run_lora, train_config_of
-from pipeline.stages.samples import run_samples
+from pipeline.rendering import GenerationSettings, render_samples
 from pipeline.storage.lineage import LineageRecorder
 from pipeline.storage.manifest import write_manifest
 from pipeline.train import TrainConfig, TrainingSample
@@ -45,14 +46,15 @@ OK, UNAVAILABLE, UNDEFINED = "ok", "unavailable", "undefined"
 VARIANTS = ("dreambooth", "segmix", "segmix_init", "iterative")
 """The comparison the MuDI paper makes: DreamBooth (no Seg-Mix), Seg-Mix, + MuDI init, + iterative training."""
 BASELINE_DIR = "baseline"
-"""The DreamBooth baseline's LoRA lives in ``<evaluation>/baseline/<version>/`` with its ``current.json``."""
+"""The DreamBooth baseline's LoRA lives in ``<evaluation>/baseline/<version>/`` with its ``current.json``: a
+declared output of the evaluation asset (published with its folder, reported in its metadata)."""
 
 
 @dataclass(frozen=True)
 class Variant:
     name: str
-    lora: dict[str, Any] | None
-    """A ``current.json`` dict (version, diffusers path, sha256); None renders the base model."""
+    lora: LoraRecord | None
+    """The LoRA it renders with; None renders the base model."""
     gamma: float | None
     """MuDI init weight; None = plain noise."""
     note: str = ""
@@ -63,6 +65,33 @@ class Subject:
     name: str
     class_noun: str
     token_phrase: str
+
+
+@dataclass(frozen=True)
+class EvaluationScoring:
+    """How every rendered image is judged, and why a metric is missing where its model is unavailable."""
+
+    scorer: ImageScorer
+    unavailable_embedders: dict[str, str]
+    """Embedder name -> why it could not be loaded (reported as ``unavailable``)."""
+    clip_text_image: Callable[[list[Image.Image], list[str]], np.ndarray] | None
+    """CLIP-T per (image, text); None when CLIP is unavailable (``clip_t_note`` says why)."""
+    clip_t_note: str
+    image_reward_note: str
+
+
+@dataclass(frozen=True)
+class EvaluationReport:
+    """What the report shows besides the grid's metrics."""
+
+    title: str = "castlora evaluation"
+    notes: Sequence[str] = ()
+    rounds: pd.DataFrame | None = None
+    """The iteration's rounds (plotted when given)."""
+    distance_fraction: float | None = None
+    """The ``kept_ratio`` threshold drawn on the rounds plot."""
+    segmix_lora: LoraRecord | None = None
+    """Each variant's training settings are compared with this LoRA's."""
 
 
 @dataclass
@@ -85,47 +114,48 @@ def dreambooth_config(segmix: TrainConfig) -> TrainConfig:
 
 
 def train_baseline(
+    *,
     pipe: Any,
-    segmix_lora: dict[str, Any],
+    segmix_lora: LoraRecord,
     samples_for: Callable[[TrainConfig], Sequence[TrainingSample]],
     out_dir: Path,
     cache_dir: Path,
     recorder: LineageRecorder,
     base_model_id: str,
 ) -> LoraOutput:
-    """Train (or resume, or reuse) the DreamBooth baseline of ``segmix_lora`` (a ``current_lora`` record) into
+    """Train (or resume, or reuse) the DreamBooth baseline of ``segmix_lora`` (the pair's LoRA record) into
     ``out_dir/baseline/<version>/``, exported, recorded in lineage and named by ``out_dir/baseline/current.json``.
 
     ``samples_for(config)`` gives the pair's training samples for that config (prior images when it uses prior
     preservation).
     """
-    config = dreambooth_config(train_config_of(segmix_lora))
-    samples = samples_for(config)
-    return run_lora(pipe, samples, config, Path(out_dir) / BASELINE_DIR, cache_dir, recorder, base_model_id)
+    config = dreambooth_config(segmix_lora.train_config())
+    run = TrainingRun(Path(out_dir) / BASELINE_DIR, Path(cache_dir), recorder, base_model_id)
+    return train_version(pipe=pipe, samples=samples_for(config), config=config, run=run)
 
 
 def _setting(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def training_settings(variants: Sequence[Variant], segmix_lora: dict[str, Any] | None) -> pd.DataFrame:
+def training_settings(variants: Sequence[Variant], segmix_lora: LoraRecord | None) -> pd.DataFrame:
     """Per variant (``TRAINING_COLUMNS``): its LoRA version, steps trained, Seg-Mix probability and every training
     setting that differs from ``segmix_lora``'s (None: nothing to compare with). A variant whose record lacks
     complete settings says so in its row; ``segmix_lora`` itself must have them."""
-    reference = train_config_of(segmix_lora) if segmix_lora is not None else None
+    reference = segmix_lora.train_config() if segmix_lora is not None else None
     rows = []
     for variant in variants:
         row: dict[str, Any] = {"variant": variant.name, "lora": "base model (no LoRA)", "steps": None}
         row |= {"segmix_p": None, "differs_from_segmix": "—"}
         if variant.lora is not None:
             try:
-                config = train_config_of(variant.lora)
+                config = variant.lora.train_config()
             except CastloraError as exc:  # e.g. a LoRA recorded by an older castlora: said so, not guessed
-                rows.append({**row, "lora": variant.lora["version"], "differs_from_segmix": f"unknown: {exc}"})
+                rows.append({**row, "lora": variant.lora.version, "differs_from_segmix": f"unknown: {exc}"})
                 continue
-            steps = int(variant.lora.get("steps", config.steps))
+            steps = variant.lora.steps if variant.lora.steps is not None else config.steps
             row |= {
-                "lora": variant.lora["version"],
+                "lora": variant.lora.version,
                 "steps": steps if steps == config.steps else f"{steps} of {config.steps}",
                 "segmix_p": config.segmix_p,
             }
@@ -235,13 +265,10 @@ def _annotation(record: dict[str, Any], subjects: Sequence[Subject]) -> tuple[li
 
 
 def run_evaluation(
+    *,
     pipe_factory: Callable[[], Any],
     variants: Sequence[Variant],
-    scorer: ImageScorer,
-    unavailable_embedders: dict[str, str],
-    clip_text_image: Callable[[list[Image.Image], list[str]], np.ndarray] | None,
-    clip_t_note: str,
-    image_reward_note: str,
+    scoring: EvaluationScoring,
     layout_factory: Callable[[int], Layout],
     generation: GenerationSettings,
     seeds: Sequence[int],
@@ -249,21 +276,17 @@ def run_evaluation(
     out_dir: Path,
     recorder: LineageRecorder,
     base_model_id: str,
-    rounds: pd.DataFrame | None = None,
-    distance_fraction: float | None = None,
+    report: EvaluationReport = EvaluationReport(),
     log: Callable[[str], None] = print,
-    title: str = "castlora evaluation",
-    notes: Sequence[str] = (),
-    segmix_lora: dict[str, Any] | None = None,
 ) -> EvaluationOutput:
     """Render every variant on the grid, score it, and write metrics.parquet, summary.parquet, report.md, plots
     and annotated grids into ``out_dir``. The report's training table compares each variant's settings with
-    ``segmix_lora``'s (a ``current_lora`` record)."""
+    ``report.segmix_lora``'s."""
     if not variants:
         raise CastloraError("Evaluation needs at least one variant (dreambooth, segmix, segmix_init, iterative).")
     if not generation.prompts or not seeds:
         raise CastloraError("Evaluation needs at least one prompt and one seed for its grid.")
-    training = training_settings(variants, segmix_lora)  # before rendering: a record without settings fails fast
+    training = training_settings(variants, report.segmix_lora)  # before rendering: a record without settings fails
     out_dir = Path(out_dir)
     layout_factory = functools.cache(layout_factory)  # one composite per seed, shared by every variant
     rows: list[dict[str, Any]] = []
@@ -272,23 +295,19 @@ def run_evaluation(
         log(f"evaluation: rendering {len(generation.prompts)} prompts x {len(seeds)} seeds for {variant.name}")
         pipe = pipe_factory()
         if variant.lora is not None:
-            pipe.load_lora_weights(variant.lora["diffusers"])
-        manifest = run_samples(
-            pipe,
-            list(generation.prompts),
-            list(seeds),
-            len(seeds),
-            layout_factory if variant.gamma is not None else None,
-            variant.gamma,
-            variant.lora["version"] if variant.lora else "base",
-            out_dir / variant.name,
-            recorder,
-            generation.resolution,
-            generation.resolution,
-            generation.steps,
-            generation.guidance_scale,
-            generation.negative_prompt,
-            lora_sha256=variant.lora["sha256"]["diffusers"] if variant.lora else None,
+            pipe.load_lora_weights(str(variant.lora.diffusers))
+        manifest = render_samples(
+            pipe=pipe,
+            prompts=list(generation.prompts),
+            seeds=list(seeds),
+            images_per_prompt=len(seeds),
+            layout_factory=layout_factory if variant.gamma is not None else None,
+            gamma=variant.gamma,
+            settings=generation.render_settings(),
+            lora_version=variant.lora.version if variant.lora else "base",
+            lora_sha256=variant.lora.diffusers_sha256 if variant.lora else None,
+            out_dir=out_dir / variant.name,
+            recorder=recorder,
             model_ids=[base_model_id],
         )
         del pipe  # one base model in memory at a time
@@ -296,13 +315,20 @@ def run_evaluation(
         images = [Image.open(p).convert("RGB") for p in manifest["path"]]
         # Every variant is judged against the same per-seed layout (used by the layout fallback detector).
         boxes = [layout_factory(int(seed)).boxes for seed in manifest["seed"]]
-        records = scorer.score(images, boxes)
+        records = scoring.scorer.score(images, boxes)
         write_manifest(records, out_dir / variant.name, "dnc.parquet")
         texts = [clip_text(p, subjects) for p in manifest["prompt"]]
-        clip_t = clip_text_image(images, texts) if clip_text_image is not None else None
+        clip_t = scoring.clip_text_image(images, texts) if scoring.clip_text_image is not None else None
         rows.extend(
             metric_rows(
-                variant.name, manifest, records, subjects, unavailable_embedders, clip_t, clip_t_note, image_reward_note
+                variant.name,
+                manifest,
+                records,
+                subjects,
+                scoring.unavailable_embedders,
+                clip_t,
+                scoring.clip_t_note,
+                scoring.image_reward_note,
             )
         )
         grid_items[variant.name] = _grid_items(variant.name, images, manifest, records, subjects)
@@ -314,18 +340,20 @@ def run_evaluation(
     plots = {}
     for metric in sorted(m for m in metrics["metric"].unique() if m.startswith("dnc_")):
         plots[metric] = plot_score_distributions(metrics, metric, plots_dir / f"{metric.replace(':', '_')}.png")
-    if rounds is not None and len(rounds):
-        plots["rounds"] = plot_rounds(rounds, plots_dir / "rounds.png", distance_threshold=distance_fraction)
+    if report.rounds is not None and len(report.rounds):
+        plots["rounds"] = plot_rounds(
+            report.rounds, plots_dir / "rounds.png", distance_threshold=report.distance_fraction
+        )
     grids = {}
     for name, items in grid_items.items():
         path = out_dir / "grids" / f"{name}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         annotated_grid(items, columns=4, cell_size=192).save(path)
         grids[name] = path
-    all_notes = [*(v.note for v in variants if v.note), *notes]
-    report = render_markdown(summary, availability(metrics), rounds, title, all_notes, training)
-    (out_dir / "report.md").write_text(report)
-    return EvaluationOutput(out_dir, metrics, summary, report, plots, grids, training)
+    all_notes = [*(v.note for v in variants if v.note), *report.notes]
+    markdown = render_markdown(summary, availability(metrics), report.rounds, report.title, all_notes, training)
+    (out_dir / "report.md").write_text(markdown)
+    return EvaluationOutput(out_dir, metrics, summary, markdown, plots, grids, training)
 
 
 def _grid_items(name, images, manifest, records, subjects, limit: int = 8) -> list:

@@ -15,13 +15,14 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 from safetensors.torch import load_file
 
+from pipeline.dnc.pair_scorer import ImageScorer
 from pipeline.errors import CastloraError
 from pipeline.infer import Layout
 from pipeline.iteration_rules import (
@@ -35,9 +36,11 @@ from pipeline.iteration_rules import (
     stop_reason,
     summarize_round,
 )
+from pipeline.lora.record import CURRENT_FILE, IterationPick, LoraRecord, read_current, write_current
+from pipeline.lora.versions import TrainingRun, train_preference_version, train_version
 from pipeline.models.loading import release_memory
-from pipeline.stages.lora import loaded_lora, run_lora, run_preference, stored_lora
-from pipeline.stages.samples import run_samples
+from pipeline.rendering import GenerationSettings, render_samples
+from pipeline.stage_names import Stage
 from pipeline.storage.atomic import write_json_atomic
 from pipeline.storage.hashing import sha256_file, sha256_json
 from pipeline.storage.lineage import LineageRecorder
@@ -52,29 +55,8 @@ SUMMARY_FILE = "summary.json"
 ROUNDS_FILE = "rounds.parquet"
 PROMPT_DISTANCES_FILE = "prompt_distances.json"
 """Per prompt of a round: the mean pairwise Euclidean distance of all its images' embeddings."""
-CURRENT_FILE = "current.json"
 STOP_PAUSED = "paused"
 """Not a convergence reason: the run's ``rounds_per_run`` budget was spent; the next run continues."""
-
-
-class ImageScorer(Protocol):
-    """D&C for generated images (``pipeline.dnc.pair_scorer.DncScorer``)."""
-
-    def score(self, images: Sequence[Image.Image], layout_boxes: Sequence[Sequence[Sequence[float]]]) -> pd.DataFrame:
-        """One row per (image, embedder, mode): image_index, embedder, mode, score, reason, boxes_json, ..."""
-        ...
-
-    def embed(self, images: Sequence[Image.Image], embedder: str) -> np.ndarray: ...
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    prompts: tuple[str, ...]
-    resolution: int
-    steps: int
-    guidance_scale: float
-    negative_prompt: str | None
-    seed: int = 0
 
 
 @dataclass
@@ -82,7 +64,7 @@ class IterationOutput:
     run_dir: Path
     history: list[RoundSummary]
     best_round: int
-    best_lora: dict[str, Any]
+    best_lora: LoraRecord
     stop_reason: str | None
     rounds: pd.DataFrame
     kept: pd.DataFrame
@@ -90,12 +72,12 @@ class IterationOutput:
 
 
 def _run_version(
-    base_lora: dict[str, Any], config: IterationConfig, generation: GenerationSettings, train: TrainConfig
+    base_lora: LoraRecord, config: IterationConfig, generation: GenerationSettings, train: TrainConfig
 ) -> str:
     # The round budget and the convergence rule only decide where the loop stops (every round's numbers are
     # computed whichever rule is chosen), so changing them continues the same loop.
     fields = {k: v for k, v in config.as_record().items() if k not in _STOP_ONLY_FIELDS}
-    identity = [base_lora["sha256"]["diffusers"], fields, dataclasses.asdict(generation), train.result_fields()]
+    identity = [base_lora.diffusers_sha256, fields, dataclasses.asdict(generation), train.result_fields()]
     return "iter-" + sha256_json(identity)[:12]
 
 
@@ -193,12 +175,20 @@ def _ranking(records: pd.DataFrame, manifest: pd.DataFrame, config: IterationCon
     return chosen.merge(info, on="image_index", how="left")
 
 
+@dataclass(frozen=True)
+class SavedRound:
+    """A scored round as its ``summary.json`` keeps it: the summary and, once trained, the next model."""
+
+    summary: dict[str, Any]
+    trained_lora: LoraRecord | None
+
+
 @dataclass
 class _Loop:
     """The rounds of one ``run_iteration`` call; split out so each step reads on its own."""
 
     run_dir: Path
-    base_lora: dict[str, Any]
+    base_lora: LoraRecord
     config: IterationConfig
     pipe_factory: Callable[[], Any]
     scorer: ImageScorer
@@ -214,28 +204,32 @@ class _Loop:
     def round_dir(self, k: int) -> Path:
         return self.run_dir / f"round_{k:02d}"
 
-    def saved(self, k: int) -> dict[str, Any] | None:
+    def saved(self, k: int) -> SavedRound | None:
         path = self.round_dir(k) / SUMMARY_FILE
         if not path.is_file():
             return None
         record = json.loads(path.read_text())
-        if isinstance(record.get("trained_lora"), dict):
-            record["trained_lora"] = loaded_lora(record["trained_lora"], path.parent)
-        return record
+        trained = record.get("trained_lora")
+        if trained is not None:
+            trained = LoraRecord.from_json(trained, path.parent, f"{path} (trained_lora)")
+        return SavedRound(record["summary"], trained)
 
-    def save(self, k: int, summary: RoundSummary, trained_lora: dict[str, Any] | None) -> None:
+    def save(self, k: int, summary: RoundSummary, trained_lora: LoraRecord | None) -> None:
         folder = self.round_dir(k)
-        trained = stored_lora(trained_lora, folder) if trained_lora is not None else None
+        trained = trained_lora.to_json(folder) if trained_lora is not None else None
         write_json_atomic({"summary": dataclasses.asdict(summary), "trained_lora": trained}, folder / SUMMARY_FILE)
 
-    def model_of(self, k: int) -> dict[str, Any]:
+    def model_of(self, k: int) -> LoraRecord:
         """Model k: the Seg-Mix LoRA for round 0, else the LoRA trained on round k-1's kept images."""
         if k == 0:
             return self.base_lora
         saved = self.saved(k - 1)
-        if not saved or not isinstance(saved.get("trained_lora"), dict):
+        if saved is None or saved.trained_lora is None:
             raise CastloraError(f"Round {k - 1} in {self.run_dir} has no trained LoRA, so round {k} cannot run.")
-        return saved["trained_lora"]
+        return saved.trained_lora
+
+    def training_run(self, folder: Path) -> TrainingRun:
+        return TrainingRun(folder, self.cache_dir, self.recorder, self.base_model_id, self.on_log)
 
     def generate_and_score(self, k: int) -> pd.DataFrame:
         """Render round k with model k and rank its images by D&C (also written as ``ranking.parquet``)."""
@@ -244,29 +238,25 @@ class _Loop:
         model = self.model_of(k)
         prompts, counts = round_grid(gen.prompts, self.config.images_per_round)
         pipe = self.pipe_factory()
-        pipe.load_lora_weights(model["diffusers"])
-        manifest = run_samples(
-            pipe,
-            prompts,
-            round_seeds(gen, k, max(counts)),
-            counts,
-            self.layout_factory,
-            self.config.gamma,
-            model["version"],
-            folder / "samples",
-            self.recorder,
-            gen.resolution,
-            gen.resolution,
-            gen.steps,
-            gen.guidance_scale,
-            gen.negative_prompt,
-            lora_sha256=model["sha256"]["diffusers"],
+        pipe.load_lora_weights(str(model.diffusers))
+        manifest = render_samples(
+            pipe=pipe,
+            prompts=prompts,
+            seeds=round_seeds(gen, k, max(counts)),
+            images_per_prompt=counts,
+            layout_factory=self.layout_factory,
+            gamma=self.config.gamma,
+            settings=gen.render_settings(),
+            lora_version=model.version,
+            lora_sha256=model.diffusers_sha256,
+            out_dir=folder / "samples",
+            recorder=self.recorder,
             model_ids=[self.base_model_id],
         )
         del pipe
         release_memory()
         images = [Image.open(p).convert("RGB") for p in manifest["path"]]
-        boxes = [json.loads(b) for b in manifest["layout_boxes_json"]]  # the layouts run_samples rendered from
+        boxes = [json.loads(b) for b in manifest["layout_boxes_json"]]  # the layouts the images were rendered from
         records = self.scorer.score(images, boxes)
         write_manifest(records, folder, "dnc.parquet")
         ranking = _ranking(records, manifest, self.config)
@@ -296,21 +286,17 @@ class _Loop:
         )
         return summarize_round(k, ranking, kept, distance, round0_distance, per_prompt)
 
-    def train_next(self, k: int) -> dict[str, Any]:
+    def train_next(self, k: int) -> LoraRecord:
         """Model k+1: fine-tune model k on round k's kept images with KL towards model k (then DPO if enabled)."""
-        kept = read_manifest(self.round_dir(k), "iteration", "kept.parquet")
+        kept = read_manifest(self.round_dir(k), Stage.ITERATION, "kept.parquet")
         samples = [_generated_sample(row) for row in kept.to_dict("records")]
         pipe = self.pipe_factory()
-        out = run_lora(
-            pipe,
-            samples,
-            self.training.fine_tune,
-            self.round_dir(k) / "lora",
-            self.cache_dir,
-            self.recorder,
-            self.base_model_id,
-            on_log=self.on_log,
-            init_lora=_lora_state(self.model_of(k)["diffusers"]),
+        out = train_version(
+            pipe=pipe,
+            samples=samples,
+            config=self.training.fine_tune,
+            run=self.training_run(self.round_dir(k) / "lora"),
+            init_lora=_lora_state(self.model_of(k).diffusers),
         )
         del pipe
         release_memory()
@@ -319,24 +305,20 @@ class _Loop:
             trained = self.preference_step(k, trained, self.training.preference)
         return trained
 
-    def preference_step(self, k: int, trained: dict[str, Any], config: TrainConfig) -> dict[str, Any]:
-        ranking = read_manifest(self.round_dir(k), "iteration", "ranking.parquet")
+    def preference_step(self, k: int, trained: LoraRecord, config: TrainConfig) -> LoraRecord:
+        ranking = read_manifest(self.round_dir(k), Stage.ITERATION, "ranking.parquet")
         pairs = preference_pairs(ranking, self.config.preference_margin)
         if not pairs:
             self.log(f"round {k}: no (winner, loser) pair with a D&C gap >= {self.config.preference_margin}; no DPO")
             return trained
         by_path = {str(r["image_path"]): _generated_sample(r) for r in ranking.to_dict("records")}
         pipe = self.pipe_factory()
-        out = run_preference(
-            pipe,
-            [(by_path[winner], by_path[loser]) for winner, loser in pairs],
-            config,
-            self.round_dir(k) / "dpo",
-            self.cache_dir,
-            self.recorder,
-            self.base_model_id,
-            init_lora=_lora_state(trained["diffusers"]),
-            on_log=self.on_log,
+        out = train_preference_version(
+            pipe=pipe,
+            pairs=[(by_path[winner], by_path[loser]) for winner, loser in pairs],
+            config=config,
+            run=self.training_run(self.round_dir(k) / "dpo"),
+            init_lora=_lora_state(trained.diffusers),
         )
         del pipe
         release_memory()
@@ -349,8 +331,9 @@ def _generated_sample(row: dict[str, Any]) -> TrainingSample:
 
 
 def run_iteration(
+    *,
     pipe_factory: Callable[[], Any],
-    base_lora: dict[str, Any],
+    base_lora: LoraRecord,
     scorer: ImageScorer,
     layout_factory: Callable[[int], Layout],
     generation: GenerationSettings,
@@ -364,7 +347,7 @@ def run_iteration(
     on_log: Callable[[int, dict], None] | None = None,
     log: Callable[[str], None] = print,
 ) -> IterationOutput:
-    """Run (or continue) the loop from ``base_lora`` (a ``current_lora`` dict) until it stops.
+    """Run (or continue) the loop from ``base_lora`` (the pair's LoRA record) until it stops.
 
     ``rounds_per_run`` > 0 renders at most that many new rounds in this call (one round per materialization
     with 1); the loop then stops with ``"paused"`` and the next call continues it.
@@ -384,13 +367,13 @@ def run_iteration(
     for k in range(config.max_rounds):
         saved = loop.saved(k)
         if saved is not None:
-            summary = RoundSummary(**{**saved["summary"], "stop_reason": None})
+            summary = RoundSummary(**{**saved.summary, "stop_reason": None})
             log(f"round {k}: already scored ({summary.n_kept}/{summary.n_generated} kept); reusing it")
         elif rounds_per_run and new_rounds >= rounds_per_run:
             reason = STOP_PAUSED
             break
         else:
-            log(f"round {k}: rendering {config.images_per_round} images with model {loop.model_of(k)['version']}")
+            log(f"round {k}: rendering {config.images_per_round} images with model {loop.model_of(k).version}")
             ranking = loop.generate_and_score(k)
             summary = loop.keep(k, ranking, history[0].kept_distance if history else None)
             new_rounds += 1
@@ -398,38 +381,34 @@ def run_iteration(
         reason = stop_reason([*history, summary], config)
         summary = dataclasses.replace(summary, stop_reason=reason)
         history.append(summary)
-        trained = saved.get("trained_lora") if saved else None
+        trained = saved.trained_lora if saved else None
         loop.save(k, summary, trained)  # scored: a crash while training does not re-render the round
         if reason is not None:
             break
-        if not isinstance(trained, dict):
+        if trained is None:
             log(f"round {k}: training model {k + 1} on {summary.n_kept} kept images (KL weight {config.kl_weight})")
             loop.save(k, summary, loop.train_next(k))
     rounds = pd.DataFrame([{**dataclasses.asdict(r), "converged": r.converged} for r in history])
     rounds_path = write_manifest(rounds, run_dir, ROUNDS_FILE)
     best = best_round(history)
     best_lora = loop.model_of(best)
-    current = {
-        **best_lora,
-        "round": best,
-        "run": run_dir.name,
-        "stop_reason": reason,
-        "convergence": config.convergence,  # the rule that judged convergence (its stop reason, if it stopped)
-        "base_lora": base_lora["version"],
-    }
-    write_json_atomic(stored_lora(current, root), root / CURRENT_FILE)
+    pick = IterationPick(best, run_dir.name, reason, config.convergence, base_lora.version)
+    write_current(dataclasses.replace(best_lora, picked=pick), root)
     recorder.record(
         rounds_path,
         sha256_file(rounds_path),
-        [base_lora["sha256"]["diffusers"]],
+        [base_lora.diffusers_sha256],
         {"best_round": best, "stop_reason": reason, **config.as_record()},  # as_record holds `convergence`
     )
-    last_kept = read_manifest(loop.round_dir(history[-1].round), "iteration", "kept.parquet")
+    last_kept = read_manifest(loop.round_dir(history[-1].round), Stage.ITERATION, "kept.parquet")
     return IterationOutput(run_dir, history, best, best_lora, reason, rounds, last_kept)
 
 
-def current_iteration(root: Path) -> dict[str, Any]:
-    path = Path(root) / CURRENT_FILE
-    if not path.is_file():
-        raise CastloraError(f"{path} does not exist: materialize the 'iteration' asset for this pair first.")
-    return loaded_lora(json.loads(path.read_text()), path.parent)
+def current_iteration(root: Path) -> LoraRecord:
+    """The best round's LoRA of the last iteration run (``picked`` says which round of which run)."""
+    record = read_current(root, Stage.ITERATION)
+    if record.picked is None:
+        raise CastloraError(
+            f"{Path(root) / CURRENT_FILE} does not say which round it is (field 'round'): re-materialize 'iteration'."
+        )
+    return record

@@ -23,7 +23,9 @@ class ReferencesOutput:
     manifest_path: Path
 
 
-def run_references(spec: PairSpec, out_dir: Path, config: IntakeConfig, recorder: LineageRecorder) -> ReferencesOutput:
+def run_references(
+    *, spec: PairSpec, out_dir: Path, config: IntakeConfig, recorder: LineageRecorder
+) -> ReferencesOutput:
     """Validate every character's photos; fail (writing nothing) if any character has too few usable ones."""
     intakes = {character.id: intake_photos(character.photos, config) for character in spec.characters}
     short = [cid for cid, result in intakes.items() if len(result.accepted) < config.min_photos]

@@ -7,16 +7,14 @@ class-image cut-outs under their class nouns, as MuDI does when prior preservati
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
-from PIL import Image
 
 from pipeline.segmix.bank import plan_bank, render_bank, write_bank_entry
 from pipeline.segmix.compose import SegMixConfig, SegMixSubject
-from pipeline.stages.segments import USABLE
+from pipeline.segmix.subjects import instance_subjects, prior_subjects
 from pipeline.storage.lineage import LineageRecorder
 from pipeline.storage.manifest import prune_unlisted, write_manifest
 
@@ -33,39 +31,6 @@ class BankConfig:
 class BankOutput:
     manifest: pd.DataFrame
     notes: list[str]
-
-
-def _load_cutout(path: str) -> Image.Image:
-    with Image.open(path) as opened:
-        return opened.convert("RGBA")
-
-
-def instance_subjects(segments: pd.DataFrame) -> dict[str, list[SegMixSubject]]:
-    subjects: dict[str, list[SegMixSubject]] = defaultdict(list)
-    for row in segments[segments["status"] == USABLE].to_dict("records"):
-        subjects[row["character_id"]].append(
-            SegMixSubject(
-                _load_cutout(row["cutout_path"]),
-                row["token_phrase"],
-                row["character_id"],
-                row["cutout_sha256"],
-            )
-        )
-    return dict(subjects)
-
-
-def prior_subjects(class_images: pd.DataFrame, character_nouns: dict[str, str]) -> dict[str, list[SegMixSubject]]:
-    """Class cut-outs per character slot; characters sharing a class noun split its pool so that one
-    prior composite never shows the same class image twice."""
-    usable = class_images[class_images["status"] == USABLE]
-    slots: dict[str, list[SegMixSubject]] = {cid: [] for cid in character_nouns}
-    for noun in sorted(set(character_nouns.values())):
-        sharing = sorted(cid for cid, n in character_nouns.items() if n == noun)
-        rows = usable[usable["class_noun"] == noun].to_dict("records")
-        for index, row in enumerate(rows):
-            cid = sharing[index % len(sharing)]
-            slots[cid].append(SegMixSubject(_load_cutout(row["cutout_path"]), f"a {noun}", cid, row["cutout_sha256"]))
-    return slots
 
 
 def _render(
@@ -100,6 +65,7 @@ def _render(
 
 
 def run_segmix_bank(
+    *,
     segments: pd.DataFrame,
     class_images: pd.DataFrame | None,
     character_nouns: dict[str, str],

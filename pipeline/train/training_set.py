@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline.errors import CastloraError
-from pipeline.stages.segments import USABLE
+from pipeline.segment import STATUS_OK
+from pipeline.stage_names import Stage
 from pipeline.storage.manifest import read_manifest
 from pipeline.train.data import INSTANCE, PRIOR, PRIOR_SEGMIX, SEGMIX, TrainingSample
 
@@ -32,7 +33,7 @@ def build_samples(
     caption_of = dict(zip(captions["reference_sha256"], captions["caption"], strict=True))
     mask_of: dict[str, str | None] = {}
     if segments is not None and len(segments):
-        usable = segments[segments["status"] == USABLE]
+        usable = segments[segments["status"] == STATUS_OK]
         mask_of = {str(p): _optional(m) for p, m in zip(usable["reference_path"], usable["mask_path"], strict=True)}
     samples = []
     for row in references.to_dict("records"):
@@ -56,7 +57,7 @@ def build_samples(
                 "re-materialize 'class_images' (generated images are reused, not regenerated)."
             )
         for row in class_images.to_dict("records"):
-            mask = _optional(row.get("mask_path")) if row.get("status") == USABLE else None
+            mask = _optional(row.get("mask_path")) if row.get("status") == STATUS_OK else None
             # The image's own generation prompt: a custom prompt_template is what prior preservation trains on.
             samples.append(TrainingSample(row["sha256"], row["path"], str(row["prompt"]), PRIOR, mask))
     return samples
@@ -67,15 +68,15 @@ def load_samples(pair_dir: Path, with_prior: bool = True) -> list[TrainingSample
     ``class_images``); the bank and class images are optional, references and captions are required."""
     pair_dir = Path(pair_dir)
 
-    def optional(stage: str) -> pd.DataFrame | None:
+    def optional(stage: Stage) -> pd.DataFrame | None:
         path = pair_dir / stage
         return read_manifest(path, stage) if (path / "manifest.parquet").is_file() else None
 
     samples = build_samples(
-        read_manifest(pair_dir / "references", "references"),
-        read_manifest(pair_dir / "captions", "captions"),
-        optional("segmix_bank"),
-        optional("class_images") if with_prior else None,
-        optional("segments"),
+        read_manifest(pair_dir / Stage.REFERENCES, Stage.REFERENCES),
+        read_manifest(pair_dir / Stage.CAPTIONS, Stage.CAPTIONS),
+        optional(Stage.SEGMIX_BANK),
+        optional(Stage.CLASS_IMAGES) if with_prior else None,
+        optional(Stage.SEGMENTS),
     )
     return samples if with_prior else [s for s in samples if not s.is_prior]

@@ -67,7 +67,7 @@ def _train_in_process(layout: DataLayout, raise_on_error: bool = True) -> dg.Exe
 
 
 def _lora_tensors(layout: DataLayout) -> dict:
-    return load_file(current_lora(layout.stage_dir(PAIR, "lora"))["diffusers"])
+    return load_file(current_lora(layout.stage_dir(PAIR, "lora")).diffusers)
 
 
 KILLED_RUN = textwrap.dedent(
@@ -140,7 +140,7 @@ def test_full_disk_fails_with_the_path_and_keeps_finished_stages(upstream_home, 
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
 
     # The disk fills up when the finished LoRA's pointer file is written.
-    monkeypatch.setattr("pipeline.stages.lora.write_json_atomic", disk_full)
+    monkeypatch.setattr("pipeline.lora.record.write_json_atomic", disk_full)
     result = _train_in_process(layout, raise_on_error=False)
     assert not result.success and not result.get_asset_materialization_events()
     message = _failure_message(result)

@@ -70,8 +70,13 @@ def test_captions_stage_keeps_user_captions_and_captions_the_rest(tmp_path):
     (Path(spec.characters[1].captions_dir) / "b02.txt").unlink()  # one photo without a user caption
     user = user_caption_files(spec)
     recorder = LineageRecorder(tmp_path / "lineage", "run", "captions", "dog6__dog2", "test")
-    references = run_references(spec, tmp_path / "refs", IntakeConfig(min_side=128), recorder).manifest
-    out = run_captions(references, tmp_path / "caps", TemplateCaptioner(), CaptionCache(tmp_path / "c"), recorder, user)
+    references = run_references(
+        spec=spec, out_dir=tmp_path / "refs", config=IntakeConfig(min_side=128), recorder=recorder
+    ).manifest
+    out = run_captions(
+        references=references, out_dir=tmp_path / "caps", captioner=TemplateCaptioner(),
+        cache=CaptionCache(tmp_path / "c"), recorder=recorder, user_captions=user,
+    )  # fmt: skip
     by_photo = dict(zip(references["source"].map(lambda p: Path(p).stem), out["caption"], strict=True))
     backends = dict(zip(references["source"].map(lambda p: Path(p).stem), out["backend"], strict=True))
     assert by_photo["a00"] == _text("a", 0) and backends["a00"] == USER_BACKEND
@@ -84,11 +89,13 @@ def test_user_caption_without_the_token_phrase_is_refused_naming_the_file(tmp_pa
     bad = Path(spec.characters[0].captions_dir) / "a01.txt"
     bad.write_text("A photo of a corgi.")
     recorder = LineageRecorder(tmp_path / "lineage", "run", "captions", "dog6__dog2", "test")
-    references = run_references(spec, tmp_path / "refs", IntakeConfig(min_side=128), recorder).manifest
+    references = run_references(
+        spec=spec, out_dir=tmp_path / "refs", config=IntakeConfig(min_side=128), recorder=recorder
+    ).manifest
     with pytest.raises(CastloraError, match=r"a01\.txt does not contain the token phrase 'olis corgi'"):
         run_captions(
-            references, tmp_path / "caps", TemplateCaptioner(), CaptionCache(tmp_path / "c"), recorder,
-            user_caption_files(spec),
+            references=references, out_dir=tmp_path / "caps", captioner=TemplateCaptioner(),
+            cache=CaptionCache(tmp_path / "c"), recorder=recorder, user_captions=user_caption_files(spec),
         )  # fmt: skip
 
 

@@ -69,7 +69,7 @@ def _recorder(tmp_path: Path, asset: str = "references") -> LineageRecorder:
 def test_stage_writes_manifest_and_lineage(tmp_path, make_pair):
     spec = load_spec(make_pair("a__b"))
     recorder = _recorder(tmp_path)
-    out = run_references(spec, tmp_path / "out", IntakeConfig(min_side=128), recorder)
+    out = run_references(spec=spec, out_dir=tmp_path / "out", config=IntakeConfig(min_side=128), recorder=recorder)
     recorder.flush()
 
     assert out.manifest.groupby("character_id").size().to_dict() == {"a": 3, "b": 3}
@@ -87,7 +87,12 @@ def test_too_few_photos_fails_naming_files_and_writes_nothing(tmp_path, make_pai
     (folder / "b" / "01.jpg").write_bytes(b"garbage")
     spec = load_spec(folder)
     with pytest.raises(NotEnoughReferencesError) as info:
-        run_references(spec, tmp_path / "out", IntakeConfig(min_side=128, min_photos=3), _recorder(tmp_path))
+        run_references(
+            spec=spec,
+            out_dir=tmp_path / "out",
+            config=IntakeConfig(min_side=128, min_photos=3),
+            recorder=_recorder(tmp_path),
+        )
     message = str(info.value)
     assert "'b': 2 usable" in message and "01.jpg" in message and "'a'" not in message
     assert not (tmp_path / "out").exists()
@@ -96,9 +101,13 @@ def test_too_few_photos_fails_naming_files_and_writes_nothing(tmp_path, make_pai
 def test_rerun_removes_files_of_dropped_photos(tmp_path, make_pair):
     folder = make_pair("a__b", photos_per_character=4)
     config = IntakeConfig(min_side=128)
-    first = run_references(load_spec(folder), tmp_path / "out", config, _recorder(tmp_path))
+    first = run_references(
+        spec=load_spec(folder), out_dir=tmp_path / "out", config=config, recorder=_recorder(tmp_path)
+    )
     (folder / "a" / "03.jpg").unlink()
-    second = run_references(load_spec(folder), tmp_path / "out", config, _recorder(tmp_path))
+    second = run_references(
+        spec=load_spec(folder), out_dir=tmp_path / "out", config=config, recorder=_recorder(tmp_path)
+    )
     on_disk = {str(p) for p in (tmp_path / "out").rglob("*.png")}
     assert len(first.manifest) == 8 and len(second.manifest) == 7
     assert on_disk == set(second.manifest["path"])

@@ -14,8 +14,8 @@ from PIL import Image
 from pipeline.errors import CastloraError
 from pipeline.infer import DEFAULT_NEGATIVE, Layout, layout_from_composite
 from pipeline.models.tiny_sdxl import build_tiny_sdxl
+from pipeline.rendering import RenderSettings, render_samples
 from pipeline.segmix.compose import SegMixConfig, SegMixSubject, compose
-from pipeline.stages.samples import run_samples
 from pipeline.storage.hashing import sha256_file
 from pipeline.storage.lineage import LineageRecorder, ancestors, read_lineage
 
@@ -69,16 +69,12 @@ def run(pipe: StableDiffusionXLPipeline, out_dir: Path, rec: LineageRecorder, **
         lora_version="v0001",
         out_dir=out_dir,
         recorder=rec,
-        height=SIDE,
-        width=SIDE,
-        steps=2,
-        guidance=5.0,
-        negative=DEFAULT_NEGATIVE,
+        settings=RenderSettings(height=SIDE, width=SIDE, steps=2, guidance_scale=5.0, negative_prompt=DEFAULT_NEGATIVE),
         lora_sha256=LORA_SHA,
         model_ids=["tiny:sdxl"],
     )
     kwargs.update(overrides)
-    return run_samples(pipe, **kwargs)
+    return render_samples(pipe=pipe, **kwargs)
 
 
 def test_every_image_carries_prompt_seed_gamma_layout_and_lora(pipe, tmp_path: Path) -> None:

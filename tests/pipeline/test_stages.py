@@ -38,7 +38,12 @@ class CountingLoader:
 def references(tmp_path, make_pair):
     folder = make_pair("a__b")
     spec = load_spec(folder)
-    out = run_references(spec, tmp_path / "refs", IntakeConfig(min_side=128), _recorder(tmp_path, "references"))
+    out = run_references(
+        spec=spec,
+        out_dir=tmp_path / "refs",
+        config=IntakeConfig(min_side=128),
+        recorder=_recorder(tmp_path, "references"),
+    )
     return folder, out.manifest
 
 
@@ -52,12 +57,12 @@ def test_user_masks_take_precedence_and_skip_the_model(tmp_path, references):
         mask_to_image(mask).save(masks_dir / f"{Path(source).stem}.png")
     loader = CountingLoader()
     result = run_segments(
-        manifest[manifest["character_id"] == "a"],
-        {"a": str(masks_dir)},
-        tmp_path / "segs",
-        loader,
-        SegmentConfig(),
-        _recorder(tmp_path, "segments"),
+        references=manifest[manifest["character_id"] == "a"],
+        masks_dirs={"a": str(masks_dir)},
+        out_dir=tmp_path / "segs",
+        load_segmenter=loader,
+        config=SegmentConfig(),
+        recorder=_recorder(tmp_path, "segments"),
     )
     assert loader.calls == 0
     assert set(result["segmenter"]) == {"user mask"} and set(result["status"]) == {"ok"}
@@ -69,7 +74,14 @@ def test_user_masks_take_precedence_and_skip_the_model(tmp_path, references):
 def test_segmenter_loads_once_for_all_characters(tmp_path, references):
     _, manifest = references
     loader = CountingLoader()
-    result = run_segments(manifest, {}, tmp_path / "segs", loader, SegmentConfig(), _recorder(tmp_path, "segments"))
+    result = run_segments(
+        references=manifest,
+        masks_dirs={},
+        out_dir=tmp_path / "segs",
+        load_segmenter=loader,
+        config=SegmentConfig(),
+        recorder=_recorder(tmp_path, "segments"),
+    )
     assert loader.calls == 1
     assert set(result["segmenter"]) == {"grabcut (classical fallback)"}
     assert (result["status"] == "ok").all()
@@ -98,14 +110,14 @@ def test_class_images_resume_without_regenerating(tmp_path, make_pair):
 
     def run():
         return run_class_images(
-            spec,
-            tmp_path / "cls",
-            config,
-            lambda: fake,
-            "fake-model",
-            CountingLoader(),
-            SegmentConfig(),
-            _recorder(tmp_path, "class_images"),
+            spec=spec,
+            out_dir=tmp_path / "cls",
+            config=config,
+            load_pipeline=lambda: fake,
+            base_model_id="fake-model",
+            load_segmenter=CountingLoader(),
+            segment_config=SegmentConfig(),
+            recorder=_recorder(tmp_path, "class_images"),
         )
 
     first = run()
@@ -133,14 +145,14 @@ def test_class_images_import_a_folder(tmp_path, make_pair):
         raise AssertionError("imported class images must not load the base model")
 
     result = run_class_images(
-        spec,
-        tmp_path / "cls",
-        ClassImageConfig(count=5, prompt_template="a snapshot of a {class_noun}"),
-        fail_to_load,
-        "unused",
-        CountingLoader(),
-        SegmentConfig(),
-        _recorder(tmp_path, "class_images"),
+        spec=spec,
+        out_dir=tmp_path / "cls",
+        config=ClassImageConfig(count=5, prompt_template="a snapshot of a {class_noun}"),
+        load_pipeline=fail_to_load,
+        base_model_id="unused",
+        load_segmenter=CountingLoader(),
+        segment_config=SegmentConfig(),
+        recorder=_recorder(tmp_path, "class_images"),
     )
     assert len(result) == 2
     assert all(origin.startswith("imported:") for origin in result["origin"])

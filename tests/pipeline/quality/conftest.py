@@ -14,6 +14,7 @@ from PIL import Image
 from pipeline.dnc.image_scores import SubjectReferences
 from pipeline.dnc.pair_scorer import load_dnc_scorer
 from pipeline.infer import layout_from_composite
+from pipeline.lora.versions import TrainingRun
 from pipeline.segmix.compose import SegMixConfig, SegMixSubject, compose
 from pipeline.stages.lora import run_lora
 from pipeline.storage.lineage import LineageRecorder
@@ -74,7 +75,8 @@ def quality(tmp_path_factory) -> SimpleNamespace:
         samples.append(TrainingSample(sha256_file(path), str(path), f"a photo of {PHRASES[index]}", "instance"))
     config = TrainConfig(steps=2, rank=4, alpha=4.0, resolution=SIDE, segmix_p=0.0, prior_weight=0.0, lr=1e-3)
     recorder = LineageRecorder(root / "lineage", "setup", "lora", "olis__vrin", "test")
-    base = run_lora(factory(), samples, config, root / "lora", root / "cache", recorder, "tiny-sdxl")
+    run = TrainingRun(root / "lora", root / "cache", recorder, "tiny-sdxl")
+    base = run_lora(pipe=factory(), samples=samples, config=config, run=run)
 
     references = [
         SubjectReferences(p.split()[0], "dog", [block(c, 40, 40, alpha=False) for _ in range(2)])

@@ -11,8 +11,11 @@ import pytest
 from PIL import Image
 
 from pipeline.errors import CastloraError
+from pipeline.rendering import GenerationSettings
 from pipeline.stages.evaluation import (
     BASELINE_DIR,
+    EvaluationReport,
+    EvaluationScoring,
     Subject,
     Variant,
     clip_text,
@@ -22,8 +25,7 @@ from pipeline.stages.evaluation import (
     train_baseline,
     training_settings,
 )
-from pipeline.stages.iteration import GenerationSettings
-from pipeline.stages.lora import current_lora, train_config_of
+from pipeline.stages.lora import current_lora
 from pipeline.storage.lineage import LineageRecorder, read_lineage
 from tests.pipeline.quality.conftest import SIDE, layout_for
 
@@ -47,10 +49,12 @@ def evaluated(quality, tmp_path_factory):
         Variant("base", None, None),
     ]
     recorder = LineageRecorder(root / "lineage", "run", "evaluation", "olis__vrin", "test")
+    scoring = EvaluationScoring(quality.scorer, quality.scorer.unavailable, None, "no CLIP configured",
+                                image_reward_note(""))  # fmt: skip
     out = run_evaluation(
-        quality.factory, variants, quality.scorer, quality.scorer.unavailable, None, "no CLIP configured",
-        image_reward_note(""), counted_layout, GENERATION, [5, 6], SUBJECTS, root / "out", recorder, "tiny-sdxl",
-        log=lambda _: None, segmix_lora=lora,
+        pipe_factory=quality.factory, variants=variants, scoring=scoring, layout_factory=counted_layout,
+        generation=GENERATION, seeds=[5, 6], subjects=SUBJECTS, out_dir=root / "out", recorder=recorder,
+        base_model_id="tiny-sdxl", report=EvaluationReport(segmix_lora=lora), log=lambda _: None,
     )  # fmt: skip
     return out
 
@@ -111,8 +115,10 @@ def test_subject_similarity_follows_assignment_or_best_box():
 def test_empty_grid_is_refused(quality, tmp_path):
     with pytest.raises(CastloraError, match="at least one prompt"):
         run_evaluation(
-            quality.factory, [Variant("base", None, None)], quality.scorer, {}, None, "", "", layout_for,
-            GenerationSettings((), SIDE, 2, 5.0, None), [1], SUBJECTS, tmp_path, None, "tiny-sdxl",
+            pipe_factory=quality.factory, variants=[Variant("base", None, None)],
+            scoring=EvaluationScoring(quality.scorer, {}, None, "", ""), layout_factory=layout_for,
+            generation=GenerationSettings((), SIDE, 2, 5.0, None), seeds=[1], subjects=SUBJECTS, out_dir=tmp_path,
+            recorder=None, base_model_id="tiny-sdxl",
         )  # fmt: skip
 
 
@@ -120,21 +126,21 @@ def test_dreambooth_baseline_is_a_recorded_output_trained_like_the_segmix_lora(q
     # The fixture's LoRA trained a constant schedule for 2 steps (not the dataclass default 500); pretend it used
     # Seg-Mix so the baseline has something to switch off.
     segmix = quality.base.as_current()
-    segmix["train_config"] = {**segmix["train_config"], "segmix_p": 0.3}
+    segmix = dataclasses.replace(segmix, train_record={**segmix.train_record, "segmix_p": 0.3})
     recorder = LineageRecorder(tmp_path / "lineage", "run", "evaluation", "olis__vrin", "test")
     out_dir = tmp_path / "evaluation"
     baseline = train_baseline(
-        quality.factory(), segmix, lambda config: quality.samples, out_dir, quality.root / "cache", recorder,
-        "tiny-sdxl",
+        pipe=quality.factory(), segmix_lora=segmix, samples_for=lambda config: quality.samples, out_dir=out_dir,
+        cache_dir=quality.root / "cache", recorder=recorder, base_model_id="tiny-sdxl",
     )  # fmt: skip
     recorder.flush()
     assert baseline.config == dataclasses.replace(quality.train_config, segmix_p=0.0)
     assert baseline.result.steps_done == 2
-    assert train_config_of(segmix).differences(baseline.config) == {"segmix_p": (0.3, 0.0)}
+    assert segmix.train_config().differences(baseline.config) == {"segmix_p": (0.3, 0.0)}
     # Its files, version and record live in the evaluation's own folder, and lineage lists them.
     assert baseline.folder == out_dir / BASELINE_DIR / baseline.version
     assert all(path.parent == baseline.folder and path.is_file() for path in baseline.files.values())
-    assert current_lora(out_dir / BASELINE_DIR)["version"] == baseline.version
+    assert current_lora(out_dir / BASELINE_DIR).version == baseline.version
     lineage = read_lineage(tmp_path / "lineage").to_pandas()
     assert {str(p) for p in baseline.files.values()} <= set(lineage["artifact_uri"])
     row = lineage[lineage["artifact_uri"] == str(baseline.files["diffusers"])].iloc[0]

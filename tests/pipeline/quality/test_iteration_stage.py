@@ -11,10 +11,11 @@ import pytest
 
 from pipeline.errors import CastloraError
 from pipeline.iteration_rules import STOP_MAX_ROUNDS, STOP_PROMPT_DISTANCE, IterationConfig
+from pipeline.lora.record import LoraRecord
+from pipeline.rendering import GenerationSettings
 from pipeline.stages.iteration import (
     PROMPT_DISTANCES_FILE,
     STOP_PAUSED,
-    GenerationSettings,
     current_iteration,
     round_grid,
     round_training,
@@ -33,9 +34,10 @@ def run(quality, root: Path, **overrides):
     config = IterationConfig(**{**LOOP, **overrides.pop("loop", {})})
     recorder = LineageRecorder(root / "lineage", "run", "iteration", "olis__vrin", "test")
     out = run_iteration(
-        quality.factory, quality.base.as_current(), quality.scorer, layout_for, GENERATION, config,
-        quality.train_config, root / "iteration", quality.root / "cache", recorder, "tiny-sdxl", log=lambda _: None,
-        **overrides,
+        pipe_factory=quality.factory, base_lora=quality.base.as_current(), scorer=quality.scorer,
+        layout_factory=layout_for, generation=GENERATION, config=config, train_config=quality.train_config,
+        root=root / "iteration", cache_dir=quality.root / "cache", recorder=recorder, base_model_id="tiny-sdxl",
+        log=lambda _: None, **overrides,
     )  # fmt: skip
     recorder.flush()
     return out
@@ -70,7 +72,7 @@ def test_rounds_are_scored_kept_and_trained(quality, two_rounds):
     samples = pd.read_parquet(out.run_dir / "round_01" / "samples" / "manifest.parquet")
     assert set(samples["lora_version"]) == {trained["version"]}
     current = current_iteration(root / "iteration")
-    assert current["round"] == out.best_round and current["diffusers"] == out.best_lora["diffusers"]
+    assert current.picked.round == out.best_round and current.diffusers == out.best_lora.diffusers
 
 
 def test_rounds_use_fresh_seeds_and_lineage_links_kept_sets(two_rounds):
@@ -148,8 +150,11 @@ def test_an_impossible_preference_step_fails_before_any_rendering_or_training(tm
     base = TrainConfig(steps=2, rank=4, alpha=4.0, resolution=SIDE, train_text_encoder=True)
     config = IterationConfig(**{**LOOP, "preference": True})
     with pytest.raises(CastloraError, match=r"preference=True.*train_text_encoder=True.*set preference to false"):
-        run_iteration(no_model, {"version": "lora-x"}, None, layout_for, GENERATION, config, base, tmp_path,
-                      tmp_path / "cache", None, "tiny-sdxl")  # fmt: skip
+        run_iteration(
+            pipe_factory=no_model, base_lora=LoraRecord("lora-x", {}, {}), scorer=None, layout_factory=layout_for,
+            generation=GENERATION, config=config, train_config=base, root=tmp_path, cache_dir=tmp_path / "cache",
+            recorder=None, base_model_id="tiny-sdxl",
+        )  # fmt: skip
     assert not any(tmp_path.iterdir())
 
 
@@ -160,8 +165,9 @@ def test_per_prompt_rule_renders_exactly_n_and_records_which_rule_stopped(qualit
     config = IterationConfig(**{**LOOP, "images_per_round": 3, "convergence": "per_prompt", "d_conv": 10.0})
     recorder = LineageRecorder(tmp_path / "lineage", "run", "iteration", "olis__vrin", "test")
     out = run_iteration(
-        quality.factory, quality.base.as_current(), quality.scorer, layout_for, generation, config,
-        quality.train_config, tmp_path / "iteration", quality.root / "cache", recorder, "tiny-sdxl",
+        pipe_factory=quality.factory, base_lora=quality.base.as_current(), scorer=quality.scorer,
+        layout_factory=layout_for, generation=generation, config=config, train_config=quality.train_config,
+        root=tmp_path / "iteration", cache_dir=quality.root / "cache", recorder=recorder, base_model_id="tiny-sdxl",
         log=lambda _: None,
     )  # fmt: skip
     assert out.stop_reason == STOP_PROMPT_DISTANCE and out.rounds["converged"].tolist() == [True]
@@ -172,12 +178,13 @@ def test_per_prompt_rule_renders_exactly_n_and_records_which_rule_stopped(qualit
         out.rounds["prompt_distance"].iloc[0]
     )
     current = current_iteration(tmp_path / "iteration")
-    assert current["convergence"] == "per_prompt" and current["stop_reason"] == STOP_PROMPT_DISTANCE
+    assert current.picked.convergence == "per_prompt" and current.picked.stop_reason == STOP_PROMPT_DISTANCE
     # The rule only decides where the loop stops: switching it continues the same run.
     kept_ratio = IterationConfig(**{**LOOP, "images_per_round": 3, "max_rounds": 1})
     again = run_iteration(
-        quality.factory, quality.base.as_current(), quality.scorer, layout_for, generation, kept_ratio,
-        quality.train_config, tmp_path / "iteration", quality.root / "cache", recorder, "tiny-sdxl",
+        pipe_factory=quality.factory, base_lora=quality.base.as_current(), scorer=quality.scorer,
+        layout_factory=layout_for, generation=generation, config=kept_ratio, train_config=quality.train_config,
+        root=tmp_path / "iteration", cache_dir=quality.root / "cache", recorder=recorder, base_model_id="tiny-sdxl",
         log=lambda _: None,
     )  # fmt: skip
     assert again.run_dir == out.run_dir and again.stop_reason == STOP_MAX_ROUNDS

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import CastloraError
+from pipeline.lora.record import LoraRecord
+from pipeline.lora.versions import LoraOutput
 from pipeline.stages.evaluation import dreambooth_config
-from pipeline.stages.lora import LoraOutput, train_config_of
 from pipeline.train import TrainConfig
 from pipeline.train.loop import TrainResult
 
@@ -21,9 +22,13 @@ SEGMIX = TrainConfig(steps=800, lr_scheduler="constant", gradient_checkpointing=
 
 def record_of(config: TrainConfig) -> dict:
     result = TrainResult(steps_done=config.steps, final_loss=0.1, losses=[], lora_state={}, resumed_from=None)
-    output = LoraOutput("lora-abc", Path("/x"), {"diffusers": Path("/x/a.safetensors")}, {"diffusers": "0" * 64},
-                        result, config)  # fmt: skip
-    return json.loads(json.dumps(output.as_current()))  # as written to current.json
+    files = {"diffusers": Path("/x/a.safetensors"), "kohya": Path("/x/k.safetensors")}
+    output = LoraOutput("lora-abc", Path("/x"), files, {"diffusers": "0" * 64, "kohya": "1" * 64}, result, config)
+    return json.loads(json.dumps(output.as_current().to_json()))  # as written to current.json
+
+
+def train_config_of(record: dict) -> TrainConfig:
+    return LoraRecord.from_json(record, Path("/x"), "current.json").train_config()
 
 
 def test_every_field_is_recorded_and_rebuilt_exactly():
@@ -48,4 +53,4 @@ def test_a_record_that_lacks_or_adds_a_field_is_refused_by_name():
     with pytest.raises(CastloraError, match=r"unknown \['warp_drive'\]"):
         train_config_of(record)
     with pytest.raises(CastloraError, match="records no training settings"):
-        train_config_of({"version": "lora-old"})
+        LoraRecord("lora-old", {}, {}).train_config()

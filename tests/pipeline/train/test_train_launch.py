@@ -11,7 +11,9 @@ from safetensors.torch import load_file
 
 from pipeline.errors import CastloraError
 from pipeline.lora.adapters import unet_lora_state_dict
-from pipeline.stages.lora import CURRENT_FILE, run_lora
+from pipeline.lora.record import CURRENT_FILE
+from pipeline.lora.versions import TrainingRun
+from pipeline.stages.lora import ValidationRenders, run_lora
 from pipeline.storage.lineage import LineageRecorder
 from pipeline.train import TrainConfig
 from pipeline.train.launch import LaunchSettings, distributed_trainer, launch_command, launch_env
@@ -82,16 +84,13 @@ def test_two_cpu_ranks_train_the_lora_run_lora_exports(tiny_sdxl_dir, tiny_pipe,
     logged: list[int] = []
     started = time.perf_counter()
     out = run_lora(
-        tiny_pipe,
-        sample_set,
-        CONFIG,
-        tmp_path / "lora",
-        tmp_path / "cache",
-        recorder,
-        "tiny-sdxl",
-        on_log=lambda step, metrics: logged.append(step),
-        validation_prompts=["olis dog"],
-        validation_steps=2,
+        pipe=tiny_pipe,
+        samples=sample_set,
+        config=CONFIG,
+        run=TrainingRun(
+            tmp_path / "lora", tmp_path / "cache", recorder, "tiny-sdxl", lambda step, metrics: logged.append(step)
+        ),
+        validation=ValidationRenders(prompts=["olis dog"], steps=2),
         trainer=trainer,
     )
     print(f"2-rank run_lora: {time.perf_counter() - started:.1f}s")

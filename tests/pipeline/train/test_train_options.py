@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from pipeline.errors import CastloraError
+from pipeline.lora.versions import lora_version
 from pipeline.prior_images import ClassImageConfig
 from pipeline.segment import SegmentConfig
 from pipeline.segment.grabcut import GrabCutSegmenter
 from pipeline.spec import load_spec
 from pipeline.stages.class_images import run_class_images
-from pipeline.stages.lora import lora_version
 from pipeline.storage.lineage import LineageRecorder
 from pipeline.train import TrainConfig, train_lora
 from pipeline.train.caches import build_latent_cache
@@ -56,14 +56,14 @@ def test_custom_class_prompt_reaches_the_training_batch(tiny_pipe, sample_set, m
     template = "a studio portrait of a {class_noun}, plain backdrop"
     fake = PromptRecordingPipeline()
     manifest = run_class_images(
-        load_spec(make_pair("a__b")),
-        tmp_path / "class_images",
-        ClassImageConfig(count=2, resolution=RES, steps=1, batch_size=2, prompt_template=template),
-        lambda: fake,
-        "fake-model",
-        GrabCutSegmenter,
-        SegmentConfig(),
-        LineageRecorder(tmp_path / "lineage", "run", "class_images", "a__b", "test"),
+        spec=load_spec(make_pair("a__b")),
+        out_dir=tmp_path / "class_images",
+        config=ClassImageConfig(count=2, resolution=RES, steps=1, batch_size=2, prompt_template=template),
+        load_pipeline=lambda: fake,
+        base_model_id="fake-model",
+        load_segmenter=GrabCutSegmenter,
+        segment_config=SegmentConfig(),
+        recorder=LineageRecorder(tmp_path / "lineage", "run", "class_images", "a__b", "test"),
     )
     wanted = "a studio portrait of a dog, plain backdrop"
     assert fake.prompts == [wanted, wanted] and manifest["prompt"].tolist() == [wanted, wanted]

@@ -11,6 +11,7 @@ import torch
 from pipeline.families.sdxl import SDXL
 from pipeline.lora.adapters import DEFAULT_ADAPTER
 from pipeline.lora.training import REFERENCE_ADAPTER, split_init_lora
+from pipeline.lora.versions import TrainingRun
 from pipeline.stages.iteration import _lora_state
 from pipeline.stages.lora import run_lora
 from pipeline.storage.lineage import LineageRecorder
@@ -37,7 +38,8 @@ def model_k(fresh_pipe, sample_set, tmp_path_factory) -> dict[str, torch.Tensor]
     """Round k's exported LoRA, read back as the iteration reads it: U-Net and both text-encoder parts."""
     root = tmp_path_factory.mktemp("model_k")
     recorder = LineageRecorder(root / "lineage", "run", "lora", "olis__vrin", "test")
-    out = run_lora(fresh_pipe, sample_set, TE, root / "lora", root / "cache", recorder, "tiny-sdxl")
+    run = TrainingRun(root / "lora", root / "cache", recorder, "tiny-sdxl")
+    out = run_lora(pipe=fresh_pipe, samples=sample_set, config=TE, run=run)
     state = _lora_state(out.files["diffusers"])
     _, text = split_init_lora(state, SDXL.denoiser, SDXL.text_encoders)
     assert set(text) == set(SDXL.text_encoders)
