@@ -1,76 +1,25 @@
 """Training and generation assets: lora (DreamBooth-LoRA with Seg-Mix and prior preservation) → samples."""
 
-import dataclasses
-
 import dagster as dg
-from pydantic import Field
 
 from assets.compute import gpu_step
+from assets.launchpad import LoraTrainingConfig, LoraValidation, SamplesConfig, SamplesSettings
 from assets.metadata import grid_md, image_md, loss_curve_md, table_md, user_errors
 from assets.pair_assets import GROUP, captions, class_images, segments, segmix_bank
 from assets.partitions import character_pairs, pair_key
 from pipeline.images import image_grid
-from pipeline.infer import DEFAULT_NEGATIVE, scene_prompts
+from pipeline.infer import scene_prompts
+from pipeline.settings import resolve
 from pipeline.stages.lora import current_lora, run_lora
 from pipeline.stages.samples import run_samples, segmix_layout_factory
 from pipeline.storage.manifest import read_manifest
 from pipeline.train import TrainConfig
+from pipeline.train.config import resolve_train_config
 from pipeline.train.training_set import load_samples
 from resources import ModelResource, StorageResource
 
 # The stage folders load_samples reads (with S3 they are fetched first).
 TRAINING_STAGES = ("references", "captions", "segments", "segmix_bank", "class_images")
-
-
-class LoraTrainingConfig(dg.Config):
-    steps: int = 0
-    """0 uses the preset's default (30 for tiny, 800 for sdxl)."""
-    rank: int = 32
-    alpha: float = 32.0
-    lr: float = 1e-4
-    lr_scheduler: str = "constant"
-    batch_size: int = 1
-    segmix_p: float = 0.3
-    segmix_draw: str = "shared"
-    """shared (MuDI): one Seg-Mix draw for an instance image and its prior image; independent: one each."""
-    gradient_accumulation_steps: int = 1
-    """Micro-batches per optimizer step (MuDI: batch 1 × 2); steps counts optimizer steps."""
-    adam_weight_decay: float = 1e-4
-    prior_weight: float = 1.0
-    """0 disables prior preservation."""
-    dco_beta: float = 0.0
-    masked_loss: bool = False
-    mask_normalization: str = "mean"
-    train_text_encoder: bool = False
-    mixed_precision: str = "auto"
-    """auto: the dtype the models resource loads the base model in (fp16 on CUDA by default, no on CPU)."""
-    gradient_checkpointing: bool = False
-    compile_unet: bool = False
-    """torch.compile the U-Net: faster steps after a one-off compile (minutes on a small CPU)."""
-    use_8bit_adam: bool = False
-    checkpoint_every: int = 50
-    log_every: int = 10
-    seed: int = 0
-    resolution: int = 0
-    """0 uses the preset's resolution."""
-    validation_prompts: list[str] = Field(default_factory=list)
-    """Empty: two of the default scene prompts with the characters' token phrases."""
-
-
-class SamplesConfig(dg.Config):
-    prompts: list[str] = Field(default_factory=list)
-    """Empty: the default scene prompts filled with the token phrases."""
-    seeds: list[int] = Field(default_factory=lambda: [0, 1])
-    """Image k of every prompt uses seeds[k]."""
-    gamma: float = 1.0
-    """MuDI init weight; negative disables the layout init (plain noise)."""
-    layout_seed_offset: int = 0
-    lora_scale: float = 1.0
-    use_default_negative: bool = True
-    """Negative prompt "sticker, collage" against Seg-Mix sticker artefacts."""
-    steps: int = 0
-    guidance_scale: float = 5.0
-    resolution: int = 0
 
 
 @dg.asset(
@@ -89,24 +38,12 @@ def lora(
     pair = pair_key(context)
     spec = storage.spec(pair)
     preset = models.resolved_preset()
-    # auto: train in the precision the frozen base model is loaded in (the resource's dtype).
-    autocast = {"float16": "fp16", "bfloat16": "bf16"}.get(models.torch_dtype_name(), "no")
-    mixed = config.mixed_precision if config.mixed_precision != "auto" else autocast
-    # The launchpad fields mirror TrainConfig; only the preset-dependent defaults are resolved here.
-    shared = {k: v for k, v in config.model_dump().items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
-    train_config = TrainConfig(
-        **{
-            **shared,
-            "steps": config.steps or preset.train_steps,
-            "resolution": config.resolution or preset.resolution,
-            "mixed_precision": mixed,
-        }
-    )
+    train_config = resolve_train_config(config.settings(TrainConfig), preset, models.torch_dtype_name())
     training_data = storage.input_pair_dir(pair, *TRAINING_STAGES)
     samples = load_samples(training_data, with_prior=train_config.prior_preservation)
     pipe = models.base_pipeline_factory(storage.layout.models)()
     phrases = [c.token_phrase for c in spec.characters]
-    prompts = config.validation_prompts or scene_prompts(phrases)[:2]
+    prompts = list(config.settings(LoraValidation).validation_prompts) or scene_prompts(phrases)[:2]
     recorder = storage.recorder(context)
 
     def log_progress(step: int, metrics: dict) -> None:
@@ -164,24 +101,25 @@ def samples(
     pair = pair_key(context)
     spec = storage.spec(pair)
     preset = models.resolved_preset()
+    settings = resolve(config.settings(SamplesSettings), preset)
     lora_root = storage.input_dir(pair, "lora")
     current = current_lora(lora_root)
     pipe = models.base_pipeline_factory(storage.layout.models)()
     pipe.load_lora_weights(current["diffusers"])
-    resolution = config.resolution or preset.resolution
-    prompts = config.prompts or scene_prompts([c.token_phrase for c in spec.characters])
-    gamma = config.gamma if config.gamma >= 0 else None
+    resolution = settings.resolution
+    prompts = list(settings.prompts) or scene_prompts([c.token_phrase for c in spec.characters])
+    gamma = settings.gamma
     layout_factory = None
     if gamma is not None:
         segments_manifest = read_manifest(storage.input_dir(pair, "segments"), "segments")
-        layout_factory = segmix_layout_factory(segments_manifest, resolution, config.layout_seed_offset)
+        layout_factory = segmix_layout_factory(segments_manifest, resolution, settings.layout_seed_offset)
 
     recorder = storage.recorder(context)
     manifest = run_samples(
         pipe,
         prompts,
-        list(config.seeds),
-        len(config.seeds),
+        list(settings.seeds),
+        len(settings.seeds),
         layout_factory,
         gamma,
         current["version"],
@@ -189,11 +127,11 @@ def samples(
         recorder,
         resolution,
         resolution,
-        config.steps or preset.inference_steps,
-        config.guidance_scale,
-        DEFAULT_NEGATIVE if config.use_default_negative else None,
+        settings.steps,
+        settings.guidance_scale,
+        settings.negative_prompt,
         lora_sha256=current["sha256"]["diffusers"],
-        lora_scale=config.lora_scale,
+        lora_scale=settings.lora_scale,
         model_ids=[preset.base_model],
     )
     recorder.flush()
