@@ -216,6 +216,8 @@ def stop_reason(history: Sequence[RoundSummary], config: IterationConfig) -> str
     """
     if not history:
         raise CastloraError("stop_reason needs at least one finished round.")
+    if config.max_rounds is None:
+        raise CastloraError("IterationConfig.max_rounds is not set: resolve it against a model preset first.")
     last = history[-1]
     if last.n_kept == 0:
         return STOP_NOTHING_KEPT
