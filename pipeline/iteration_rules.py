@@ -27,7 +27,7 @@ import pandas as pd
 
 from pipeline.dnc.metric import MODES, l2_normalize
 from pipeline.errors import CastloraError
-from pipeline.settings import from_preset
+from pipeline.settings import from_preset, unresolved
 
 STOP_DISTANCE = "distance"
 """Stop reason of the ``kept_ratio`` convergence rule."""
@@ -110,6 +110,11 @@ class IterationConfig:
             raise CastloraError("Invalid iteration config: " + "; ".join(problems) + ".")
 
     def as_record(self) -> dict[str, Any]:
+        """Every field, JSON-ready (what the loop's version hashes): refused while a preset field is unset."""
+        if unresolved(self):
+            raise CastloraError(
+                f"IterationConfig {unresolved(self)} not set: resolve them against a model preset first."
+            )
         return asdict(self)
 
 

@@ -8,6 +8,8 @@ docstrings; the model preset fills what a run leaves unset. Three markers, each 
   model preset (``pipeline.models.presets.ModelPreset``). There is no other "use the preset" value (no ``0``).
 - ``internal(default)``: a field other code sets (e.g. the iteration loop's ``kl_weight``), not shown to users.
 - a plain default: the same answer for every preset.
+
+docs/design.md#settings describes the whole scheme.
 """
 
 from __future__ import annotations

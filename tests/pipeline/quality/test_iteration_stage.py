@@ -26,7 +26,8 @@ from tests.pipeline.quality.conftest import SIDE, layout_for
 
 GENERATION = GenerationSettings(("olis dog and vrin dog in a park",), SIDE, 2, 5.0, "sticker, collage")
 # Never converge or stall by the numbers, so the round budget alone decides where the loop stops.
-LOOP = dict(images_per_round=2, keep_top=2, train_steps=2, kl_weight=1.0, distance_fraction=0.01, min_improvement=-10)
+LOOP = dict(images_per_round=2, keep_top=2, train_steps=2, max_rounds=5, kl_weight=1.0, distance_fraction=0.01,
+            min_improvement=-10)  # fmt: skip
 
 
 def run(quality, root: Path, **overrides):
