@@ -52,7 +52,7 @@ def preset_note(attribute: str) -> str:
 
 
 def description(cls: type, field: dataclasses.Field) -> str:
-    doc = field_docs(cls)[field.name]
+    doc = " ".join(field_docs(cls)[field.name].split())  # one paragraph in the launchpad
     attribute = preset_attribute(field)
     return f"{doc} [preset default: {preset_note(attribute)}]" if attribute else doc
 
