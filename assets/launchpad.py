@@ -59,10 +59,10 @@ class LaunchpadConfig(dg.Config):
 
 def launchpad_fields(cls: type) -> tuple[dataclasses.Field, ...]:
     """The fields of ``cls`` the launchpad offers: its user fields, less nested settings (composed elsewhere)."""
-    return tuple(f for f in user_fields(cls) if not _is_nested_settings(cls, f))
+    return tuple(f for f in user_fields(cls) if not _is_nested_settings(f))
 
 
-def _is_nested_settings(cls: type, field: dataclasses.Field) -> bool:
+def _is_nested_settings(field: dataclasses.Field) -> bool:
     factory = field.default_factory
     return factory is not dataclasses.MISSING and dataclasses.is_dataclass(factory)
 

@@ -34,12 +34,17 @@ def config_type(annotation: Any) -> Any:
     if origin is tuple:
         items = {a for a in typing.get_args(annotation) if a is not Ellipsis}
         return list[items.pop()] if len(items) == 1 else list[Any]
+    if _text_or_tuple(annotation):
+        return str | None if type(None) in typing.get_args(annotation) else str
     if origin in (typing.Union, types.UnionType):
-        members = typing.get_args(annotation)
-        if str in members and any(typing.get_origin(m) is tuple for m in members):
-            return str | None if type(None) in members else str
-        return typing.Union[tuple(config_type(m) for m in members)]  # noqa: UP007 - built from a tuple
+        return typing.Union[tuple(config_type(m) for m in typing.get_args(annotation))]  # noqa: UP007 - from a tuple
     return annotation
+
+
+def _text_or_tuple(annotation: Any) -> bool:
+    """A union of ``str`` and a tuple, e.g. a colour ``"white" | (r, g, b)``."""
+    members = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else ()
+    return str in members and any(typing.get_origin(m) is tuple for m in members)
 
 
 def _config_default(value: Any) -> Any:
@@ -81,7 +86,7 @@ def from_config_value(cls: type, name: str, value: Any) -> Any:
     annotation = _type_hints(cls)[name]
     if isinstance(value, list) and typing.get_origin(annotation) is tuple:
         return tuple(value)
-    if isinstance(value, str) and "," in value and config_type(annotation) is not annotation:
+    if isinstance(value, str) and "," in value and _text_or_tuple(annotation):
         try:
             return tuple(int(part) for part in value.split(","))
         except ValueError:
