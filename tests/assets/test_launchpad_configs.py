@@ -59,7 +59,7 @@ def test_every_launchpad_field_is_documented_and_preset_fields_show_the_preset_v
     for cls in config.sources:
         for field in launchpad_fields(cls):
             description = config.model_fields[field.name].description
-            assert description.startswith(field_docs(cls)[field.name])
+            assert description.startswith(" ".join(field_docs(cls)[field.name].split()))  # one paragraph
             if preset_attribute(field):
                 values = [str(getattr(p, preset_attribute(field))) for p in PRESETS.values()]
                 assert "preset default" in description and all(v in description for v in values), description

@@ -73,12 +73,9 @@ def test_model_overrides_are_the_presets_model_choices_declared_once():
     choices = [f.name for f in fields(ModelChoice)]
     assert [name for name in ModelResource.model_fields if name in choices] == choices
     for name in choices:
+        doc = " ".join(field_docs(ModelChoice)[name].split())
         info = ModelResource.model_fields[name]
-        assert (
-            info.default is None
-            and info.description.startswith(field_docs(ModelChoice)[name])
-            and field_docs(ModelChoice)[name]
-        )
+        assert doc and info.default is None and info.description.startswith(doc)
     assert ModelResource(preset="sdxl").resolved_preset() == get_preset("sdxl")  # nothing set: the preset's models
     overridden = ModelResource(preset="tiny", dnc_threshold=0.25, ultralytics_sam="/m/sam.pt").resolved_preset()
     assert (overridden.dnc_threshold, overridden.ultralytics_sam, overridden.detector) == (
