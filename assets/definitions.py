@@ -33,7 +33,7 @@ def build_resources(env: dict[str, str] | None = None) -> dict[str, dg.Configura
         ),
         "models": ModelResource(
             preset=env.get("CASTLORA_PRESET", "tiny"),
-            segmenter_backend=env.get("CASTLORA_SEGMENTER", ""),
+            segmenter_backend=env.get("CASTLORA_SEGMENTER") or None,
             device=env.get("CASTLORA_DEVICE", "auto"),
             train_processes=env_int(env, "CASTLORA_TRAIN_PROCESSES", 1),
         ),

@@ -6,8 +6,8 @@ metadata (counts, tables, preview grids).
 """
 
 import dagster as dg
-from pydantic import Field
 
+from assets.launchpad import ClassImagesConfig, ReferencesConfig, SegmentsConfig, SegMixBankConfig
 from assets.metadata import grid_md, table_md
 from assets.partitions import REFERENCES_FINGERPRINT
 from assets.stage_asset import stage_asset
@@ -15,85 +15,16 @@ from pipeline.captions import CaptionCache
 from pipeline.images import IntakeConfig
 from pipeline.prior_images import ClassImageConfig
 from pipeline.segment import STATUS_OK, SegmentConfig
-from pipeline.segmix.compose import SegMixConfig
+from pipeline.settings import resolve
 from pipeline.stage_names import Stage
 from pipeline.stages.captions import USER_BACKEND, run_captions, user_caption_files
 from pipeline.stages.class_images import run_class_images
 from pipeline.stages.references import run_references
 from pipeline.stages.segments import run_segments
-from pipeline.stages.segmix_bank import BankConfig, run_segmix_bank
+from pipeline.stages.segmix_bank import run_segmix_bank
 from pipeline.storage.manifest import read_manifest
 from pipeline.storage.registry import references_fingerprint
 from resources import CaptionerResource, ModelResource, StorageResource
-
-
-class ReferencesConfig(dg.Config):
-    min_side: int = 256
-    max_side: int = 1536
-    max_aspect_ratio: float = 4.0
-    """Longer / shorter side above this is refused (e.g. 4.0 allows up to 4:1)."""
-    min_photos: int = 3
-
-
-class SegmentsConfig(dg.Config):
-    detection_threshold: float = 0.1
-    nms_iou: float = 0.5
-    min_mask_fraction: float = 0.01
-
-    def segment_config(self) -> SegmentConfig:
-        return SegmentConfig(
-            detection_threshold=self.detection_threshold,
-            nms_iou=self.nms_iou,
-            min_mask_fraction=self.min_mask_fraction,
-        )
-
-
-class SegMixBankConfig(dg.Config):
-    n_instance: int = 64
-    """Composites of the characters' own cut-outs (token phrases)."""
-    n_prior: int = 32
-    """Composites of class-image cut-outs (class nouns); 0 disables them."""
-    seed: int = 0
-    canvas_width: int = 0
-    """0 uses the model preset's resolution."""
-    canvas_height: int = 0
-    k: int = 2
-    """Subjects per composite (at most the number of characters)."""
-    max_occlusion: float = 0.3
-    min_subject_fraction: float = 0.02
-    max_upscale: float = 2.0
-    background: str = "white"
-    """white, black, or r,g,b (e.g. 128,128,128)."""
-    relative_scale: dict[str, float] = Field(default_factory=dict)
-    """character id or phrase → relative height, e.g. {"dog6": 2.0, "toy1": 1.0}; empty: fit each."""
-
-    def bank_config(self, resolution: int) -> BankConfig:
-        background: str | tuple[int, int, int] = self.background
-        if "," in self.background:
-            background = tuple(int(v) for v in self.background.split(","))  # type: ignore[assignment]
-        segmix = SegMixConfig(
-            canvas=(self.canvas_width or resolution, self.canvas_height or resolution),
-            k=self.k,
-            relative_scale=dict(self.relative_scale) or None,
-            max_occlusion=self.max_occlusion,
-            min_subject_fraction=self.min_subject_fraction,
-            max_upscale=self.max_upscale,
-            background=background,
-        )
-        return BankConfig(n_instance=self.n_instance, n_prior=self.n_prior, seed=self.seed, segmix=segmix)
-
-
-class ClassImagesConfig(dg.Config):
-    count: int = 0
-    """Images per class noun; 0 uses the model preset's default (100 for sdxl)."""
-    resolution: int = 0
-    """0 uses the preset's resolution."""
-    steps: int = 0
-    guidance_scale: float = 5.0
-    seed: int = 0
-    prompt_template: str = "a photo of a {class_noun}"
-    """The generation prompt; recorded per image and trained with (imported images get it too)."""
-    detection_threshold: float = 0.1
 
 
 @stage_asset(
@@ -106,12 +37,7 @@ class ClassImagesConfig(dg.Config):
 def references(
     context: dg.AssetExecutionContext, config: ReferencesConfig, storage: StorageResource
 ) -> dg.MaterializeResult:
-    intake = IntakeConfig(
-        min_side=config.min_side,
-        max_side=config.max_side,
-        max_aspect_ratio=config.max_aspect_ratio,
-        min_photos=config.min_photos,
-    )
+    intake = config.settings(IntakeConfig)
     with storage.stage_run(context, Stage.REFERENCES) as run:
         out = run_references(spec=run.spec, out_dir=run.out_dir, config=intake, recorder=run.recorder)
     for row in out.rejected.itertuples():
@@ -142,7 +68,7 @@ def references(
 def segments(
     context: dg.AssetExecutionContext, config: SegmentsConfig, storage: StorageResource, models: ModelResource
 ) -> dg.MaterializeResult:
-    seg_config = config.segment_config()
+    seg_config = config.settings(SegmentConfig)
     with storage.stage_run(context, Stage.SEGMENTS) as run:
         manifest = run_segments(
             references=read_manifest(storage.input_dir(run.pair, Stage.REFERENCES), Stage.REFERENCES),
@@ -221,15 +147,8 @@ def class_images(
     models: ModelResource,
 ) -> dg.MaterializeResult:
     preset = models.resolved_preset()
-    generation = ClassImageConfig(
-        count=config.count or preset.class_images_per_noun,
-        resolution=config.resolution or preset.resolution,
-        steps=config.steps or preset.class_image_steps,
-        guidance_scale=config.guidance_scale,
-        seed=config.seed,
-        prompt_template=config.prompt_template,
-    )
-    seg_config = SegmentConfig(detection_threshold=config.detection_threshold)
+    generation = resolve(config.settings(ClassImageConfig), preset)
+    seg_config = config.settings(SegmentConfig)
     with storage.stage_run(context, Stage.CLASS_IMAGES) as run:
         manifest = run_class_images(
             spec=run.spec,
@@ -268,7 +187,7 @@ def segmix_bank(
     storage: StorageResource,
     models: ModelResource,
 ) -> dg.MaterializeResult:
-    bank = config.bank_config(models.resolved_preset().resolution)
+    bank = config.bank_config(models.resolved_preset())
     with storage.stage_run(context, Stage.SEGMIX_BANK) as run:
         segs = read_manifest(storage.input_dir(run.pair, Stage.SEGMENTS), Stage.SEGMENTS)
         prior_dir = storage.input_dir(run.pair, Stage.CLASS_IMAGES) if bank.n_prior else None

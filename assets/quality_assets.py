@@ -1,14 +1,19 @@
 """Quality assets: iteration (self-generation filtered by Detect-and-Compare) → evaluation (variants side by side)."""
 
-import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
 
 import dagster as dg
 import pandas as pd
-from pydantic import Field
 
+from assets.launchpad import (
+    EvaluationAssetConfig,
+    EvaluationSettings,
+    IterationAssetConfig,
+    IterationRun,
+    QualityRenderSettings,
+)
 from assets.metadata import image_md
 from assets.partitions import DNC_HEADLINE
 from assets.stage_asset import stage_asset
@@ -17,15 +22,15 @@ from pipeline.dnc.pair_scorer import references_from_manifest
 from pipeline.errors import CastloraError
 from pipeline.evaluation.draw import annotated_grid
 from pipeline.evaluation.report import headline_values, plot_rounds, rounds_markdown, training_markdown
-from pipeline.infer import DEFAULT_NEGATIVE, scene_prompts
+from pipeline.infer import scene_prompts
 from pipeline.iteration_rules import CONVERGENCE_KEPT_RATIO, IterationConfig
 from pipeline.lora.record import LoraRecord
 from pipeline.lora.versions import LoraOutput
 from pipeline.rendering import GenerationSettings, segmix_layout_factory
+from pipeline.settings import resolve
 from pipeline.spec import PairSpec
 from pipeline.stage_names import Stage
 from pipeline.stages.evaluation import (
-    VARIANTS,
     EvaluationReport,
     EvaluationScoring,
     Subject,
@@ -42,69 +47,16 @@ from resources import ModelResource, StorageResource
 from resources.storage import StageRun
 
 
-class IterationAssetConfig(dg.Config):
-    images_per_round: int = 0
-    """0: the preset's (200 for sdxl, as MuDI)."""
-    keep_top: int = 0
-    """0: the preset's (50 for sdxl)."""
-    min_dnc: float | None = None
-    """Kept images must also reach this D&C; empty: the count gate only."""
-    train_steps: int = 0
-    """0: the preset's (1000 for sdxl)."""
-    kl_weight: float = 1.0
-    max_rounds: int = 0
-    """0: the preset's (5 for sdxl; 2 for tiny: one fine-tune, then its check)."""
-    rounds_per_run: int = 0
-    """0: run until the loop stops; 1: one round per materialization (the next one continues)."""
-    distance_fraction: float = 0.8
-    """``kept_ratio`` rule: converged when the kept set's distance < this × round 0's."""
-    convergence: str = "kept_ratio"
-    """``kept_ratio`` (kept set vs round 0) or ``per_prompt`` (The Chosen One: every prompt's images closer than
-    ``d_conv``)."""
-    d_conv: float | None = None
-    """``per_prompt`` rule's absolute threshold (mean pairwise Euclidean distance of unit embeddings, 0-2)."""
-    min_improvement: float = 0.0
-    gamma: float = 1.0
-    dnc_mode: str = "default"
-    dnc_embedder: str = "dinov2"
-    preference: bool = False
-    """IdGlow-style Diffusion-DPO on (best, worst) pairs of each prompt after the KL fine-tune."""
-    dpo_beta: float = 5000.0
-    dpo_steps: int = 200
-    preference_margin: float = 0.05
-    prompts: list[str] = Field(default_factory=list)
-    """Empty: the default scene prompts with the characters' token phrases."""
-    inference_steps: int = 0
-    guidance_scale: float = 5.0
-    use_default_negative: bool = True
-    seed: int = 0
-    resolution: int = 0
-    """0: the preset's resolution."""
-
-
-class EvaluationAssetConfig(dg.Config):
-    variants: list[str] = Field(default_factory=lambda: list(VARIANTS))
-    """Any of dreambooth (LoRA without Seg-Mix, trained here), segmix, segmix_init, iterative."""
-    prompts: list[str] = Field(default_factory=list)
-    """Empty: the preset's number of default scene prompts."""
-    seeds: list[int] = Field(default_factory=list)
-    """Empty: the preset's number of seeds from 1000."""
-    gamma: float = 1.0
-    inference_steps: int = 0
-    guidance_scale: float = 5.0
-    use_default_negative: bool = True
-    resolution: int = 0
-    """0: the preset's resolution."""
-
-
-def _generation(spec: PairSpec, models: ModelResource, config, prompts, seed=0) -> GenerationSettings:
-    preset = models.resolved_preset()
+def _generation(
+    spec: PairSpec, models: ModelResource, render: QualityRenderSettings, prompts, seed=0
+) -> GenerationSettings:
+    render = resolve(render, models.resolved_preset())
     return GenerationSettings(
         prompts=tuple(prompts or scene_prompts([c.token_phrase for c in spec.characters])),
-        resolution=config.resolution or preset.resolution,
-        steps=config.inference_steps or preset.inference_steps,
-        guidance_scale=config.guidance_scale,
-        negative_prompt=DEFAULT_NEGATIVE if config.use_default_negative else None,
+        resolution=render.resolution,
+        steps=render.inference_steps,
+        guidance_scale=render.guidance_scale,
+        negative_prompt=render.negative_prompt,
         seed=seed,
     )
 
@@ -134,22 +86,11 @@ def iteration(
     context: dg.AssetExecutionContext, config: IterationAssetConfig, storage: StorageResource, models: ModelResource
 ) -> dg.MaterializeResult:
     preset = models.resolved_preset()
-    # The launchpad fields mirror IterationConfig; only the preset-dependent defaults are resolved here.
-    shared = {
-        k: v for k, v in config.model_dump().items() if k in {f.name for f in dataclasses.fields(IterationConfig)}
-    }
-    loop_config = IterationConfig(
-        **{
-            **shared,
-            "images_per_round": config.images_per_round or preset.iteration_images,
-            "keep_top": config.keep_top or preset.iteration_keep,
-            "train_steps": config.train_steps or preset.iteration_steps,
-            "max_rounds": config.max_rounds or preset.iteration_rounds,
-        }
-    )
+    loop_config = resolve(config.settings(IterationConfig), preset)
+    render, iteration_run = config.settings(QualityRenderSettings), config.settings(IterationRun)
     with storage.stage_run(context, Stage.ITERATION) as run:
         base = current_lora(storage.input_dir(run.pair, Stage.LORA))
-        generation = _generation(run.spec, models, config, config.prompts, config.seed)
+        generation = _generation(run.spec, models, render, render.prompts, iteration_run.seed)
         scorer = _scorer(storage, models, run.pair, run.spec)
         out = run_iteration(
             pipe_factory=models.base_pipeline_factory(storage.layout.models),
@@ -163,7 +104,7 @@ def iteration(
             cache_dir=storage.layout.cache / "train",
             recorder=run.recorder,
             base_model_id=preset.base_model,
-            rounds_per_run=config.rounds_per_run,
+            rounds_per_run=iteration_run.rounds_per_run,
             on_log=lambda step, m: context.log.info(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in m.items())),
             log=context.log.info,
         )
@@ -204,7 +145,7 @@ def _open(path):
 
 def _variants(
     context: dg.AssetExecutionContext,
-    config: EvaluationAssetConfig,
+    settings: EvaluationSettings,
     storage: StorageResource,
     run: StageRun,
     segmix_lora: LoraRecord,
@@ -215,7 +156,7 @@ def _variants(
     rounds (for the report's plot) and the baseline's training output (None when not evaluated)."""
     iteration_root = storage.input_dir(run.pair, Stage.ITERATION)
     variants, notes, rounds, baseline = [], [], None, None
-    for name in config.variants:
+    for name in settings.variants:
         if name == "dreambooth":
             context.log.info("evaluation: training the DreamBooth baseline (the Seg-Mix LoRA's settings, no Seg-Mix)")
             training_data = storage.input_pair_dir(run.pair, *TRAINING_STAGES)
@@ -234,7 +175,9 @@ def _variants(
         elif name == "segmix":
             variants.append(Variant(name, segmix_lora, None))
         elif name == "segmix_init":
-            variants.append(Variant(name, segmix_lora, config.gamma, f"segmix_init: MuDI init with γ={config.gamma}"))
+            variants.append(
+                Variant(name, segmix_lora, settings.gamma, f"segmix_init: MuDI init with γ={settings.gamma}")
+            )
         else:
             try:
                 iterated = current_iteration(iteration_root)
@@ -243,7 +186,7 @@ def _variants(
                 continue
             pick = iterated.picked
             note = f"iterative: best round {pick.round} of run {pick.run} ({pick.stop_reason})"
-            variants.append(Variant(name, iterated, config.gamma, note))
+            variants.append(Variant(name, iterated, settings.gamma, note))
             rounds = read_manifest(iteration_root / pick.run, Stage.ITERATION, ROUNDS_FILE)
     return variants, notes, rounds, baseline
 
@@ -261,18 +204,16 @@ def evaluation(
     context: dg.AssetExecutionContext, config: EvaluationAssetConfig, storage: StorageResource, models: ModelResource
 ) -> dg.MaterializeResult:
     preset = models.resolved_preset()
-    unknown = [v for v in config.variants if v not in VARIANTS]
-    if unknown:
-        raise dg.Failure(f"Unknown evaluation variant(s) {unknown}; choose from {list(VARIANTS)}.")
+    settings, render = config.settings(EvaluationSettings), config.settings(QualityRenderSettings)
     with storage.stage_run(context, Stage.EVALUATION) as run:
         characters = run.spec.characters
-        prompts = config.prompts or scene_prompts([c.token_phrase for c in characters])[: preset.eval_prompts]
-        seeds = list(config.seeds) or list(range(1000, 1000 + preset.eval_seeds))
-        generation = _generation(run.spec, models, config, prompts)
+        prompts = list(render.prompts) or scene_prompts([c.token_phrase for c in characters])[: preset.eval_prompts]
+        seeds = list(settings.seeds) or list(range(1000, 1000 + preset.eval_seeds))
+        generation = _generation(run.spec, models, render, prompts)
         pipe_factory = models.base_pipeline_factory(storage.layout.models)
         segmix_lora = current_lora(storage.input_dir(run.pair, Stage.LORA))
         variants, notes, rounds, baseline = _variants(
-            context, config, storage, run, segmix_lora, pipe_factory, preset.base_model
+            context, settings, storage, run, segmix_lora, pipe_factory, preset.base_model
         )
         scorer = _scorer(storage, models, run.pair, run.spec)
         clip_t, clip_t_note = models.clip_t_scorer(storage.layout.models, scorer)

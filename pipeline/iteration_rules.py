@@ -27,6 +27,7 @@ import pandas as pd
 
 from pipeline.dnc.metric import MODES, l2_normalize
 from pipeline.errors import CastloraError
+from pipeline.settings import from_preset, unresolved
 
 STOP_DISTANCE = "distance"
 """Stop reason of the ``kept_ratio`` convergence rule."""
@@ -42,17 +43,21 @@ CONVERGENCE_RULES = (CONVERGENCE_KEPT_RATIO, CONVERGENCE_PER_PROMPT)
 
 @dataclass(frozen=True)
 class IterationConfig:
-    images_per_round: int = 200
-    """Images rendered per round (MuDI: 200), spread over the prompts."""
-    keep_top: int = 50
-    """Images kept per round for the next fine-tune (MuDI: top 50 by D&C)."""
+    images_per_round: int | None = from_preset("iteration_images")
+    """Images rendered per round (MuDI: 200), spread over the prompts. Not set: the model preset's
+    ``iteration_images``."""
+    keep_top: int | None = from_preset("iteration_keep")
+    """Images kept per round for the next fine-tune (MuDI: top 50 by D&C). Not set: the model preset's
+    ``iteration_keep``."""
     min_dnc: float | None = None
-    """Kept images must also score at least this; None = only the count gate."""
-    train_steps: int = 1000
+    """Kept images must also score at least this; not set: only the count gate."""
+    train_steps: int | None = from_preset("iteration_steps")
+    """Fine-tuning steps per round (MuDI: ~1000). Not set: the model preset's ``iteration_steps``."""
     kl_weight: float = 1.0
     """Weight of the KL term towards the previous round's model (MuDI ≈ 1.0; prevents over-saturation)."""
-    max_rounds: int = 5
-    """Rounds of generate → score → keep; every round but the last also trains the next LoRA."""
+    max_rounds: int | None = from_preset("iteration_rounds")
+    """Rounds of generate → score → keep; every round but the last also trains the next LoRA. Not set: the model
+    preset's ``iteration_rounds`` (tiny: one fine-tune, then its check)."""
     distance_fraction: float = 0.8
     """``kept_ratio`` rule: converged when the kept set's mean pairwise distance < this × round 0's (0.6-0.8 in
     The Chosen One's unofficial code)."""
@@ -67,27 +72,30 @@ class IterationConfig:
     gamma: float = 1.0
     """MuDI init weight for the generated images."""
     dnc_mode: str = "default"
+    """Detect-and-Compare mode that ranks the images: ``default`` or ``mudi`` (docs/design.md#scoring-and-modes)."""
     dnc_embedder: str = "dinov2"
     """Embedder whose D&C ranks the images; the kept set's distance uses the same embedder."""
     preference: bool = False
     """IdGlow-style step: Diffusion-DPO on (best, worst) D&C pairs of the same prompt after the KL fine-tune."""
     dpo_beta: float = 5000.0
+    """Diffusion-DPO's β for the preference step (see ``TrainConfig.dpo_beta``)."""
     dpo_steps: int = 200
+    """Optimizer steps of the preference step."""
     preference_margin: float = 0.05
     """A (winner, loser) pair needs at least this D&C gap, so near-ties do not teach noise."""
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.images_per_round < 1 or self.keep_top < 1:
-            problems.append("images_per_round and keep_top must be >= 1")
-        if self.keep_top > self.images_per_round:
+        problems = [
+            f"{name}={value} must be >= 1 (leave it unset for the model preset's default)"
+            for name in ("images_per_round", "keep_top", "train_steps", "max_rounds")
+            if (value := getattr(self, name)) is not None and value < 1
+        ]
+        if self.keep_top is not None and self.images_per_round is not None and self.keep_top > self.images_per_round:
             problems.append(f"keep_top={self.keep_top} cannot exceed images_per_round={self.images_per_round}")
-        if self.max_rounds < 1:
-            problems.append(f"max_rounds={self.max_rounds} must be >= 1")
         if not 0.0 < self.distance_fraction <= 1.0:
             problems.append(f"distance_fraction={self.distance_fraction} must be in (0, 1]")
-        if self.train_steps < 1 or self.dpo_steps < 1:
-            problems.append("train_steps and dpo_steps must be >= 1")
+        if self.dpo_steps < 1:
+            problems.append(f"dpo_steps={self.dpo_steps} must be >= 1")
         if self.kl_weight < 0 or self.dpo_beta <= 0 or self.preference_margin < 0:
             problems.append("kl_weight and preference_margin must be >= 0, dpo_beta > 0")
         if self.convergence not in CONVERGENCE_RULES:
@@ -102,6 +110,11 @@ class IterationConfig:
             raise CastloraError("Invalid iteration config: " + "; ".join(problems) + ".")
 
     def as_record(self) -> dict[str, Any]:
+        """Every field, JSON-ready (what the loop's version hashes): refused while a preset field is unset."""
+        if unresolved(self):
+            raise CastloraError(
+                f"IterationConfig {unresolved(self)} not set: resolve them against a model preset first."
+            )
         return asdict(self)
 
 
@@ -208,6 +221,8 @@ def stop_reason(history: Sequence[RoundSummary], config: IterationConfig) -> str
     """
     if not history:
         raise CastloraError("stop_reason needs at least one finished round.")
+    if config.max_rounds is None:
+        raise CastloraError("IterationConfig.max_rounds is not set: resolve it against a model preset first.")
     last = history[-1]
     if last.n_kept == 0:
         return STOP_NOTHING_KEPT

@@ -19,6 +19,7 @@ from PIL import Image
 
 from pipeline.errors import CastloraError
 from pipeline.images import IMAGE_SUFFIXES
+from pipeline.settings import from_preset, unresolved
 from pipeline.storage.paths import confined_path
 
 CLASS_NOUN_FIELD = "{class_noun}"
@@ -26,25 +27,30 @@ CLASS_NOUN_FIELD = "{class_noun}"
 
 @dataclass(frozen=True)
 class ClassImageConfig:
-    count: int = 100
-    """MuDI/DreamBooth use about 100 class images per class."""
-    resolution: int = 1024
-    """Square side in pixels; SDXL's native size. Must be a multiple of 8 (the VAE's downsampling)."""
-    steps: int = 30
+    count: int | None = from_preset("class_images_per_noun")
+    """Images per class noun (MuDI/DreamBooth: about 100). Not set: the model preset's ``class_images_per_noun``."""
+    resolution: int | None = from_preset("resolution")
+    """Square side in pixels, a multiple of 8 (the VAE's downsampling). Not set: the model preset's resolution."""
+    steps: int | None = from_preset("class_image_steps")
+    """Denoising steps per image. Not set: the model preset's ``class_image_steps``."""
     guidance_scale: float = 5.0
+    """Classifier-free guidance scale."""
     seed: int = 0
+    """Image i of a class noun is generated with seed ``seed + i``."""
     prompt_template: str = "a photo of a {class_noun}"
+    """The generation prompt; recorded per image and trained with (imported images get it too)."""
     negative_prompt: str = ""
     """Empty means none: SDXL then uses zero embeddings for the unconditional branch, as it was trained."""
     batch_size: int = 4
+    """Images generated per pipeline call."""
 
     def __post_init__(self) -> None:
         problems = []
-        if self.count < 0:
+        if self.count is not None and self.count < 0:
             problems.append(f"count must be >= 0 (got {self.count})")
-        if self.resolution <= 0 or self.resolution % 8:
+        if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
             problems.append(f"resolution must be a positive multiple of 8 (got {self.resolution})")
-        if self.steps < 1:
+        if self.steps is not None and self.steps < 1:
             problems.append(f"steps must be >= 1 (got {self.steps})")
         if self.batch_size < 1:
             problems.append(f"batch_size must be >= 1 (got {self.batch_size})")
@@ -81,6 +87,8 @@ def generate_class_images(
     """
     if not class_noun.strip():
         raise CastloraError("Class images need a class noun (e.g. 'dog'); got an empty string.")
+    if unresolved(config):
+        raise CastloraError(f"Class image settings {unresolved(config)} are not set: resolve them against a preset.")
     prompt = config.prompt_for(class_noun)
     negative_prompt = config.negative_prompt or None
     device = _pipeline_device(pipe)

@@ -3,38 +3,37 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
+from pydantic import create_model
 
 from pipeline.models.loading import resolve_model
-from pipeline.models.presets import ModelPreset, get_preset
+from pipeline.models.presets import ModelChoice, ModelPreset, get_preset
+from resources.config_fields import config_field
+
+ModelOverrides = create_model(
+    "ModelOverrides",
+    __base__=dg.ConfigurableResource,
+    __module__=__name__,
+    **{f.name: config_field(ModelChoice, f, override=True) for f in fields(ModelChoice)},
+)
+"""One optional override per ``ModelChoice`` field of the preset, derived from that dataclass (declared once)."""
 
 
-class ModelResource(dg.ConfigurableResource):
-    """Models for every stage, chosen by ``preset`` (``tiny`` offline/CPU, ``sdxl`` real weights)."""
+class ModelResource(ModelOverrides):  # type: ignore[misc, valid-type]
+    """Models for every stage, chosen by ``preset`` (``tiny`` offline/CPU, ``sdxl`` real weights); every
+    ``ModelChoice`` field of the preset (detector, sam, base_model, ...) can be overridden here."""
 
     preset: str = "tiny"
-    detector: str = ""
-    """Override the preset's OWLv2: hub id or local directory."""
-    sam: str = ""
-    base_model: str = ""
-    vae: str = ""
+    """Model preset: ``tiny`` (random-init models, CPU, offline) or ``sdxl`` (real weights)."""
+    vae: str | None = None
     """Optional VAE override for the base model, e.g. the fp16-fix SDXL VAE (madebyollin/sdxl-vae-fp16-fix) as a
-    hub id or local directory; the stock SDXL VAE overflows in fp16."""
+    hub id or local directory; the stock SDXL VAE overflows in fp16. Not set: the base model's own VAE."""
     family: str = "sdxl"
     """Base-model family: a key of pipeline.families.FAMILIES (docs/design.md#model-families)."""
-    vlm: str = ""
-    dino: str = ""
-    """Override the preset's DINOv2 embedder (D&C, DINO similarity)."""
-    clip: str = ""
-    """Override the preset's CLIP (CLIP-I, CLIP-T, the DreamSim-style ensemble)."""
-    image_reward: str = ""
-    dnc_detector: str = ""
-    """``owlv2`` or ``layout`` (labelled fallback for random-init models); empty: the preset's."""
-    segmenter_backend: str = ""
-    """``owlv2_sam``, ``ultralytics`` or ``grabcut`` (labelled classical fallback); empty: the preset's."""
     device: str = "auto"
     """``auto`` picks CUDA when present, else CPU."""
     dtype: str = "auto"
@@ -47,17 +46,8 @@ class ModelResource(dg.ConfigurableResource):
     mixed precision set by castlora override its values."""
 
     def resolved_preset(self) -> ModelPreset:
-        return get_preset(self.preset).with_overrides(
-            detector=self.detector,
-            sam=self.sam,
-            base_model=self.base_model,
-            vlm=self.vlm,
-            dino=self.dino,
-            clip=self.clip,
-            image_reward=self.image_reward,
-            dnc_detector=self.dnc_detector,
-            segmenter_backend=self.segmenter_backend,
-        )
+        """The preset with this resource's model overrides applied: what every stage reads its models from."""
+        return get_preset(self.preset).with_overrides(**{f.name: getattr(self, f.name) for f in fields(ModelChoice)})
 
     def torch_device(self) -> str:
         if self.device != "auto":
@@ -114,7 +104,7 @@ class ModelResource(dg.ConfigurableResource):
         return BaseModelSpec(
             source=self.resolved_preset().base_model,
             family=self.family,
-            vae_source=self.vae or None,
+            vae_source=self.vae,
             device=self.torch_device(),
             dtype=self.torch_dtype_name(),
         )

@@ -8,31 +8,60 @@ weights. Tiny models run on CPU in seconds; their outputs are meaningless, their
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
 from pipeline.errors import CastloraError
 
 
-@dataclass(frozen=True)
-class ModelPreset:
-    name: str
+@dataclass(frozen=True, kw_only=True)
+class ModelChoice:
+    """Which model does each job. A preset names them all; the models resource overrides any of them per
+    deployment (its fields are derived from these)."""
+
     detector: str
-    """Open-vocabulary detector (OWLv2) for segmentation and Detect-and-Compare."""
+    """Open-vocabulary detector (OWLv2) for segmentation and Detect-and-Compare: hub id or local directory."""
     sam: str
     """Segment Anything, prompted with the detector's box."""
     base_model: str
-    """Diffusers SDXL-layout directory or id: class images now, LoRA training later."""
+    """Diffusers SDXL-layout directory or id: class images, LoRA training and generation."""
     vlm: str
     """Local captioning VLM for the ``transformers`` caption backend."""
     segmenter_backend: str
-    """Backend used when a run does not choose one: ``owlv2_sam``, ``ultralytics`` or ``grabcut``."""
+    """``owlv2_sam``, ``ultralytics`` or ``grabcut`` (labelled classical fallback)."""
+    dino: str = "facebook/dinov2-base"
+    """DINOv2 image embedder for Detect-and-Compare and DINO similarity (mean of last_hidden_state, as MuDI)."""
+    clip: str = "openai/clip-vit-large-patch14"
+    """CLIP (image and text towers) for CLIP-I, CLIP-T and the DreamSim-style ensemble."""
+    image_reward: str | None = None
+    """ImageReward weights (file or directory); None: the metric is reported as unavailable."""
+    dnc_detector: str = "owlv2"
+    """Who finds the characters for D&C: ``owlv2`` (the detector above) or ``layout`` (the generation layout's
+    boxes: a labelled fallback for random-init models, whose detections mean nothing)."""
+    dnc_threshold: float = 0.4
+    """OWLv2 score threshold for D&C (MuDI's demo uses 0.4)."""
+    ultralytics_detector: str = "yolov8s-worldv2.pt"
+    """YOLO-World weights for the ``ultralytics`` segmenter backend."""
+    ultralytics_sam: str = "sam2.1_b.pt"
+    """SAM weights for the ``ultralytics`` segmenter backend."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelPreset(ModelChoice):
+    """The models (``ModelChoice``) plus the run defaults that suit them: what a setting declared with
+    ``pipeline.settings.from_preset`` becomes when a run leaves it unset."""
+
+    name: str
     resolution: int = 1024
     """Native training/generation resolution: the Seg-Mix canvas and class images default to it."""
     class_image_steps: int = 30
+    """Denoising steps per class image."""
     class_images_per_noun: int = 100
+    """Class images per class noun (MuDI/DreamBooth: about 100)."""
     train_steps: int = 800
     """LoRA steps when a run does not set them (MuDI trains SDXL for ~1000-2000 steps at rank 32)."""
     inference_steps: int = 30
+    """Denoising steps for samples, iteration and evaluation images."""
     iteration_images: int = 200
     """Images per round of iterative self-generation (MuDI: 200) ..."""
     iteration_keep: int = 50
@@ -45,22 +74,19 @@ class ModelPreset:
     """Prompts of the evaluation grid (the first default scene prompts) ..."""
     eval_seeds: int = 4
     """... times this many fixed seeds."""
-    dino: str = "facebook/dinov2-base"
-    """DINOv2 image embedder for Detect-and-Compare and DINO similarity (mean of last_hidden_state, as MuDI)."""
-    clip: str = "openai/clip-vit-large-patch14"
-    """CLIP (image and text towers) for CLIP-I and CLIP-T."""
-    image_reward: str = ""
-    """ImageReward weights (file or directory); empty = the metric is reported as unavailable."""
-    dnc_detector: str = "owlv2"
-    """Who finds the characters for D&C: ``owlv2`` (the detector above) or ``layout`` (the generation layout's
-    boxes: a labelled fallback for random-init models, whose detections mean nothing)."""
-    dnc_threshold: float = 0.4
-    """OWLv2 score threshold for D&C (MuDI's demo uses 0.4)."""
-    ultralytics_detector: str = "yolov8s-worldv2.pt"
-    ultralytics_sam: str = "sam2.1_b.pt"
 
-    def with_overrides(self, **overrides: str | None) -> ModelPreset:
-        return replace(self, **{k: v for k, v in overrides.items() if v})
+    def with_overrides(self, **overrides: Any) -> ModelPreset:
+        """This preset with the given ``ModelChoice`` fields replaced; None leaves a field as the preset has it."""
+        choices = {f.name for f in fields(ModelChoice)}
+        unknown = sorted(set(overrides) - choices)
+        if unknown:
+            raise CastloraError(f"{unknown} are not model choices; a preset's models are {sorted(choices)}.")
+        empty = sorted(name for name, value in overrides.items() if value == "")
+        if empty:
+            raise CastloraError(
+                f"Model override(s) {empty} are empty strings: leave them unset (null) to use the preset's models."
+            )
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
 
 PRESETS: dict[str, ModelPreset] = {

@@ -23,7 +23,9 @@ class SegmentConfig:
     min_mask_fraction: float = 0.01
     """Masks covering less than this fraction of the image are flagged ``tiny_mask``."""
     fill_holes: bool = True
+    """Fill holes inside a mask (a subject has no see-through gaps)."""
     keep_largest_component: bool = True
+    """Keep only the mask's largest connected region (drops stray specks)."""
 
 
 @dataclass

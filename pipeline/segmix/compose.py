@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.errors import CastloraError
+from pipeline.settings import internal
 from pipeline.storage.hashing import sha256_json
 
 # MuDI's constants at its 1024-px canvas, kept as fractions so other resolutions scale with them.
@@ -76,8 +77,8 @@ class SegMixSubject:
 
 @dataclass(frozen=True)
 class SegMixConfig:
-    canvas: tuple[int, int] = (1024, 1024)
-    """(width, height) of the composite."""
+    canvas: tuple[int, int] = internal((1024, 1024))
+    """(width, height) of the composite (the launchpad sets it from the bank's canvas_width/canvas_height)."""
     k: int = 2
     """Subjects per composite; the canvas width is split into k columns, one subject each."""
     scale_range: tuple[float, float] = (0.75, 1.0)
@@ -91,7 +92,7 @@ class SegMixConfig:
     max_upscale: float = 2.0
     """A cut-out is never enlarged more than this (MuDI upscales thumbnails without limit)."""
     background: str | tuple[int, int, int] = "white"
-    """"white", "black" or an (r, g, b) flat colour."""
+    """"white", "black" or an (r, g, b) flat colour (in the launchpad: ``r,g,b``, e.g. ``128,128,128``)."""
     prompt_template: str = "A photo of {subjects}, {background} background."
     """``{subjects}``: phrases joined "A and B" / "A, B and C"; ``{background}``: see ``background_word``."""
     shuffle_prompt_order: bool = True

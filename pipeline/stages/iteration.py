@@ -343,14 +343,14 @@ def run_iteration(
     cache_dir: Path,
     recorder: LineageRecorder,
     base_model_id: str,
-    rounds_per_run: int = 0,
+    rounds_per_run: int | None = None,
     on_log: Callable[[int, dict], None] | None = None,
     log: Callable[[str], None] = print,
 ) -> IterationOutput:
     """Run (or continue) the loop from ``base_lora`` (the pair's LoRA record) until it stops.
 
-    ``rounds_per_run`` > 0 renders at most that many new rounds in this call (one round per materialization
-    with 1); the loop then stops with ``"paused"`` and the next call continues it.
+    ``rounds_per_run`` (None: no limit) renders at most that many new rounds in this call (one round per
+    materialization with 1); the loop then stops with ``"paused"`` and the next call continues it.
     """
     if not generation.prompts:
         raise CastloraError("Iteration needs prompts: configure some or use the default scene prompts.")
@@ -369,7 +369,7 @@ def run_iteration(
         if saved is not None:
             summary = RoundSummary(**{**saved.summary, "stop_reason": None})
             log(f"round {k}: already scored ({summary.n_kept}/{summary.n_generated} kept); reusing it")
-        elif rounds_per_run and new_rounds >= rounds_per_run:
+        elif rounds_per_run is not None and new_rounds >= rounds_per_run:
             reason = STOP_PAUSED
             break
         else:

@@ -22,8 +22,11 @@ from pipeline.storage.manifest import prune_unlisted, write_manifest
 @dataclass(frozen=True)
 class BankConfig:
     n_instance: int = 64
+    """Composites of the characters' own cut-outs (token phrases)."""
     n_prior: int = 32
+    """Composites of class-image cut-outs (class nouns); 0 disables them."""
     seed: int = 0
+    """Seeds the bank's plan: which cut-outs, scales and places each composite gets."""
     segmix: SegMixConfig = field(default_factory=SegMixConfig)
 
 

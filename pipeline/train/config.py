@@ -1,12 +1,18 @@
-"""Training settings for the DreamBooth-LoRA loop, and the fingerprint that ties a checkpoint to them."""
+"""Training settings for the DreamBooth-LoRA loop, and the fingerprint that ties a checkpoint to them.
+
+``TrainConfig`` is the one declaration of the training settings: the launchpad's ``lora`` config is derived
+from its fields and docstrings (``assets/launchpad.py``), and ``resolve_train_config`` fills what a run leaves
+unset (None) from the model preset and the base model's precision.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from pipeline.errors import CastloraError
 from pipeline.lora.adapters import UNET_TARGETS
+from pipeline.settings import from_preset, internal, resolve, unresolved
 from pipeline.train.data import SEGMIX_DRAWS
 
 LR_SCHEDULERS = ("constant", "cosine")
@@ -25,15 +31,22 @@ _OMITTED_AT = {"gradient_accumulation_steps": 1}
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 500
+    steps: int | None = from_preset("train_steps")
+    """Optimizer steps; not set: the model preset's ``train_steps``."""
     batch_size: int = 1
     """Instance images per step and process; with prior preservation each step also sees as many prior images."""
     lr: float = 1e-4
+    """Learning rate of the U-Net LoRA (AdamW)."""
     lr_scheduler: str = "constant"
+    """``constant`` or ``cosine`` (decays to 0 over ``steps``)."""
     lr_warmup_steps: int = 0
+    """Steps of linear warm-up at the start of the schedule."""
     rank: int = 32
+    """LoRA rank (MuDI: 32)."""
     alpha: float = 32.0
-    targets: tuple[str, ...] = UNET_TARGETS
+    """LoRA alpha: the update is scaled by alpha / rank."""
+    targets: tuple[str, ...] = internal(UNET_TARGETS)
+    """U-Net attention projections that get LoRA layers."""
     train_text_encoder: bool = False
     """Also train LoRA on both text encoders (then text embeddings are computed every step, not cached)."""
     text_encoder_lr: float | None = None
@@ -47,27 +60,33 @@ class TrainConfig:
     """Weight of the prior-preservation loss; 0 disables prior preservation."""
     dco_beta: float = 0.0
     """>0 replaces the instance MSE by the DCO loss against the same U-Net with LoRA scale 0 (MuDI uses 1000)."""
-    kl_weight: float = 0.0
+    kl_weight: float = internal(0.0)
     """>0 adds ``kl_weight`` × the KL towards the starting LoRA (``init_lora``, the previous round's model) to the
     instance loss: MuDI's iterative training (docs/design.md#losses, weight ≈ 1.0). Needs ``init_lora``."""
-    dpo_beta: float = 0.0
+    dpo_beta: float = internal(0.0)
     """Diffusion-DPO's β, used only by ``train_preference`` (which requires it > 0). It multiplies errors that are
     per-element means, as in Wallace et al.'s code: hence values in the thousands (paper, SD1.5: 5000; SDXL is
     often run at 2500; diffusers' SDXL research example defaults to 5000)."""
     masked_loss: bool = False
+    """Weight the instance loss by the subjects' union mask (background pixels do not count)."""
     mask_normalization: str = "mean"
     """``mean``: mean of mask * error over all pixels; ``mask_mean``: that divided by the mask's mean."""
-    resolution: int = 1024
-    """Fixed square size: images are resized (shorter side) and centre-cropped to it; no bucketing."""
-    mixed_precision: str = "no"
-    """Frozen weights in fp16/bf16 on GPU with autocast; LoRA parameters always stay fp32."""
+    resolution: int | None = from_preset("resolution")
+    """Fixed square size: images are resized (shorter side) and centre-cropped to it; no bucketing. Not set: the
+    model preset's ``resolution``."""
+    mixed_precision: str | None = None
+    """``no``, ``fp16`` or ``bf16``: frozen weights in fp16/bf16 on GPU with autocast; LoRA parameters always stay
+    fp32. Not set: the precision the base model is loaded in (the models resource's dtype: fp16 on CUDA, no on
+    CPU)."""
     gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less GPU memory, slower steps."""
     compile_unet: bool = False
     """``torch.compile`` the U-Net's training forward/backward (inductor). Faster steps (tiny model on CPU:
     1.8x / 1.55x / 1.1x over eager at 128 / 256 / 512 px, benchmarks/README.md) after a one-off compile on the
     first step: minutes on a small CPU, seconds once inductor's on-disk cache holds it. For long runs; on CPU it
     needs a C++ compiler and raises peak RSS by ~100-200 MiB."""
     use_8bit_adam: bool = False
+    """bitsandbytes' 8-bit AdamW (CUDA only): less optimizer memory."""
     adam_weight_decay: float = 1e-4
     """AdamW's decoupled weight decay on the LoRA parameters (diffusers' DreamBooth scripts and MuDI: 1e-4)."""
     gradient_accumulation_steps: int = 1
@@ -75,15 +94,20 @@ class TrainConfig:
     MuDI trains batch 1 × accumulation 2; ``steps`` counts optimizer steps, so accumulation k costs k times the
     forward/backward passes of the same ``steps``."""
     seed: int = 0
+    """Seeds the LoRA initialisation, the data order, Seg-Mix draws and the noise."""
     checkpoint_every: int = 50
+    """Save a resumable checkpoint every this many steps (and at the end)."""
     keep_checkpoints: int = 2
+    """Newest checkpoints kept on disk."""
     log_every: int = 10
+    """Report the loss every this many steps."""
     max_grad_norm: float = 1.0
+    """Gradients are clipped to this norm."""
 
     def __post_init__(self) -> None:
         problems = []
-        if self.steps < 1:
-            problems.append(f"steps={self.steps} must be >= 1")
+        if self.steps is not None and self.steps < 1:
+            problems.append(f"steps={self.steps} must be >= 1 (leave it unset for the model preset's train_steps)")
         if self.batch_size < 1:
             problems.append(f"batch_size={self.batch_size} must be >= 1")
         if self.gradient_accumulation_steps < 1:
@@ -104,10 +128,16 @@ class TrainConfig:
             problems.append("prior_weight, dco_beta, kl_weight and dpo_beta must be >= 0")
         if self.mask_normalization not in MASK_NORMALIZATIONS:
             problems.append(f"mask_normalization={self.mask_normalization!r} must be one of {MASK_NORMALIZATIONS}")
-        if self.mixed_precision not in MIXED_PRECISIONS:
-            problems.append(f"mixed_precision={self.mixed_precision!r} must be one of {MIXED_PRECISIONS}")
-        if self.resolution < 8 or self.resolution % 8:
-            problems.append(f"resolution={self.resolution} must be a positive multiple of 8")
+        if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISIONS:
+            problems.append(
+                f"mixed_precision={self.mixed_precision!r} must be one of {MIXED_PRECISIONS} (leave it unset for the "
+                "base model's precision)"
+            )
+        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
+            problems.append(
+                f"resolution={self.resolution} must be a positive multiple of 8 (leave it unset for the model "
+                "preset's resolution)"
+            )
         if self.checkpoint_every < 1 or self.keep_checkpoints < 1 or self.log_every < 1:
             problems.append("checkpoint_every, keep_checkpoints and log_every must be >= 1")
         if not self.targets:
@@ -149,12 +179,23 @@ class TrainConfig:
     def prior_preservation(self) -> bool:
         return self.prior_weight > 0
 
+    def unresolved(self) -> list[str]:
+        """Fields still None that training needs: ``resolve_train_config`` fills them."""
+        return [*unresolved(self), *(["mixed_precision"] if self.mixed_precision is None else [])]
+
     def result_fields(self) -> dict[str, Any]:
         """The fields that change the trained weights, JSON-ready (what a checkpoint fingerprint hashes).
 
         ``steps`` matters only through the cosine schedule: with a constant schedule a finished run can be
-        extended by resuming with more steps.
+        extended by resuming with more steps. Every path that trains or versions a LoRA asks for these, so an
+        unresolved config is refused here.
         """
+        missing = self.unresolved()
+        if missing:
+            raise CastloraError(
+                f"TrainConfig fields {missing} are not set: resolve_train_config(config, preset, base_dtype) fills "
+                "them before training."
+            )
         fields = {k: v for k, v in asdict(self).items() if k not in _RESULT_NEUTRAL}
         fields["targets"] = list(self.targets)
         if self.lr_scheduler == "constant":
@@ -179,3 +220,16 @@ class TrainConfig:
         if not preference:
             fields.pop("dpo_beta", None)
         return fields
+
+
+AUTOCAST = {"float16": "fp16", "bfloat16": "bf16"}
+"""Base-model dtype → the mixed precision that trains in it; any other dtype (float32) trains without autocast."""
+
+
+def resolve_train_config(config: TrainConfig, preset: Any, base_dtype: str) -> TrainConfig:
+    """``config`` with every unset field filled: ``steps`` and ``resolution`` from the model preset,
+    ``mixed_precision`` from ``base_dtype`` (the torch dtype name the frozen base model is loaded in)."""
+    resolved = resolve(config, preset)
+    if resolved.mixed_precision is None:
+        resolved = replace(resolved, mixed_precision=AUTOCAST.get(base_dtype, "no"))
+    return resolved

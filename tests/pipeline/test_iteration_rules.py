@@ -138,7 +138,7 @@ def test_prompt_distance_is_per_prompt_over_all_images_euclidean():
 
 
 def test_per_prompt_rule_stops_on_the_absolute_threshold_and_says_so():
-    config = IterationConfig(images_per_round=20, keep_top=5, convergence="per_prompt", d_conv=0.5)
+    config = IterationConfig(images_per_round=20, keep_top=5, max_rounds=5, convergence="per_prompt", d_conv=0.5)
     # The kept set tightened a lot (ratio 0.1) but that is the other rule's number: per_prompt ignores it.
     assert stop_reason([summary(0, 0.3, 1.0, prompt_distance=0.7), summary(1, 0.4, 0.1, prompt_distance=0.6)],
                        config) is None  # fmt: skip
@@ -152,7 +152,7 @@ def test_per_prompt_rule_stops_on_the_absolute_threshold_and_says_so():
 
 
 def test_kept_ratio_rule_ignores_the_prompt_distance():
-    config = IterationConfig(images_per_round=20, keep_top=5)
+    config = IterationConfig(images_per_round=20, keep_top=5, max_rounds=5)
     assert config.convergence == "kept_ratio"
     assert stop_reason([summary(0, 0.3, 1.0, prompt_distance=0.0), summary(1, 0.4, 0.9, prompt_distance=0.0)],
                        config) is None  # fmt: skip

@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import CastloraError, ModelLoadError
+from pipeline.models.presets import get_preset
 from resources import ModelResource
 
 
@@ -61,3 +62,29 @@ def test_dnc_scorer_follows_the_preset_and_reports_missing_models(tmp_path):
     assert clip_t is None and "does not exist" in why
     clip_t, why = ModelResource(preset="tiny").clip_t_scorer(tmp_path, tiny)
     assert why == "" and clip_t([Image.new("RGB", (32, 32))], ["a dog"]).shape == (1,)
+
+
+def test_model_overrides_are_the_presets_model_choices_declared_once():
+    from dataclasses import fields
+
+    from pipeline.models.presets import ModelChoice
+    from pipeline.settings import field_docs
+
+    choices = [f.name for f in fields(ModelChoice)]
+    assert [name for name in ModelResource.model_fields if name in choices] == choices
+    for name in choices:
+        doc = " ".join(field_docs(ModelChoice)[name].split())
+        info = ModelResource.model_fields[name]
+        assert doc and info.default is None and info.description.startswith(doc)
+    assert ModelResource(preset="sdxl").resolved_preset() == get_preset("sdxl")  # nothing set: the preset's models
+    overridden = ModelResource(preset="tiny", dnc_threshold=0.25, ultralytics_sam="/m/sam.pt").resolved_preset()
+    assert (overridden.dnc_threshold, overridden.ultralytics_sam, overridden.detector) == (
+        0.25,
+        "/m/sam.pt",
+        "tiny:owlv2",
+    )
+
+
+def test_an_empty_model_override_is_refused_by_name():
+    with pytest.raises(CastloraError, match=r"\['detector'\] are empty strings: leave them unset"):
+        ModelResource(detector="").resolved_preset()

@@ -73,7 +73,9 @@ def quality(tmp_path_factory) -> SimpleNamespace:
         from pipeline.storage.hashing import sha256_file
 
         samples.append(TrainingSample(sha256_file(path), str(path), f"a photo of {PHRASES[index]}", "instance"))
-    config = TrainConfig(steps=2, rank=4, alpha=4.0, resolution=SIDE, segmix_p=0.0, prior_weight=0.0, lr=1e-3)
+    config = TrainConfig(
+        steps=2, rank=4, alpha=4.0, resolution=SIDE, mixed_precision="no", segmix_p=0.0, prior_weight=0.0, lr=1e-3
+    )
     recorder = LineageRecorder(root / "lineage", "setup", "lora", "olis__vrin", "test")
     run = TrainingRun(root / "lora", root / "cache", recorder, "tiny-sdxl")
     base = run_lora(pipe=factory(), samples=samples, config=config, run=run)

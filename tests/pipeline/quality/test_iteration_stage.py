@@ -27,7 +27,8 @@ from tests.pipeline.quality.conftest import SIDE, layout_for
 
 GENERATION = GenerationSettings(("olis dog and vrin dog in a park",), SIDE, 2, 5.0, "sticker, collage")
 # Never converge or stall by the numbers, so the round budget alone decides where the loop stops.
-LOOP = dict(images_per_round=2, keep_top=2, train_steps=2, kl_weight=1.0, distance_fraction=0.01, min_improvement=-10)
+LOOP = dict(images_per_round=2, keep_top=2, train_steps=2, max_rounds=5, kl_weight=1.0, distance_fraction=0.01,
+            min_improvement=-10)  # fmt: skip
 
 
 def run(quality, root: Path, **overrides):
@@ -127,8 +128,8 @@ def test_preference_step_trains_dpo_on_best_and_worst_of_a_prompt(quality, tmp_p
 
 
 def test_each_round_inherits_the_base_settings_except_what_the_iteration_sets():
-    base = TrainConfig(steps=800, rank=8, alpha=8.0, segmix_p=0.3, prior_weight=1.0, dco_beta=1000.0,
-                       gradient_checkpointing=True, lr=2e-4, seed=3)  # fmt: skip
+    base = TrainConfig(steps=800, resolution=1024, mixed_precision="no", rank=8, alpha=8.0, segmix_p=0.3,
+                       prior_weight=1.0, dco_beta=1000.0, gradient_checkpointing=True, lr=2e-4, seed=3)  # fmt: skip
     config = IterationConfig(images_per_round=4, keep_top=2, train_steps=7, kl_weight=0.5, preference=True,
                              dpo_steps=3, dpo_beta=2500.0)  # fmt: skip
     training = round_training(base, config)
@@ -147,7 +148,7 @@ def test_an_impossible_preference_step_fails_before_any_rendering_or_training(tm
     def no_model():
         raise AssertionError("the loop loaded a model before refusing its configuration")
 
-    base = TrainConfig(steps=2, rank=4, alpha=4.0, resolution=SIDE, train_text_encoder=True)
+    base = TrainConfig(steps=2, rank=4, alpha=4.0, resolution=SIDE, mixed_precision="no", train_text_encoder=True)
     config = IterationConfig(**{**LOOP, "preference": True})
     with pytest.raises(CastloraError, match=r"preference=True.*train_text_encoder=True.*set preference to false"):
         run_iteration(

@@ -19,7 +19,16 @@ RES = 64
 
 
 def _config(**overrides) -> TrainConfig:
-    base = {"steps": 3, "resolution": RES, "rank": 4, "alpha": 4, "prior_weight": 0, "segmix_p": 0, "lr": 1e-3}
+    base = {
+        "steps": 3,
+        "resolution": RES,
+        "mixed_precision": "no",
+        "rank": 4,
+        "alpha": 4,
+        "prior_weight": 0,
+        "segmix_p": 0,
+        "lr": 1e-3,
+    }
     return TrainConfig(**{**base, **overrides})
 
 

@@ -54,3 +54,26 @@ def test_a_record_that_lacks_or_adds_a_field_is_refused_by_name():
         train_config_of(record)
     with pytest.raises(CastloraError, match="records no training settings"):
         LoraRecord("lora-old", {}, {}).train_config()
+
+
+def test_unset_fields_are_filled_in_one_place_and_an_unresolved_config_never_trains():
+    from pipeline.models.presets import PRESETS
+    from pipeline.train.config import resolve_train_config
+
+    unset = TrainConfig(rank=8)
+    assert (unset.steps, unset.resolution, unset.mixed_precision) == (None, None, None)
+    with pytest.raises(CastloraError, match=r"\['steps', 'resolution', 'mixed_precision'\] are not set"):
+        unset.result_fields()
+    tiny = resolve_train_config(unset, PRESETS["tiny"], "float32")
+    assert (tiny.steps, tiny.resolution, tiny.mixed_precision, tiny.rank) == (30, 256, "no", 8)
+    on_gpu = resolve_train_config(unset, PRESETS["sdxl"], "bfloat16")
+    assert (on_gpu.steps, on_gpu.resolution, on_gpu.mixed_precision) == (800, 1024, "bf16")
+    chosen = TrainConfig(steps=5, resolution=64, mixed_precision="no")
+    assert resolve_train_config(chosen, PRESETS["sdxl"], "float16") == chosen
+
+
+@pytest.mark.parametrize(("field", "value"), [("steps", 0), ("resolution", 0), ("mixed_precision", "auto")])
+def test_the_old_launchpad_sentinels_are_refused_naming_the_field(field, value):
+    with pytest.raises(CastloraError, match=rf"{field}={value!r}.*leave it unset" if isinstance(value, str) else
+                       rf"{field}={value} must be .*leave it unset"):  # fmt: skip
+        TrainConfig(**{field: value})

@@ -17,7 +17,9 @@ from pipeline.train import TrainConfig, train_lora
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 REPO = Path(__file__).resolve().parents[3]
-CONFIG = TrainConfig(steps=3, resolution=64, rank=4, alpha=4, lr=1e-3, checkpoint_every=3, segmix_p=0.5)
+CONFIG = TrainConfig(
+    steps=3, resolution=64, mixed_precision="no", rank=4, alpha=4, lr=1e-3, checkpoint_every=3, segmix_p=0.5
+)
 
 
 def free_port() -> int:

@@ -20,6 +20,7 @@ TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")
 DPO = TrainConfig(
     steps=12,
     resolution=64,
+    mixed_precision="no",
     rank=4,
     alpha=4,
     lr=1e-2,
@@ -58,7 +59,15 @@ def pairs(tmp_path_factory) -> list[tuple[TrainingSample, TrainingSample]]:
 def init_lora(tiny_pipe, pairs, tmp_path_factory) -> dict[str, torch.Tensor]:
     root = tmp_path_factory.mktemp("dpo_round0")
     config = TrainConfig(
-        steps=2, resolution=64, rank=4, alpha=4, lr=1e-2, prior_weight=0, segmix_p=0, targets=TARGETS
+        steps=2,
+        resolution=64,
+        mixed_precision="no",
+        rank=4,
+        alpha=4,
+        lr=1e-2,
+        prior_weight=0,
+        segmix_p=0,
+        targets=TARGETS,
     )  # generated images only: no Seg-Mix bank
     samples = [s for pair in pairs for s in pair]
     return train_lora(tiny_pipe, samples, config, root / "out", root / "cache").lora_state

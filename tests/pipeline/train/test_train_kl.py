@@ -15,7 +15,9 @@ from pipeline.train import TrainConfig, train_lora
 from pipeline.train.checkpoint import LORA_FILE, OPTIMIZER_FILE, list_checkpoints
 from pipeline.train.losses import kl_to_reference
 
-BASE = TrainConfig(steps=3, resolution=64, rank=4, alpha=4, lr=1e-2, prior_weight=0, log_every=1, segmix_p=0.5)
+BASE = TrainConfig(
+    steps=3, resolution=64, mixed_precision="no", rank=4, alpha=4, lr=1e-2, prior_weight=0, log_every=1, segmix_p=0.5
+)
 KL = dataclasses.replace(BASE, steps=4, kl_weight=1.0, checkpoint_every=2)
 
 

@@ -18,7 +18,17 @@ from pipeline.storage.lineage import LineageRecorder
 from pipeline.train import TrainConfig
 from pipeline.train.launch import LaunchSettings, distributed_trainer, launch_command, launch_env
 
-CONFIG = TrainConfig(steps=3, resolution=64, rank=4, alpha=4, lr=1e-3, checkpoint_every=2, segmix_p=0.5, log_every=1)
+CONFIG = TrainConfig(
+    steps=3,
+    resolution=64,
+    mixed_precision="no",
+    rank=4,
+    alpha=4,
+    lr=1e-3,
+    checkpoint_every=2,
+    segmix_p=0.5,
+    log_every=1,
+)
 
 
 def _flag(command: list[str], name: str) -> str:

@@ -43,7 +43,16 @@ def test_tiny_overfit_lowers_the_loss_on_its_image(tiny_pipe, sample_set, tmp_pa
     # <0.1 % in 30 steps; adding the resnet and output convs (LoRA on Conv2d) makes the check meaningful.
     targets = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "conv_out")
     config = TrainConfig(
-        steps=30, lr=1e-3, resolution=RES, rank=8, alpha=8, prior_weight=0, segmix_p=0, batch_size=2, targets=targets
+        steps=30,
+        lr=1e-3,
+        resolution=RES,
+        mixed_precision="no",
+        rank=8,
+        alpha=8,
+        prior_weight=0,
+        segmix_p=0,
+        batch_size=2,
+        targets=targets,
     )
     result = train_lora(tiny_pipe, [image], config, tmp_path / "out", tmp_path / "cache")
     trained = held_out_loss(tiny_pipe, image)
@@ -76,7 +85,15 @@ def test_dco_loss_is_log2_at_parity_and_rewards_beating_the_reference():
 def test_dco_reference_is_the_lora_off_model(tiny_pipe, sample_set, tmp_path):
     logs: dict[int, dict] = {}
     config = TrainConfig(
-        steps=4, lr=1e-2, resolution=RES, rank=4, alpha=4, dco_beta=1000.0, prior_weight=0, log_every=1
+        steps=4,
+        lr=1e-2,
+        resolution=RES,
+        mixed_precision="no",
+        rank=4,
+        alpha=4,
+        dco_beta=1000.0,
+        prior_weight=0,
+        log_every=1,
     )
     train_lora(
         tiny_pipe, sample_set, config, tmp_path / "out", tmp_path / "cache", on_log=lambda s, m: logs.update({s: m})
@@ -87,14 +104,18 @@ def test_dco_reference_is_the_lora_off_model(tiny_pipe, sample_set, tmp_path):
 
 
 def test_masked_loss_trains_and_records_its_normalisation(tiny_pipe, sample_set, tmp_path):
-    config = TrainConfig(steps=2, resolution=RES, rank=4, alpha=4, masked_loss=True, mask_normalization="mask_mean")
+    config = TrainConfig(
+        steps=2, resolution=RES, mixed_precision="no", rank=4, alpha=4, masked_loss=True, mask_normalization="mask_mean"
+    )
     result = train_lora(tiny_pipe, sample_set, config, tmp_path / "out", tmp_path / "cache")
     assert result.metrics["mask_normalization"] == "mask_mean"
     assert math.isfinite(result.final_loss)
 
 
 def test_text_encoder_lora_trains_without_text_cache(tiny_pipe, sample_set, tmp_path):
-    config = TrainConfig(steps=2, lr=1e-2, resolution=RES, rank=4, alpha=4, train_text_encoder=True, prior_weight=0)
+    config = TrainConfig(
+        steps=2, lr=1e-2, resolution=RES, mixed_precision="no", rank=4, alpha=4, train_text_encoder=True, prior_weight=0
+    )
     result = train_lora(tiny_pipe, sample_set, config, tmp_path / "out", tmp_path / "cache")
     assert "text_misses" not in result.metrics  # embeddings computed in the loop, not cached
     assert set(result.text_encoder_lora_states) == {"text_encoder", "text_encoder_2"}
@@ -110,7 +131,13 @@ def test_text_encoder_lora_trains_without_text_cache(tiny_pipe, sample_set, tmp_
 def test_prior_preservation_without_prior_samples_is_refused(tiny_pipe, sample_set, tmp_path):
     instance_only = [s for s in sample_set if not s.is_prior]
     with pytest.raises(CastloraError, match="prior_weight=0"):
-        train_lora(tiny_pipe, instance_only, TrainConfig(steps=1, resolution=RES), tmp_path / "o", tmp_path / "c")
+        train_lora(
+            tiny_pipe,
+            instance_only,
+            TrainConfig(steps=1, resolution=RES, mixed_precision="no"),
+            tmp_path / "o",
+            tmp_path / "c",
+        )
 
 
 def test_8bit_adam_without_bitsandbytes_is_a_clear_error(tiny_pipe, sample_set, tmp_path):
@@ -121,7 +148,7 @@ def test_8bit_adam_without_bitsandbytes_is_a_clear_error(tiny_pipe, sample_set, 
         pytest.skip("bitsandbytes is installed")
     except ImportError:
         pass
-    config = TrainConfig(steps=1, resolution=RES, rank=4, use_8bit_adam=True)
+    config = TrainConfig(steps=1, resolution=RES, mixed_precision="no", rank=4, use_8bit_adam=True)
     with pytest.raises(CastloraError, match="bitsandbytes"):
         train_lora(tiny_pipe, sample_set, config, tmp_path / "o", tmp_path / "c")
 

@@ -28,7 +28,9 @@ from tests.conftest import subject_photo
 from tests.pipeline.train.conftest import write_image
 
 RES = 64
-BASE = TrainConfig(steps=2, resolution=RES, rank=4, alpha=4, lr=1e-3, segmix_p=0, prior_weight=0, log_every=1)
+BASE = TrainConfig(
+    steps=2, resolution=RES, mixed_precision="no", rank=4, alpha=4, lr=1e-3, segmix_p=0, prior_weight=0, log_every=1
+)
 
 
 def ready_trainer(pipe, samples, config: TrainConfig, cache_dir) -> Trainer:

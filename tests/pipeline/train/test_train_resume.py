@@ -12,7 +12,17 @@ from pipeline.errors import CheckpointError
 from pipeline.train import TrainConfig, train_lora
 from pipeline.train.checkpoint import LORA_FILE, list_checkpoints
 
-CONFIG = TrainConfig(steps=6, resolution=64, rank=4, alpha=4, lr=1e-3, checkpoint_every=2, log_every=1, segmix_p=0.5)
+CONFIG = TrainConfig(
+    steps=6,
+    resolution=64,
+    mixed_precision="no",
+    rank=4,
+    alpha=4,
+    lr=1e-3,
+    checkpoint_every=2,
+    log_every=1,
+    segmix_p=0.5,
+)
 
 
 class Killed(Exception):

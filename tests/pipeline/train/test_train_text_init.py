@@ -18,8 +18,8 @@ from pipeline.storage.lineage import LineageRecorder
 from pipeline.train import TrainConfig, train_lora
 
 TE = TrainConfig(
-    steps=3, resolution=64, rank=4, alpha=4, lr=1e-2, prior_weight=0, segmix_p=0.0, train_text_encoder=True,
-    log_every=1,
+    steps=3, resolution=64, mixed_precision="no", rank=4, alpha=4, lr=1e-2, prior_weight=0, segmix_p=0.0,
+    train_text_encoder=True, log_every=1,
 )  # fmt: skip
 
 

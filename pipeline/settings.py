@@ -1,0 +1,96 @@
+"""Settings declared once: a frozen dataclass field, its default and the docstring written under it.
+
+Every settings dataclass (``TrainConfig``, ``IterationConfig``, ``ClassImageConfig``, ...) is the one declaration
+of its settings. The Dagster launchpad (``assets/launchpad.py``) is derived from these fields and shows their
+docstrings; the model preset fills what a run leaves unset. Three markers, each a ``dataclasses.field``:
+
+- ``from_preset("train_steps")``: ``None`` means "not set", and ``resolve`` replaces it by that attribute of the
+  model preset (``pipeline.models.presets.ModelPreset``). There is no other "use the preset" value (no ``0``).
+- ``internal(default)``: a field other code sets (e.g. the iteration loop's ``kl_weight``), not shown to users.
+- a plain default: the same answer for every preset.
+
+docs/design.md#settings describes the whole scheme.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import textwrap
+from functools import cache
+from typing import Any, TypeVar
+
+from pipeline.errors import CastloraError
+
+PRESET_ATTRIBUTE = "castlora.preset_attribute"
+"""Field metadata key: the ``ModelPreset`` attribute that fills this field when it is None."""
+INTERNAL = "castlora.internal"
+"""Field metadata key: True for fields the launchpad does not offer."""
+
+Settings = TypeVar("Settings")
+
+
+def from_preset(attribute: str) -> Any:
+    """A field that is ``None`` until ``resolve`` fills it from ``preset.<attribute>``."""
+    return dataclasses.field(default=None, metadata={PRESET_ATTRIBUTE: attribute})
+
+
+def internal(default: Any) -> Any:
+    """A field that castlora sets itself (from another stage's settings): kept out of the launchpad."""
+    return dataclasses.field(default=default, metadata={INTERNAL: True})
+
+
+def preset_attribute(field: dataclasses.Field) -> str | None:
+    return field.metadata.get(PRESET_ATTRIBUTE)
+
+
+def user_fields(cls: type) -> tuple[dataclasses.Field, ...]:
+    """The fields a user may set (every field not marked ``internal``), in declaration order."""
+    return tuple(f for f in dataclasses.fields(cls) if not f.metadata.get(INTERNAL))
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """``{field: docstring}`` from the string literal written under each field, base classes included.
+
+    Python keeps no attribute docstrings at run time, so they are read from the class source; a field without
+    one maps to ``""`` (``tests/assets/test_launchpad_configs.py`` requires one for every launchpad field).
+    """
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass) or klass is object:
+            continue
+        try:
+            source = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError) as exc:
+            raise CastloraError(f"Cannot read the source of {klass.__qualname__} for its field docs: {exc}") from exc
+        body = ast.parse(source).body[0].body  # type: ignore[attr-defined]
+        for node, following in zip(body, [*body[1:], None], strict=True):
+            if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+                continue
+            doc = ""
+            if (
+                isinstance(following, ast.Expr)
+                and isinstance(following.value, ast.Constant)
+                and isinstance(following.value.value, str)
+            ):
+                doc = inspect.cleandoc(following.value.value)
+            docs[node.target.id] = doc
+    return {f.name: docs.get(f.name, "") for f in dataclasses.fields(cls)}
+
+
+def unresolved(settings: Any) -> list[str]:
+    """The ``from_preset`` fields of ``settings`` that are still None."""
+    return [f.name for f in dataclasses.fields(settings) if preset_attribute(f) and getattr(settings, f.name) is None]
+
+
+def resolve(settings: Settings, preset: Any) -> Settings:
+    """``settings`` with every unset (None) ``from_preset`` field replaced by the preset's value: the one place
+    where a run's settings meet the model preset's defaults."""
+    filled = {
+        f.name: getattr(preset, attribute)
+        for f in dataclasses.fields(settings)  # type: ignore[arg-type]
+        if (attribute := preset_attribute(f)) and getattr(settings, f.name) is None
+    }
+    return dataclasses.replace(settings, **filled) if filled else settings  # type: ignore[type-var]
