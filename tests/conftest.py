@@ -24,6 +24,16 @@ SAMPLE_PAIR = REPO / "samples" / "dog6__dog2"
 pytest_plugins = ["tests.servers.postgres", "tests.servers.s3"]
 
 
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """Every test starts from the same environment: code under test (the CLI sets DAGSTER_HOME and CASTLORA_HOME
+    for its process) must not leak a deleted temporary home into the next test's Dagster instance."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 def subject_photo(size: tuple[int, int] = (320, 256), seed: int = 0, colour=(200, 60, 40)) -> Image.Image:
     """A light, slightly noisy background with one dark-ish ellipse 'subject' near the centre."""
     rng = np.random.default_rng(seed)
