@@ -32,8 +32,6 @@ class ModelResource(ModelOverrides):  # type: ignore[misc, valid-type]
     vae: str | None = None
     """Optional VAE override for the base model, e.g. the fp16-fix SDXL VAE (madebyollin/sdxl-vae-fp16-fix) as a
     hub id or local directory; the stock SDXL VAE overflows in fp16. Not set: the base model's own VAE."""
-    family: str = "sdxl"
-    """Base-model family: a key of pipeline.families.FAMILIES (docs/design.md#model-families)."""
     device: str = "auto"
     """``auto`` picks CUDA when present, else CPU."""
     dtype: str = "auto"
@@ -98,12 +96,13 @@ class ModelResource(ModelOverrides):  # type: ignore[misc, valid-type]
         return load
 
     def base_model_spec(self) -> Any:
-        """The base model as ``pipeline.models.sdxl.BaseModelSpec`` (source, family, VAE, device, dtype)."""
-        from pipeline.models.sdxl import BaseModelSpec
+        """The base model as ``pipeline.models.base_model.BaseModelSpec`` (source, family, VAE, device, dtype)."""
+        from pipeline.models.base_model import BaseModelSpec
 
+        preset = self.resolved_preset()
         return BaseModelSpec(
-            source=self.resolved_preset().base_model,
-            family=self.family,
+            source=preset.base_model,
+            family=preset.family,
             vae_source=self.vae,
             device=self.torch_device(),
             dtype=self.torch_dtype_name(),

@@ -14,7 +14,7 @@ from typing import Any
 from pipeline.errors import CastloraError
 from pipeline.families.base import ImageGeometry, ModelFamily, RenderRequest, TrainingObjective
 from pipeline.families.sdxl import SDXL
-from pipeline.models.sdxl import BaseModelSpec
+from pipeline.models.base_model import BaseModelSpec
 
 FAMILIES: dict[str, ModelFamily] = {SDXL.name: SDXL}
 

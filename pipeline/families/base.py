@@ -24,9 +24,9 @@ import torch
 from PIL import Image
 
 from pipeline.lora.adapters import LoraSpec
+from pipeline.models.base_model import BaseModelSpec
 from pipeline.models.identity import module_identity
 from pipeline.models.latents import encode_to_model_latents
-from pipeline.models.sdxl import BaseModelSpec
 
 
 @dataclass(frozen=True)

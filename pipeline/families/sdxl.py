@@ -24,8 +24,8 @@ from pipeline.lora.adapters import (
     unet_lora_state_dict,
 )
 from pipeline.lora.export import export_lora
+from pipeline.models.base_model import BaseModelSpec, load_diffusers_pipeline
 from pipeline.models.identity import module_identity
-from pipeline.models.sdxl import BaseModelSpec, load_sdxl_pipeline
 from pipeline.storage.hashing import sha256_json
 
 
@@ -38,7 +38,9 @@ class SDXLFamily(ModelFamily):
         return isinstance(pipe, StableDiffusionXLPipeline)
 
     def load(self, spec: BaseModelSpec, cache_root: Path) -> StableDiffusionXLPipeline:
-        return load_sdxl_pipeline(spec, cache_root)
+        # No invisible watermark: it needs an optional package and would alter training images.
+        what = "base model (SDXL)"
+        return load_diffusers_pipeline(spec, cache_root, StableDiffusionXLPipeline, what, add_watermarker=False)
 
     # -- prompts
     def encode_prompts(

@@ -24,7 +24,9 @@ class ModelChoice:
     sam: str
     """Segment Anything, prompted with the detector's box."""
     base_model: str
-    """Diffusers SDXL-layout directory or id: class images, LoRA training and generation."""
+    """Diffusers pipeline directory or id of ``family``: class images, LoRA training and generation."""
+    family: str = "sdxl"
+    """Model family of ``base_model``: a key of ``pipeline.families.FAMILIES`` (docs/design.md#model-families)."""
     vlm: str
     """Local captioning VLM for the ``transformers`` caption backend."""
     segmenter_backend: str

@@ -36,7 +36,7 @@ from pipeline.errors import CastloraError
 from pipeline.families import family_for
 from pipeline.lora.adapters import LoraSpec
 from pipeline.lora.training import ADAPTER_NAME, add_fresh_lora, cpu_copy, load_trainable_state
-from pipeline.models.sdxl import BaseModelSpec
+from pipeline.models.base_model import BaseModelSpec
 from pipeline.train.config import TrainConfig
 from pipeline.train.data import TrainingSample
 from pipeline.train.loop import LogCallback, TrainResult

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from pipeline.errors import CastloraError
 from pipeline.families import family_for, load_base_pipeline
 from pipeline.lora.training import ADAPTER_NAME
-from pipeline.models.sdxl import BaseModelSpec
+from pipeline.models.base_model import BaseModelSpec
 from pipeline.storage.atomic import atomic_path, write_json_atomic
 from pipeline.train.config import TrainConfig
 from pipeline.train.data import TrainingSample

@@ -14,7 +14,7 @@ from PIL import Image
 
 from pipeline.errors import CastloraError
 from pipeline.families import load_base_pipeline
-from pipeline.models.sdxl import BaseModelSpec
+from pipeline.models.base_model import BaseModelSpec
 from pipeline.prior_images import ClassImageConfig, generate_class_images, list_class_image_files
 
 TINY = ClassImageConfig(count=3, resolution=64, steps=2, guidance_scale=5.0, seed=7, batch_size=3)

@@ -14,7 +14,7 @@ from transformers import CLIPTokenizer
 
 from pipeline.errors import CastloraError, ModelLoadError
 from pipeline.families import FAMILIES, load_base_pipeline
-from pipeline.models.sdxl import BaseModelSpec
+from pipeline.models.base_model import BaseModelSpec
 from pipeline.models.tiny_sdxl import build_tiny_sdxl
 from pipeline.models.tokenizers import BOS_TOKEN, EOS_TOKEN, bytes_to_unicode, write_tiny_clip_tokenizer
 

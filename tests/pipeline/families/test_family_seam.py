@@ -16,7 +16,7 @@ from pipeline.errors import CastloraError
 from pipeline.families import FAMILIES, family_for, load_base_pipeline, register_family
 from pipeline.infer import SampleRequest, encode_layout, generate, layout_from_boxes, mudi_initial_latents
 from pipeline.lora.adapters import LoraSpec
-from pipeline.models.sdxl import BaseModelSpec
+from pipeline.models.base_model import BaseModelSpec
 from pipeline.train import TrainConfig, TrainingSample, train_lora
 from pipeline.train.caches import build_latent_cache, load_masks
 from pipeline.train.data import INSTANCE, SEGMIX
@@ -96,7 +96,15 @@ def test_train_lora_lowers_the_familys_error_and_writes_its_lora(pipe, samples, 
     before = fixed_error(pipe, latent, instance.prompt)
 
     config = TrainConfig(
-        steps=25, resolution=RES, rank=4, alpha=4, lr=1e-2, prior_weight=0, segmix_p=0.5, masked_loss=True
+        steps=25,
+        resolution=RES,
+        rank=4,
+        alpha=4,
+        lr=1e-2,
+        prior_weight=0,
+        segmix_p=0.5,
+        masked_loss=True,
+        mixed_precision="no",
     )
     result = train_lora(pipe, samples, config, tmp_path / "out", tmp_path / "cache")
 
@@ -113,7 +121,15 @@ def test_train_lora_lowers_the_familys_error_and_writes_its_lora(pipe, samples, 
 
 def test_text_encoder_lora_trains_the_familys_one_encoder(pipe, samples, tmp_path):
     config = TrainConfig(
-        steps=2, resolution=RES, rank=4, alpha=4, lr=1e-3, prior_weight=0, segmix_p=0, train_text_encoder=True
+        steps=2,
+        resolution=RES,
+        rank=4,
+        alpha=4,
+        lr=1e-3,
+        prior_weight=0,
+        segmix_p=0,
+        train_text_encoder=True,
+        mixed_precision="no",
     )
     result = train_lora(pipe, samples[:1], config, tmp_path / "out", tmp_path / "cache")
     assert set(result.text_encoder_lora_states) == {"text_encoder"}

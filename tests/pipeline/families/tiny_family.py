@@ -29,8 +29,8 @@ from pipeline.lora.adapters import (
     unet_lora_state_dict,
 )
 from pipeline.lora.export import save_diffusers_lora
+from pipeline.models.base_model import BaseModelSpec, torch_dtype
 from pipeline.models.identity import module_identity
-from pipeline.models.sdxl import BaseModelSpec, torch_dtype
 from pipeline.models.tokenizers import write_tiny_clip_tokenizer
 from pipeline.storage.hashing import sha256_json
 

@@ -13,7 +13,7 @@ from pipeline.train import TrainConfig, train_lora
 from pipeline.train.trainer import Trainer
 
 OFFLOADED = torch.device("meta")
-CONFIG = TrainConfig(steps=3, resolution=64, rank=4, alpha=4, lr=1e-3, segmix_p=0, prior_weight=0)
+CONFIG = TrainConfig(steps=3, resolution=64, rank=4, alpha=4, lr=1e-3, segmix_p=0, prior_weight=0, mixed_precision="no")
 
 
 @pytest.fixture

@@ -1,7 +1,8 @@
-"""The base-model reference (``BaseModelSpec``) and the SDXL pipeline loader.
+"""The base-model reference (``BaseModelSpec``) and the loading every diffusers family shares.
 
 Callers load through ``pipeline.families.load_base_pipeline``, which hands the spec to the loader of the family
-it names (docs/design.md#model-families); ``load_sdxl_pipeline`` here is the SDXL family's.
+it names (docs/design.md#model-families). ``load_diffusers_pipeline`` is what those loaders share: resolve the
+reference, check the pipeline class, swap the VAE, move to the device.
 """
 
 from __future__ import annotations
@@ -9,9 +10,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+from diffusers import AutoencoderKL, DiffusionPipeline
 
 from pipeline.errors import CastloraError, ModelLoadError
 from pipeline.models.loading import load_pretrained, resolve_model
@@ -69,23 +71,17 @@ def _load_vae(vae_source: str, cache_root: Path, dtype: torch.dtype) -> Autoenco
     return load_pretrained(AutoencoderKL.from_pretrained, resolved, what, dtype=dtype)
 
 
-def load_sdxl_pipeline(spec: BaseModelSpec, cache_root: Path) -> StableDiffusionXLPipeline:
-    what = "base model (SDXL)"
+def load_diffusers_pipeline(
+    spec: BaseModelSpec, cache_root: Path, pipeline_class: type[DiffusionPipeline], what: str, **kwargs: Any
+) -> Any:
+    """``pipeline_class.from_pretrained`` of ``spec.source`` (a directory saved from that class, checked first),
+    with ``spec.vae_source`` swapped in, on ``spec.device`` in ``spec.dtype``, progress bars off."""
     dtype = torch_dtype(spec.dtype)
     source = resolve_model(spec.source, cache_root, what, expect_file="model_index.json")
-    _check_pipeline_class(source, "StableDiffusionXL", what)
-    extra: dict[str, object] = {}
+    _check_pipeline_class(source, pipeline_class.__name__.removesuffix("Pipeline"), what)
     if spec.vae_source:
-        extra["vae"] = _load_vae(spec.vae_source, cache_root, dtype)
-    # No invisible watermark: it needs an optional package and would alter training images.
-    pipe = load_pretrained(
-        StableDiffusionXLPipeline.from_pretrained,
-        source,
-        what,
-        dtype=dtype,
-        add_watermarker=False,
-        **extra,
-    )
+        kwargs["vae"] = _load_vae(spec.vae_source, cache_root, dtype)
+    pipe = load_pretrained(pipeline_class.from_pretrained, source, what, dtype=dtype, **kwargs)
     try:
         pipe = pipe.to(spec.device)
     except (RuntimeError, AssertionError) as exc:  # e.g. "cuda" on a machine without a GPU
