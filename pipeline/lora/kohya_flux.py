@@ -40,8 +40,9 @@ MLP_RATIO = 4
 
 _KEY = re.compile(
     r"^(?:transformer\.)?(?P<stream>transformer_blocks|single_transformer_blocks)\.(?P<block>\d+)\."
-    r"(?P<module>.+)\.(?P<half>lora_A|lora_B)\.weight$"
+    r"(?P<module>.+)\.(?P<half>lora_A|lora_B|lora\.down|lora\.up)\.weight$"
 )
+_DOWN_HALVES = ("lora_A", "lora.down")
 
 
 @dataclass(frozen=True)
@@ -93,9 +94,9 @@ def _target_of(stream: str, module: str) -> tuple[_Target, int] | None:
 
 def _unknown(key: str) -> LoraError:
     return LoraError(
-        f"FLUX LoRA key {key!r} has no kohya FLUX name; only lora_A/lora_B weights of the double- and single-stream "
-        "blocks' attention, feed-forward and modulation layers are exported (top-level layers, DoRA and LoRA "
-        "biases are not)."
+        f"FLUX LoRA key {key!r} has no kohya FLUX name; only the lora_A/lora_B (or lora.down/lora.up) weights of "
+        "the double- and single-stream blocks' attention, feed-forward and modulation layers are exported "
+        "(top-level layers such as x_embedder or proj_out, DoRA and LoRA biases are not)."
     )
 
 
@@ -122,7 +123,7 @@ def _group(state: Mapping[str, torch.Tensor]) -> list[_Module]:
         entry = modules.setdefault(
             (match["stream"], block, target.kohya), _Module(match["stream"], block, target, {"down": {}, "up": {}})
         )
-        entry.halves["down" if match["half"] == "lora_A" else "up"][member] = tensor
+        entry.halves["down" if match["half"] in _DOWN_HALVES else "up"][member] = tensor
     order = {(stream, t.kohya): i for stream, (_, targets) in _STREAMS.items() for i, t in enumerate(targets)}
     streams = list(_STREAMS)
     return sorted(modules.values(), key=lambda m: (streams.index(m.stream), m.block, order[(m.stream, m.target.kohya)]))
@@ -135,7 +136,7 @@ def _module_path(module: _Module, member: int) -> str:
 def _pairs(module: _Module) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     downs, ups = module.halves["down"], module.halves["up"]
     for member in sorted(set(downs) ^ set(ups)):
-        have = "lora_A" if member in downs else "lora_B"
+        have = "down (lora_A)" if member in downs else "up (lora_B)"
         raise LoraError(f"FLUX LoRA module {_module_path(module, member)!r} has only its {have} weight.")
     pairs = {}
     for member in sorted(downs):
@@ -188,7 +189,7 @@ def _check_alpha(alpha: float) -> float:
 
 def to_kohya_flux(state: Mapping[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
     """Convert a PEFT/diffusers FLUX.1 transformer LoRA state (keys ``[transformer.]<module>.lora_A.weight`` /
-    ``.lora_B.weight``, trained with scale ``alpha / r``) to kohya/ComfyUI keys
+    ``.lora_B.weight``, or diffusers' ``.lora.down/.lora.up``; trained with scale ``alpha / r``) to kohya/ComfyUI keys
     (``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight``, ``.lora_up.weight``, 0-d ``.alpha``), fusing
     q/k/v (and ``proj_mlp`` into ``linear1``) as the module docstring describes."""
     alpha = _check_alpha(alpha)
@@ -216,7 +217,8 @@ def _number(value: float) -> str:
 
 
 def _trained_rank(state: Mapping[str, torch.Tensor]) -> int:
-    return max(int(tensor.shape[0]) for key, tensor in state.items() if key.endswith(".lora_A.weight"))
+    downs = [tensor for key, tensor in state.items() if (match := _KEY.match(key)) and match["half"] in _DOWN_HALVES]
+    return max(int(tensor.shape[0]) for tensor in downs)
 
 
 def _string_metadata(metadata: Mapping[str, str], where: str) -> dict[str, str]:

@@ -301,12 +301,16 @@ def test_block_keys_are_exactly_the_kohya_names_with_fused_shapes_and_scaled_alp
     )
 
 
-def test_untargeted_projections_get_zero_blocks_and_the_prefix_is_optional(base_weights: dict) -> None:
+def test_untargeted_projections_get_zero_blocks_and_other_namings_convert_alike(base_weights: dict) -> None:
     rank, alpha = 2, 2.0
     _, state = _with_lora(base_weights, ["attn.to_q", "attn.to_v"], rank, alpha)
     kohya = to_kohya_flux(state, alpha)
     raw = to_kohya_flux({key.removeprefix("transformer."): value for key, value in state.items()}, alpha)
-    assert list(raw) == list(kohya) and all(torch.equal(raw[key], kohya[key]) for key in kohya)
+    diffusers_named = {
+        key.replace(".lora_A.", ".lora.down.").replace(".lora_B.", ".lora.up."): value for key, value in state.items()
+    }
+    for other in (raw, to_kohya_flux(diffusers_named, alpha)):
+        assert list(other) == list(kohya) and all(torch.equal(other[key], kohya[key]) for key in kohya)
 
     assert not any("txt_attn_qkv" in key for key in kohya)  # add_* projections were not targeted
     down = kohya["lora_unet_single_blocks_0_linear1.lora_down.weight"]
@@ -337,7 +341,7 @@ def test_unknown_and_malformed_states_are_refused(base_weights: dict) -> None:
 
     broken = dict(state)
     broken.pop("transformer.transformer_blocks.1.attn.to_k.lora_B.weight")
-    with pytest.raises(LoraError, match=r"transformer_blocks\.1\.attn\.to_k.*only its lora_A"):
+    with pytest.raises(LoraError, match=r"transformer_blocks\.1\.attn\.to_k.*only its down"):
         to_kohya_flux(broken, 4.0)
     mixed = dict(state)
     mixed["transformer.transformer_blocks.0.attn.to_v.lora_A.weight"] = torch.zeros(2, WIDTH)
