@@ -327,7 +327,7 @@ def test_unknown_and_malformed_states_are_refused(base_weights: dict) -> None:
     unknown = {first: torch.zeros(4, 64), "transformer.proj_out.lora_A.weight": torch.zeros(4, 32), **state}
     with pytest.raises(LoraError, match=r"'transformer\.x_embedder\.lora_A\.weight'") as refused:
         to_kohya_flux(unknown, 4.0)
-    assert "proj_out" not in str(refused.value)  # the first unknown key is named, not a later one
+    assert "transformer.proj_out" not in str(refused.value)  # the first unknown key is named, not a later one
 
     for key in (
         "transformer.transformer_blocks.0.attn.to_q.lora_B.bias",  # LoRA bias
