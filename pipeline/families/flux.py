@@ -111,10 +111,13 @@ class FluxFamily(ModelFamily):
     """CLIP-L (pooled) and T5 (token embeddings); only CLIP gets a LoRA when text encoders train, as in the
     reference script and the diffusers file format."""
 
-    def __init__(self, training_guidance: float = 1.0):
+    def __init__(self, training_guidance: float = 1.0, true_cfg_scale: float = 1.0):
         self.training_guidance = float(training_guidance)
         """The guidance embedding a guidance-distilled model trains with (the reference script's
         ``--guidance_scale``)."""
+        self.true_cfg_scale = float(true_cfg_scale)
+        """> 1: render a negative prompt with true classifier-free guidance at this scale (two transformer calls
+        per step); 1: FLUX.1-dev's usual rendering, where a negative prompt has no effect and is not passed."""
 
     def handles(self, pipe: Any) -> bool:
         return isinstance(pipe, FluxPipeline)
@@ -278,18 +281,17 @@ class FluxFamily(ModelFamily):
     def render(self, pipe: Any, request: RenderRequest) -> Image.Image:
         """FluxPipeline from ``request.initial_latents`` packed (FLUX's flow starts at σ = 1 from them, unscaled).
         ``guidance_scale`` is the distilled guidance embedding; a negative prompt takes effect only through true
-        classifier-free guidance, which FLUX.1-dev needs for it: ``true_cfg_scale`` = ``guidance_scale`` then (twice
-        the transformer calls), otherwise the negative prompt is not passed."""
+        classifier-free guidance, used only when asked (``true_cfg_scale`` > 1); otherwise it is not passed."""
         if request.height % 16 or request.width % 16:
             raise CastloraError(f"FLUX renders sides that are multiples of 16; got {request.width}x{request.height}.")
         latents = None
         if request.initial_latents is not None:
             latents = pack_latents(request.initial_latents)
-        negative = request.negative_prompt or None
+        true_cfg = self.true_cfg_scale > 1 and bool(request.negative_prompt)
         output = pipe(
             prompt=request.prompt,
-            negative_prompt=negative,
-            true_cfg_scale=float(request.guidance_scale) if negative else 1.0,
+            negative_prompt=request.negative_prompt if true_cfg else None,
+            true_cfg_scale=self.true_cfg_scale if true_cfg else 1.0,
             height=request.height,
             width=request.width,
             num_inference_steps=request.steps,

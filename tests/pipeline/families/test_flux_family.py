@@ -13,9 +13,17 @@ from diffusers import FluxPipeline
 from PIL import Image
 
 from pipeline.families import family_for, load_base_pipeline
-from pipeline.families.base import ImageGeometry
+from pipeline.families.base import ImageGeometry, RenderRequest
 from pipeline.families.flow_matching import FlowMatchingObjective
-from pipeline.families.flux import FLUX, FLUX_TARGETS, flux_lora_targets, image_ids, pack_latents, unpack_latents
+from pipeline.families.flux import (
+    FLUX,
+    FLUX_TARGETS,
+    FluxFamily,
+    flux_lora_targets,
+    image_ids,
+    pack_latents,
+    unpack_latents,
+)
 from pipeline.infer import SampleRequest, encode_layout, generate, layout_from_boxes, mudi_initial_latents
 from pipeline.lora.adapters import UNET_TARGETS, LoraSpec
 from pipeline.models.base_model import BaseModelSpec
@@ -181,8 +189,20 @@ def test_gamma_zero_is_plain_noise_and_a_box_changes_only_its_tokens(pipe):
         SampleRequest("olis dog", 3),
         SampleRequest("olis dog", 3, gamma=0.0),
         SampleRequest("olis dog", 3, gamma=1.0),
+        SampleRequest("olis dog", 3, negative_prompt="sticker, collage"),
     ]
     images = [np.asarray(image) for _, image in generate(pipe, requests, layout, RES, RES, 2, 3.5)]
     assert all(image.shape == (RES, RES, 3) for image in images)
     assert np.array_equal(images[0], images[1])  # γ = 0 is the pipeline's own noise, bit for bit
     assert not np.array_equal(images[0], images[2])
+    assert np.array_equal(images[0], images[3])  # no true CFG asked for: the negative prompt is not used
+
+
+def test_a_negative_prompt_needs_true_cfg_when_asked(pipe):
+    def render(family, negative):
+        request = RenderRequest("olis dog", negative, RES, RES, 2, 3.5, torch.Generator().manual_seed(3), 1.0, None)
+        return np.asarray(family.render(pipe, request))
+
+    true_cfg = FluxFamily(true_cfg_scale=2.0)
+    assert np.array_equal(render(true_cfg, None), render(FLUX, "sticker, collage"))
+    assert not np.array_equal(render(true_cfg, "sticker, collage"), render(true_cfg, None))
