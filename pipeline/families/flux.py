@@ -9,7 +9,6 @@ Model latents stay unpacked ``(N, 16, h, w)`` everywhere outside this module (ca
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -36,7 +35,8 @@ from pipeline.lora.adapters import (
     lora_config,
     text_encoder_lora_state_dict,
 )
-from pipeline.lora.export import DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME, save_kohya_lora
+from pipeline.lora.export import DIFFUSERS_WEIGHT_NAME
+from pipeline.lora.kohya_flux import KOHYA_FLUX_WEIGHT_NAME, save_kohya_flux_lora
 from pipeline.models.base_model import BaseModelSpec, load_diffusers_pipeline
 from pipeline.models.identity import module_identity
 from pipeline.storage.atomic import atomic_path
@@ -248,8 +248,8 @@ class FluxFamily(ModelFamily):
         self, out_dir: Path, pipe: Any, spec: LoraSpec, metadata: Mapping[str, str] | None = None
     ) -> dict[str, Path]:
         """``pytorch_lora_weights.safetensors`` through ``FluxPipeline.save_lora_weights`` with PEFT's adapter
-        config as metadata (so loaders apply alpha/rank), plus the kohya FLUX file when its converter
-        (``pipeline.lora.kohya_flux``) is present."""
+        config as metadata (so loaders apply alpha/rank), and the kohya/ComfyUI FLUX file of the transformer LoRA
+        (``lora_kohya_flux.safetensors``, q/k/v fused: ``pipeline/lora/kohya_flux.py``)."""
         out_dir = Path(out_dir)
         adapter = _single_adapter(pipe.transformer)
         prefix = f"{self.denoiser}."
@@ -270,12 +270,8 @@ class FluxFamily(ModelFamily):
             FluxPipeline.save_lora_weights(temporary.parent, weight_name=temporary.name, **layers)
             if metadata:
                 _add_header_metadata(temporary, metadata)
-        files = {"diffusers": target}
-        kohya = _kohya_converter()
-        if kohya is not None:
-            kohya_state = kohya({f"{prefix}{k}": v for k, v in state.items()}, float(spec.alpha))
-            files["kohya"] = save_kohya_lora(out_dir / KOHYA_WEIGHT_NAME, kohya_state, dict(metadata or {}))
-        return files
+        kohya = save_kohya_flux_lora(out_dir / KOHYA_FLUX_WEIGHT_NAME, state, float(spec.alpha), metadata)
+        return {"diffusers": target, "kohya": kohya}
 
     # -- generation
     def render(self, pipe: Any, request: RenderRequest) -> Image.Image:
@@ -327,14 +323,6 @@ def _add_header_metadata(path: Path, extra: Mapping[str, str]) -> None:
     if clashing:
         raise LoraError(f"metadata keys {clashing} are reserved by the diffusers LoRA format; rename them.")
     save_file(load_file(str(path)), str(path), metadata={**header, **{str(k): str(v) for k, v in extra.items()}})
-
-
-def _kohya_converter() -> Any:
-    """``pipeline.lora.kohya_flux.to_kohya_flux`` when that module exists, else None (diffusers file only)."""
-    try:
-        return importlib.import_module("pipeline.lora.kohya_flux").to_kohya_flux
-    except ModuleNotFoundError:
-        return None
 
 
 FLUX = FluxFamily()

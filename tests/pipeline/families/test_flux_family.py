@@ -11,6 +11,7 @@ import pytest
 import torch
 from diffusers import FluxPipeline
 from PIL import Image
+from safetensors.torch import load_file
 
 from pipeline.families import family_for, load_base_pipeline
 from pipeline.families.base import ImageGeometry, RenderRequest
@@ -169,6 +170,18 @@ def test_train_lora_lowers_the_error_and_writes_a_file_flux_pipeline_loads(pipe,
         base = FLUX.predict(fresh.transformer, noisy, step, embeds, pooled, conditioning)
     torch.testing.assert_close(loaded, trained)
     assert not torch.allclose(base, trained)
+    # The kohya file: q/k/v fused per stream (and into linear1), alpha scaled by the fused count (its parity with
+    # diffusers' kohya loader is tested in tests/pipeline/lora/test_kohya_flux.py; that loader splits linear1 at
+    # FLUX.1's full widths only, so it cannot load the tiny model's single blocks).
+    kohya = load_file(str(files["kohya"]))
+    assert {key.rsplit(".", 2)[0] for key in kohya if key.endswith(".alpha")} >= {
+        "lora_unet_double_blocks_0_img_attn_qkv",
+        "lora_unet_double_blocks_0_txt_attn_qkv",
+        "lora_unet_double_blocks_0_img_attn_proj",
+        "lora_unet_double_blocks_0_txt_attn_proj",
+        "lora_unet_single_blocks_0_linear1",
+    }
+    assert float(kohya["lora_unet_double_blocks_0_img_attn_qkv.alpha"]) == 3 * 8
 
 
 def test_gamma_zero_is_plain_noise_and_a_box_changes_only_its_tokens(pipe):
