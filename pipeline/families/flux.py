@@ -221,9 +221,10 @@ class FluxFamily(ModelFamily):
 
     def lora_state_dict(self, component: str, model: torch.nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
         """Transformer: PEFT naming with ``transformer.`` (``transformer.transformer_blocks.0.attn.to_q.lora_A.weight``,
-        what FluxPipeline.save_lora_weights writes); CLIP: the SDXL family's text-encoder naming, no prefix."""
+        as FluxPipeline.save_lora_weights writes); CLIP: classic ``text_model.`` paths with ``lora_A``/``lora_B``,
+        no prefix (the exporter adds ``text_encoder.``), as the diffusers file holds them."""
         if component != self.denoiser:
-            return text_encoder_lora_state_dict(model, adapter_name)
+            return _peft_named(text_encoder_lora_state_dict(model, adapter_name))
         state = get_peft_model_state_dict(model, adapter_name=adapter_name)
         return {f"{self.denoiser}.{key}": value.detach().contiguous() for key, value in state.items()}
 
@@ -231,7 +232,7 @@ class FluxFamily(ModelFamily):
         self, component: str, model: torch.nn.Module, state: Mapping[str, torch.Tensor], adapter_name: str
     ) -> None:
         if component != self.denoiser:
-            load_text_encoder_lora(model, state, adapter_name)
+            load_text_encoder_lora(model, _linear_layer_named(state), adapter_name)
             return
         suffix = f".{adapter_name}.weight"
         params = {
@@ -263,7 +264,7 @@ class FluxFamily(ModelFamily):
         }
         encoder = pipe.text_encoder
         if spec.train_text_encoders and getattr(encoder, "peft_config", None):
-            layers["text_encoder_lora_layers"] = _peft_named(text_encoder_lora_state_dict(encoder))
+            layers["text_encoder_lora_layers"] = self.lora_state_dict("text_encoder", encoder, _single_adapter(encoder))
             layers["text_encoder_lora_adapter_metadata"] = lora_config(spec, TEXT_ENCODER_TARGETS).to_dict()
         target = out_dir / DIFFUSERS_WEIGHT_NAME
         with atomic_path(target) as temporary:
@@ -304,7 +305,7 @@ class FluxFamily(ModelFamily):
 def _single_adapter(module: torch.nn.Module) -> str:
     adapters = list(getattr(module, "peft_config", None) or {})
     if len(adapters) != 1:
-        raise LoraError(f"The transformer must hold exactly one LoRA adapter to export; it has {adapters}.")
+        raise LoraError(f"{type(module).__name__} must hold exactly one LoRA adapter to export; it has {adapters}.")
     return adapters[0]
 
 
@@ -312,6 +313,14 @@ def _peft_named(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The text encoder's ``lora_linear_layer.down/up`` naming as PEFT's ``lora_A/lora_B``."""
     return {
         key.replace(".lora_linear_layer.down.", ".lora_A.").replace(".lora_linear_layer.up.", ".lora_B."): value
+        for key, value in state.items()
+    }
+
+
+def _linear_layer_named(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of ``_peft_named``: what ``load_text_encoder_lora`` reads."""
+    return {
+        key.replace(".lora_A.", ".lora_linear_layer.down.").replace(".lora_B.", ".lora_linear_layer.up."): value
         for key, value in state.items()
     }
 

@@ -219,3 +219,26 @@ def test_a_negative_prompt_needs_true_cfg_when_asked(pipe):
     true_cfg = FluxFamily(true_cfg_scale=2.0)
     assert np.array_equal(render(true_cfg, None), render(FLUX, "sticker, collage"))
     assert not np.array_equal(render(true_cfg, "sticker, collage"), render(true_cfg, None))
+
+
+def test_clip_lora_trains_exports_and_loads_back(pipe, samples, cache_root, tmp_path):
+    config = TrainConfig(
+        steps=3, resolution=RES, rank=4, alpha=4, lr=1e-2, prior_weight=0, segmix_p=0, train_text_encoder=True,
+        mixed_precision="no",
+    )  # fmt: skip
+    result = train_lora(pipe, samples[:1], config, tmp_path / "out", tmp_path / "cache")
+    assert set(result.text_encoder_lora_states) == {"text_encoder"}  # CLIP only; T5 stays frozen
+    files = FLUX.export_lora(tmp_path / "lora", pipe, LoraSpec(rank=4, alpha=4, train_text_encoders=True))
+    written = load_file(str(files["diffusers"]))
+    clip_part = {k.removeprefix("text_encoder."): v for k, v in written.items() if k.startswith("text_encoder.")}
+    assert clip_part.keys() == result.text_encoder_lora_states["text_encoder"].keys()
+
+    fresh = load_base_pipeline(BaseModelSpec(source="tiny:flux", family="flux"), cache_root)
+    base_pooled = FLUX.encode_prompts(fresh, ["olis dog"], torch.device("cpu"))[1]
+    fresh.load_lora_weights(str(files["diffusers"].parent), weight_name=files["diffusers"].name)
+    with torch.no_grad():
+        trained, loaded = (FLUX.encode_prompts(p, ["olis dog"], torch.device("cpu"))[1] for p in (pipe, fresh))
+    torch.testing.assert_close(loaded, trained)
+    assert not torch.allclose(base_pooled, trained)
+    # The file's naming is what load_lora takes back (init_lora of a next round).
+    FLUX.load_lora("text_encoder", pipe.text_encoder, clip_part, "castlora")
