@@ -242,3 +242,15 @@ def test_clip_lora_trains_exports_and_loads_back(pipe, samples, cache_root, tmp_
     assert not torch.allclose(base_pooled, trained)
     # The file's naming is what load_lora takes back (init_lora of a next round).
     FLUX.load_lora("text_encoder", pipe.text_encoder, clip_part, "castlora")
+
+
+def test_kl_towards_a_previous_round_and_dco_run_on_flux(pipe, samples, tmp_path):
+    """A second round starts from the first round's transformer LoRA (init_lora in the file's naming) with the KL
+    term towards it (reference adapter) and DCO's LoRA-off reference: both switch adapters on the transformer."""
+    base = dict(resolution=RES, rank=4, alpha=4, lr=1e-3, prior_weight=0, segmix_p=0, mixed_precision="no")
+    first = train_lora(pipe, samples[:1], TrainConfig(steps=2, **base), tmp_path / "a", tmp_path / "cache")
+    config = TrainConfig(steps=2, kl_weight=1.0, dco_beta=1000.0, **base)
+    second = train_lora(pipe, samples[:1], config, tmp_path / "b", tmp_path / "cache", init_lora=first.lora_state)
+    assert second.steps_done == 2 and all(np.isfinite(loss) for _, loss, _ in second.losses)
+    assert second.lora_state.keys() == first.lora_state.keys()
+    assert list(pipe.transformer.peft_config) == ["castlora"]  # the reference adapter is gone again
