@@ -27,6 +27,7 @@ from pipeline.families.flux import (
 )
 from pipeline.infer import SampleRequest, encode_layout, generate, layout_from_boxes, mudi_initial_latents
 from pipeline.lora.adapters import UNET_TARGETS, LoraSpec
+from pipeline.lora.verify import verify_lora_file
 from pipeline.models.base_model import BaseModelSpec
 from pipeline.models.loading import ensure_tiny
 from pipeline.models.presets import get_preset
@@ -155,6 +156,8 @@ def test_train_lora_lowers_the_error_and_writes_a_file_flux_pipeline_loads(pipe,
     assert any(".add_q_proj." in key for key in result.lora_state)
 
     files = FLUX.export_lora(tmp_path / "lora", pipe, LoraSpec(rank=4, alpha=8), {"castlora_version": "v1"})
+    for file_format, path in files.items():  # what the lora_file_loads check runs
+        assert verify_lora_file(path, file_format).metadata["castlora_version"] == "v1"
     fresh = load_base_pipeline(BaseModelSpec(source="tiny:flux", family="flux"), cache_root)
     fresh.load_lora_weights(str(files["diffusers"].parent), weight_name=files["diffusers"].name)
     # The loaded LoRA (alpha/rank from the header) gives the trained transformer's output.
