@@ -4,6 +4,7 @@ error and writes a LoRA file FluxPipeline loads, and MuDI's init reaches the rig
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import numpy as np
@@ -31,7 +32,7 @@ from pipeline.lora.verify import verify_lora_file
 from pipeline.models.base_model import BaseModelSpec
 from pipeline.models.loading import ensure_tiny
 from pipeline.models.presets import get_preset
-from pipeline.train import TrainConfig, TrainingSample, train_lora
+from pipeline.train import TrainConfig, TrainingSample, train_lora, train_preference
 from pipeline.train.caches import build_latent_cache
 from pipeline.train.data import INSTANCE, SEGMIX
 from tests.pipeline.train.conftest import write_image, write_mask
@@ -257,3 +258,30 @@ def test_kl_towards_a_previous_round_and_dco_run_on_flux(pipe, samples, tmp_path
     assert second.steps_done == 2 and all(np.isfinite(loss) for _, loss, _ in second.losses)
     assert second.lora_state.keys() == first.lora_state.keys()
     assert list(pipe.transformer.peft_config) == ["castlora"]  # the reference adapter is gone again
+
+
+def test_diffusion_dpo_runs_on_the_velocity_target(pipe, tmp_path):
+    """Diffusion-DPO compares the velocity errors of winner and loser against the reference: log 2 while the model
+    equals its reference, finite and learning afterwards."""
+    winner_path, loser_path = tmp_path / "w.png", tmp_path / "l.png"
+    winner = TrainingSample(
+        write_image(winner_path, (220, 60, 60), stripes=True), str(winner_path), "olis dog", INSTANCE
+    )
+    loser = TrainingSample(write_image(loser_path, (60, 60, 220)), str(loser_path), "olis dog", INSTANCE)
+    config = TrainConfig(
+        steps=4, resolution=RES, rank=4, alpha=4, lr=1e-2, prior_weight=0, segmix_p=0, dpo_beta=5000.0, log_every=1,
+        mixed_precision="no",
+    )  # fmt: skip
+    logs: dict[int, dict] = {}
+    result = train_preference(
+        pipe,
+        [(winner, loser)],
+        config,
+        tmp_path / "out",
+        tmp_path / "cache",
+        None,
+        on_log=lambda s, m: logs.update({s: m}),
+    )
+    assert logs[1]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert result.steps_done == 4 and np.isfinite(result.metrics["dpo_eval_loss"])
+    assert result.metrics["dpo_eval_loss"] < math.log(2)
