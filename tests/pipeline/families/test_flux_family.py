@@ -285,3 +285,17 @@ def test_diffusion_dpo_runs_on_the_velocity_target(pipe, tmp_path):
     assert logs[1]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert result.steps_done == 4 and np.isfinite(result.metrics["dpo_eval_loss"])
     assert result.metrics["dpo_eval_loss"] < math.log(2)
+
+
+def test_lora_scale_reaches_the_transformer(pipe, samples, tmp_path):
+    def render(scale: float) -> np.ndarray:
+        request = RenderRequest("olis dog", None, RES, RES, 2, 3.5, torch.Generator().manual_seed(4), scale, None)
+        return np.asarray(FLUX.render(pipe, request))
+
+    base = render(1.0)
+    config = TrainConfig(
+        steps=3, resolution=RES, rank=4, alpha=4, lr=1e-2, prior_weight=0, segmix_p=0, mixed_precision="no"
+    )
+    train_lora(pipe, samples[:1], config, tmp_path / "out", tmp_path / "cache")
+    assert np.array_equal(render(0.0), base)  # scale 0: the base transformer
+    assert not np.array_equal(render(1.0), base)
