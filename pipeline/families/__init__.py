@@ -13,10 +13,11 @@ from typing import Any
 
 from pipeline.errors import CastloraError
 from pipeline.families.base import ImageGeometry, ModelFamily, RenderRequest, TrainingObjective
+from pipeline.families.flux import FLUX
 from pipeline.families.sdxl import SDXL
 from pipeline.models.base_model import BaseModelSpec
 
-FAMILIES: dict[str, ModelFamily] = {SDXL.name: SDXL}
+FAMILIES: dict[str, ModelFamily] = {SDXL.name: SDXL, FLUX.name: FLUX}
 
 
 def register_family(family: ModelFamily) -> None:

@@ -12,10 +12,11 @@ from safetensors import SafetensorError, safe_open
 from pipeline.lora.adapters import LoraError
 from pipeline.storage.hashing import sha256_file
 
-# Key suffixes of the two halves of one LoRA module, per file format.
+# Key suffixes of the two halves of one LoRA module, per file format: diffusers files hold diffusers' naming (SDXL's
+# U-Net) or PEFT's (FLUX.1's transformer, as FluxPipeline.save_lora_weights writes it).
 _PAIR_SUFFIXES = {
-    "diffusers": (".lora.down.weight", ".lora.up.weight"),
-    "kohya": (".lora_down.weight", ".lora_up.weight"),
+    "diffusers": ((".lora.down.weight", ".lora.up.weight"), (".lora_A.weight", ".lora_B.weight")),
+    "kohya": ((".lora_down.weight", ".lora_up.weight"),),
 }
 
 
@@ -51,11 +52,14 @@ def verify_lora_file(path: Path, file_format: str, expected_sha256: str | None =
 
 
 def _paired_modules(tensors: Mapping[str, torch.Tensor], file_format: str, path: Path) -> int:
-    down_suffix, up_suffix = _PAIR_SUFFIXES[file_format]
-    downs = {k.removesuffix(down_suffix) for k in tensors if k.endswith(down_suffix)}
-    ups = {k.removesuffix(up_suffix) for k in tensors if k.endswith(up_suffix)}
+    namings = _PAIR_SUFFIXES[file_format]
+    downs = {k.removesuffix(down) for down, _ in namings for k in tensors if k.endswith(down)}
+    ups = {k.removesuffix(up) for _, up in namings for k in tensors if k.endswith(up)}
     if not downs:
-        raise LoraError(f"LoRA file {path} has no '{down_suffix}' tensors: not a {file_format} LoRA, or empty.")
+        others = "".join(f" (nor '{down}')" for down, _ in namings[1:])
+        raise LoraError(
+            f"LoRA file {path} has no '{namings[0][0]}' tensors{others}: not a {file_format} LoRA, or empty."
+        )
     unpaired = sorted(downs ^ ups)
     if unpaired:
         raise LoraError(f"LoRA file {path}: {len(unpaired)} module(s) lack their down/up half, e.g. {unpaired[0]}.")

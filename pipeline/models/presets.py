@@ -127,6 +127,16 @@ PRESETS: dict[str, ModelPreset] = {
         segmenter_backend="owlv2_sam",
     ),
 }
+# FLUX.1: the same detectors, captioner and embedders as the SDXL presets; only the base model differs.
+PRESETS["tiny-flux"] = replace(PRESETS["tiny"], name="tiny-flux", base_model="tiny:flux", family="flux")
+PRESETS["flux"] = replace(
+    PRESETS["sdxl"],
+    name="flux",
+    base_model="black-forest-labs/FLUX.1-dev",
+    family="flux",
+    resolution=1024,
+    inference_steps=28,  # FLUX.1-dev's recommended step count
+)
 
 
 def get_preset(name: str) -> ModelPreset:

@@ -171,6 +171,9 @@ TODAY_CLASS_IMAGES = {
     "sdxl": {**_TODAY_CLASS, "count": 100, "resolution": 1024, "steps": 30},
 }
 TODAY_CANVAS = {"tiny": (256, 256), "sdxl": (1024, 1024)}
+# The FLUX.1 presets share the run defaults of their SDXL counterparts (inference steps aside, read from the preset).
+for _table in (TODAY_ITERATION, TODAY_CLASS_IMAGES, TODAY_CANVAS):
+    _table.update({"tiny-flux": _table["tiny"], "flux": _table["sdxl"]})
 
 
 @pytest.mark.parametrize(("preset", "dtype"), sorted(TODAY_TRAIN))
