@@ -206,8 +206,10 @@ class Trainer:
     def reference_text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Text embeddings of the reference model (the KL term's): the encoders with their frozen reference
         adapter, or with LoRA off where ``init_lora`` had no text-encoder part (what model k then used)."""
-        encoders = [self.family.component(self.pipe, name) for name in self.family.text_encoders]
-        for name, encoder in zip(self.family.text_encoders, encoders, strict=True):
+        # Only the encoders that carry LoRA switch (FLUX trains CLIP's, never T5's).
+        names = [name for name in self.family.lora_components(self.pipe, True) if name != self.family.denoiser]
+        encoders = [self.family.component(self.pipe, name) for name in names]
+        for name, encoder in zip(names, encoders, strict=True):
             activate_or_disable(encoder, self.reference_adapter if name in self.init_text else None)
         try:
             return self.family.encode_prompts(self.pipe, prompts, self.device)

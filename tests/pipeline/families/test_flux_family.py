@@ -260,6 +260,20 @@ def test_kl_towards_a_previous_round_and_dco_run_on_flux(pipe, samples, tmp_path
     assert list(pipe.transformer.peft_config) == ["castlora"]  # the reference adapter is gone again
 
 
+def test_kl_with_a_clip_lora_switches_only_the_encoders_that_carry_lora(pipe, samples, tmp_path):
+    """Round k+1 with a text-encoder LoRA: the KL reference re-encodes prompts with the reference adapter on CLIP,
+    while T5 (no LoRA on FLUX) is left alone."""
+    base = dict(resolution=RES, rank=4, alpha=4, lr=1e-3, prior_weight=0, segmix_p=0, mixed_precision="no")
+    first = TrainConfig(steps=2, train_text_encoder=True, **base)
+    round_k = train_lora(pipe, samples[:1], first, tmp_path / "a", tmp_path / "cache")
+    clip = round_k.text_encoder_lora_states["text_encoder"]
+    init = {**round_k.lora_state, **{f"text_encoder.{key}": value for key, value in clip.items()}}  # file naming
+    config = TrainConfig(steps=2, kl_weight=1.0, train_text_encoder=True, **base)
+    second = train_lora(pipe, samples[:1], config, tmp_path / "b", tmp_path / "cache", init_lora=init)
+    assert second.steps_done == 2 and all(np.isfinite(loss) for _, loss, _ in second.losses)
+    assert not hasattr(pipe.text_encoder_2, "peft_config") or not pipe.text_encoder_2.peft_config
+
+
 def test_diffusion_dpo_runs_on_the_velocity_target(pipe, tmp_path):
     """Diffusion-DPO compares the velocity errors of winner and loser against the reference: log 2 while the model
     equals its reference, finite and learning afterwards."""
