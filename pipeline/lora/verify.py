@@ -25,6 +25,8 @@ class LoraFileReport:
     path: Path
     format: str
     modules: int
+    """The per-projection LoRA modules it holds: a fused kohya module (FLUX.1's ``img_attn_qkv``, ``linear1``:
+    ``pipeline/lora/kohya_flux.py``) counts each projection it carries a LoRA for, so both files of one LoRA agree."""
     tensors: int
     metadata: dict[str, str]
 
@@ -63,4 +65,18 @@ def _paired_modules(tensors: Mapping[str, torch.Tensor], file_format: str, path:
     unpaired = sorted(downs ^ ups)
     if unpaired:
         raise LoraError(f"LoRA file {path}: {len(unpaired)} module(s) lack their down/up half, e.g. {unpaired[0]}.")
-    return len(downs)
+    if file_format != "kohya":
+        return len(downs)
+    return _projections(tensors, namings[0][0])
+
+
+def _projections(tensors: Mapping[str, torch.Tensor], down_suffix: str) -> int:
+    """Projections a kohya file carries LoRAs for. The rank r is the fewest down rows of any module; a fused module's
+    down stacks one r-row block per projection (a zero block for a projection the LoRA did not target), so it counts
+    its non-zero blocks. Without fused modules (SDXL) this is the module count."""
+    downs = [tensor for key, tensor in tensors.items() if key.endswith(down_suffix)]
+    rank = min(down.shape[0] for down in downs)
+    if rank == 0 or any(down.shape[0] % rank for down in downs):
+        return len(downs)
+    fused = [down for down in downs if down.shape[0] > rank]
+    return len(downs) - len(fused) + sum(int(block.any()) for down in fused for block in down.split(rank))

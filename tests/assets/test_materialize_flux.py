@@ -1,0 +1,94 @@
+"""End to end through Dagster on the ``tiny-flux`` preset: every pair asset materializes for FLUX.1 through the
+same stages as SDXL (docs/design.md#flux1)."""
+
+import dagster as dg
+import pandas as pd
+import pytest
+
+from assets.definitions import build_resources, defs
+from assets.jobs import pair_job
+from assets.partitions import character_pairs
+from pipeline.spec import load_spec
+from pipeline.storage.lineage import ancestors, read_lineage
+from pipeline.storage.manifest import read_manifest
+from pipeline.storage.paths import DataLayout
+from pipeline.storage.registry import register_pair
+from tests.conftest import ball_pair
+
+PROMPT = "zorp ball and quix ball on a beach"
+RUN_CONFIG = {
+    "ops": {
+        "references": {"config": {"min_side": 128}},
+        "class_images": {"config": {"count": 1, "resolution": 64, "steps": 1}},
+        "segmix_bank": {"config": {"n_instance": 4, "n_prior": 0, "canvas_width": 128, "canvas_height": 96}},
+        "lora": {"config": {"steps": 2, "rank": 4, "alpha": 4.0, "resolution": 64, "checkpoint_every": 2,
+                            "log_every": 1}},
+        "samples": {"config": {"prompts": [PROMPT], "seeds": [0], "steps": 2, "resolution": 64}},
+        "iteration": {
+            "config": {"images_per_round": 2, "keep_top": 2, "train_steps": 1, "max_rounds": 1, "inference_steps": 2,
+                       "resolution": 64, "prompts": [PROMPT]}
+        },
+        "evaluation": {"config": {"prompts": [PROMPT], "seeds": [7], "inference_steps": 2, "resolution": 64}},
+    }
+}  # fmt: skip
+TRAINED = {
+    "references", "segments", "captions", "class_images", "segmix_bank", "lora", "samples", "iteration", "evaluation"
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def materialized(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e-flux")
+    layout = DataLayout.at(root / "home")
+    register_pair(layout, load_spec(ball_pair(root)))
+    job = defs.resolve_job_def(pair_job.name)
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(character_pairs.name, ["red__blue"])
+        result = job.execute_in_process(
+            run_config=RUN_CONFIG,
+            instance=instance,
+            partition_key="red__blue",
+            resources=build_resources({"CASTLORA_HOME": str(layout.home), "CASTLORA_PRESET": "tiny-flux"}),
+            raise_on_error=False,
+        )
+        materializations = {
+            e.asset_key.to_user_string(): e.materialization for e in result.get_asset_materialization_events()
+        }
+        checks = {e.asset_check_key.name: e for e in result.get_asset_check_evaluations()}
+        yield layout, result, materializations, checks
+
+
+def test_every_asset_materializes_on_flux(materialized):
+    _, result, materializations, checks = materialized
+    failures = [e.step_failure_data.error.message for e in result.all_events if e.is_step_failure]
+    assert result.success, failures
+    assert set(materializations) == TRAINED
+    assert all(check.passed for check in checks.values()), {k: c.description for k, c in checks.items()}
+    assert checks["lora_file_loads"].passed
+
+
+def test_flux_lora_files_and_samples(materialized):
+    layout, _, materializations, _ = materialized
+    meta = materializations["lora"].metadata
+    lora_dir = layout.stage_dir("red__blue", "lora") / meta["version"].value
+    assert (lora_dir / "pytorch_lora_weights.safetensors").is_file()
+    assert (lora_dir / "lora_kohya_flux.safetensors").is_file()
+    samples = read_manifest(layout.stage_dir("red__blue", "samples"), "samples")
+    assert len(samples) == 1 and samples["lora_version"].iloc[0] == meta["version"].value
+    lineage = read_lineage(layout.lineage)
+    assert "lora" in {row["asset_key"] for row in ancestors(lineage, samples["sha256"].iloc[0])}
+    frame = read_lineage(layout.lineage).to_pandas()
+    assert set(frame["asset_key"]) == TRAINED
+
+
+def test_flux_iteration_and_evaluation_report(materialized):
+    _, _, materializations, _ = materialized
+    assert materializations["iteration"].metadata["rounds_done"].value == 1
+    evaluation = materializations["evaluation"].metadata
+    report = evaluation["report"].value
+    for variant in ("dreambooth", "segmix", "segmix_init", "iterative"):
+        assert variant in report and f"grid_{variant}" in evaluation
+    assert "| family |" in report.replace("family |", "| family |", 0) or "family" in report
+    assert "tiny:flux" in report
+    metrics = pd.read_parquet(evaluation["metrics_file"].value)
+    assert metrics["variant"].nunique() == 4
