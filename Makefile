@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export DAGSTER_DISABLE_TELEMETRY := 1
 
-.PHONY: setup demo test ui lint format bench lock upgrade-check clean
+.PHONY: setup demo demo-flux test ui lint format bench lock upgrade-check clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,10 @@ upgrade-check: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/castlora demo
+
+# The same pair pipeline on the FLUX.1 family (tiny random FLUX.1, CPU), docs/design.md#flux1.
+demo-flux: $(STAMP)
+	$(BIN)/castlora demo --preset tiny-flux
 
 # The suite starts real PostgreSQL, moto (S3) and Chromium on 127.0.0.1; the script apt-installs the first and last.
 test: $(STAMP)

@@ -144,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     mat.add_argument("pair")
     demo = sub.add_parser("demo", help="register the bundled sample pair and materialize it")
     demo.add_argument("--sample", type=Path, default=SAMPLE_PAIR)
+    demo.add_argument(
+        "--preset",
+        help="model preset to run the pipeline with, e.g. tiny-flux (default $CASTLORA_PRESET or tiny, tiny SDXL)",
+    )
     sub.add_parser("pairs", help="list registered pairs")
     mudi = sub.add_parser("import-mudi", help="turn a MuDI dataset folder (metadata.jsonl) into a pair folder")
     mudi.add_argument("source", type=Path, help="the MuDI folder: photos, masks, metadata.jsonl")
@@ -168,6 +172,11 @@ def main(argv: list[str] | None = None) -> int:
             summary(args.pair, layout)
             return 0 if ok else 1
         elif args.command == "demo":
+            if args.preset:
+                from pipeline.models.presets import get_preset
+
+                # Before assets.definitions is imported: its resources read the preset from the environment.
+                os.environ["CASTLORA_PRESET"] = get_preset(args.preset).name
             pair = register(args.sample, layout)
             ok = materialize(pair, layout)
             summary(pair, layout)

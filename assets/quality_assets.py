@@ -234,6 +234,7 @@ def evaluation(
             out_dir=run.out_dir,
             recorder=run.recorder,
             base_model_id=preset.base_model,
+            family=preset.family,
             report=EvaluationReport(
                 title=f"castlora evaluation — {run.pair}",
                 notes=[*notes, f"detector: {scorer.detector.label}"],

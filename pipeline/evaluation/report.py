@@ -62,8 +62,9 @@ _FAMILY_ORDER = ("dnc_default", "dnc_mudi", COUNT_FAIL_METRIC, "subject_sim", "c
 _LOWER_IS_BETTER = frozenset({COUNT_FAIL_COLUMN})
 _NOT_A_SCORE = frozenset({"n_images"})
 
-TRAINING_COLUMNS = ("variant", "lora", "steps", "segmix_p", "differs_from_segmix")
-"""The training-settings table: per variant its LoRA version, steps trained, Seg-Mix probability and every
+TRAINING_COLUMNS = ("variant", "family", "base_model", "lora", "steps", "segmix_p", "differs_from_segmix")
+"""The training-settings table: per variant its model family (``sdxl``, ``flux``) and base model (so LoRAs of
+different families can stand side by side), its LoRA version, steps trained, Seg-Mix probability and every
 training setting that differs from the Seg-Mix LoRA's (``field: segmix value → variant value``)."""
 
 STOP_REASONS = {

@@ -138,14 +138,21 @@ def _setting(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def training_settings(variants: Sequence[Variant], segmix_lora: LoraRecord | None) -> pd.DataFrame:
-    """Per variant (``TRAINING_COLUMNS``): its LoRA version, steps trained, Seg-Mix probability and every training
-    setting that differs from ``segmix_lora``'s (None: nothing to compare with). A variant whose record lacks
-    complete settings says so in its row; ``segmix_lora`` itself must have them."""
+def training_settings(
+    variants: Sequence[Variant],
+    segmix_lora: LoraRecord | None,
+    family: str | None = None,
+    base_model: str | None = None,
+) -> pd.DataFrame:
+    """Per variant (``TRAINING_COLUMNS``): the model family and base model it renders with (None: not stated), its
+    LoRA version, steps trained, Seg-Mix probability and every training setting that differs from ``segmix_lora``'s
+    (None: nothing to compare with). A variant whose record lacks complete settings says so in its row;
+    ``segmix_lora`` itself must have them."""
     reference = segmix_lora.train_config() if segmix_lora is not None else None
     rows = []
     for variant in variants:
-        row: dict[str, Any] = {"variant": variant.name, "lora": "base model (no LoRA)", "steps": None}
+        row: dict[str, Any] = {"variant": variant.name, "family": family, "base_model": base_model}
+        row |= {"lora": "base model (no LoRA)", "steps": None}
         row |= {"segmix_p": None, "differs_from_segmix": "—"}
         if variant.lora is not None:
             try:
@@ -278,15 +285,18 @@ def run_evaluation(
     base_model_id: str,
     report: EvaluationReport = EvaluationReport(),
     log: Callable[[str], None] = print,
+    family: str | None = None,
 ) -> EvaluationOutput:
     """Render every variant on the grid, score it, and write metrics.parquet, summary.parquet, report.md, plots
     and annotated grids into ``out_dir``. The report's training table compares each variant's settings with
-    ``report.segmix_lora``'s."""
+    ``report.segmix_lora``'s and names each variant's ``family`` and base model (``base_model_id``)."""
     if not variants:
         raise CastloraError("Evaluation needs at least one variant (dreambooth, segmix, segmix_init, iterative).")
     if not generation.prompts or not seeds:
         raise CastloraError("Evaluation needs at least one prompt and one seed for its grid.")
-    training = training_settings(variants, report.segmix_lora)  # before rendering: a record without settings fails
+    training = training_settings(
+        variants, report.segmix_lora, family, base_model_id
+    )  # before rendering: a record without settings fails
     out_dir = Path(out_dir)
     layout_factory = functools.cache(layout_factory)  # one composite per seed, shared by every variant
     rows: list[dict[str, Any]] = []

@@ -1,3 +1,4 @@
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -135,3 +136,27 @@ def test_failed_register_leaves_the_spec_of_the_last_one_that_succeeded(tmp_path
     monkeypatch.delenv("DAGSTER_HOME")  # main() set it to the first home's instance
     assert cli.main(["--home", str(tmp_path / "other"), "register", str(first)]) == 2
     assert not DataLayout(tmp_path / "other").spec_path("a__b").exists()  # none was in force: none is left
+
+
+@pytest.mark.parametrize("flag, preset", [([], None), (["--preset", "tiny-flux"], "tiny-flux")])
+def test_demo_preset_flag_sets_the_preset(tmp_path, monkeypatch, flag, preset):
+    """`castlora demo --preset tiny-flux` (make demo-flux) runs the pair pipeline with that preset; without the
+    flag the environment's preset (default tiny SDXL) stays."""
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    monkeypatch.setenv("CASTLORA_PRESET", "")  # undone after the test: main() sets it
+    monkeypatch.delenv("CASTLORA_PRESET")
+    seen = {}
+    monkeypatch.setattr(cli, "register", lambda folder, layout: "a__b")
+    monkeypatch.setattr(
+        cli, "materialize", lambda pair, layout: seen.setdefault("preset", os.environ.get("CASTLORA_PRESET")) or True
+    )
+    monkeypatch.setattr(cli, "summary", lambda pair, layout: None)
+    assert cli.main(["--home", str(tmp_path / "home"), "demo", *flag]) == 0
+    assert seen["preset"] == preset
+
+
+def test_demo_unknown_preset_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    monkeypatch.delenv("CASTLORA_PRESET", raising=False)
+    assert cli.main(["--home", str(tmp_path / "home"), "demo", "--preset", "nope"]) == 2
+    assert "Unknown model preset 'nope'" in capsys.readouterr().err

@@ -148,8 +148,9 @@ def test_dreambooth_baseline_is_a_recorded_output_trained_like_the_segmix_lora(q
     assert params["train_steps"] == 2 and params["segmix_p"] == 0.0 and params["gradient_checkpointing"] is False
 
     variants = [Variant("dreambooth", baseline.as_current(), None), Variant("segmix", segmix, None)]
-    training = training_settings([*variants, Variant("base", None, None)], segmix)
+    training = training_settings([*variants, Variant("base", None, None)], segmix, "sdxl", "tiny:sdxl")
     rows = training.set_index("variant")
+    assert set(rows["family"]) == {"sdxl"} and set(rows["base_model"]) == {"tiny:sdxl"}  # side by side with FLUX
     assert rows.loc["dreambooth", "differs_from_segmix"] == "segmix_p: 0.3 → 0"
     assert rows.loc["segmix", "differs_from_segmix"] == "nothing"
     assert rows.loc["dreambooth", "steps"] == rows.loc["segmix", "steps"] == 2
