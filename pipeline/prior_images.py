@@ -1,5 +1,6 @@
 """Class images for DreamBooth prior preservation: generic pictures of each class noun from the base model.
 
+Images are rendered through the base model's family (``ModelFamily.render_batch``, docs/design.md#model-families).
 Image ``i`` is generated from its own generator seeded with ``seed + i``, so its content depends only on
 ``seed + i``, not on the batch size or on which other images share its batch. Batched float arithmetic
 still rounds slightly differently for different batch compositions (on CPU: at most one grey level on a
@@ -18,6 +19,8 @@ import torch
 from PIL import Image
 
 from pipeline.errors import CastloraError
+from pipeline.families import family_for
+from pipeline.families.base import RenderRequest
 from pipeline.images import IMAGE_SUFFIXES
 from pipeline.settings import from_preset, unresolved
 from pipeline.storage.paths import confined_path
@@ -40,9 +43,11 @@ class ClassImageConfig:
     prompt_template: str = "a photo of a {class_noun}"
     """The generation prompt; recorded per image and trained with (imported images get it too)."""
     negative_prompt: str = ""
-    """Empty means none: SDXL then uses zero embeddings for the unconditional branch, as it was trained."""
+    """Empty means none: SDXL then uses zero embeddings for the unconditional branch, as it was trained. FLUX.1
+    ignores it unless the family renders with true CFG (docs/design.md#flux1)."""
     batch_size: int = 4
-    """Images generated per pipeline call."""
+    """Images generated per pipeline call (``ModelFamily.render_batch``; a family that does not batch renders them
+    one by one)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -91,6 +96,7 @@ def generate_class_images(
         raise CastloraError(f"Class image settings {unresolved(config)} are not set: resolve them against a preset.")
     prompt = config.prompt_for(class_noun)
     negative_prompt = config.negative_prompt or None
+    family = family_for(pipe)
     device = _pipeline_device(pipe)
     skipped = set(skip_indices)
     for start in range(0, config.count, config.batch_size):
@@ -98,18 +104,22 @@ def generate_class_images(
         if skipped.issuperset(batch):
             continue
         seeds = [image_seed(config, index) for index in batch]
-        generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
-        output = pipe(
-            prompt=[prompt] * len(batch),
-            negative_prompt=[negative_prompt] * len(batch) if negative_prompt else None,
-            height=config.resolution,
-            width=config.resolution,
-            num_inference_steps=config.steps,
-            guidance_scale=config.guidance_scale,
-            generator=generators,
-            output_type="pil",
-        )
-        for index, seed, image in zip(batch, seeds, output.images, strict=True):
+        requests = [
+            RenderRequest(
+                prompt=prompt,
+                negative_prompt=negative_prompt,
+                height=config.resolution,
+                width=config.resolution,
+                steps=config.steps,
+                guidance_scale=config.guidance_scale,
+                generator=torch.Generator(device=device).manual_seed(seed),
+                lora_scale=1.0,
+                initial_latents=None,
+            )
+            for seed in seeds
+        ]
+        images = family.render_batch(pipe, requests)
+        for index, seed, image in zip(batch, seeds, images, strict=True):
             if index not in skipped:
                 yield index, seed, image
 

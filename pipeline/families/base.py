@@ -185,3 +185,8 @@ class ModelFamily(ABC):
     @abstractmethod
     def render(self, pipe: Any, request: RenderRequest) -> Image.Image:
         """One image through the family's pipeline, starting from ``request.initial_latents`` when given."""
+
+    def render_batch(self, pipe: Any, requests: Sequence[RenderRequest]) -> list[Image.Image]:
+        """One image per request, in order: each is ``render``'s image for its request, up to the rounding of batched
+        float arithmetic. The default renders them one by one; a family whose pipeline batches overrides it."""
+        return [self.render(pipe, request) for request in requests]
