@@ -32,11 +32,16 @@ def get_family(name: str) -> ModelFamily:
         raise CastloraError(f"Unknown base model family {name!r}; known families: {sorted(FAMILIES)}.") from None
 
 
+def find_family(pipe: Any) -> ModelFamily | None:
+    """The registered family whose pipelines ``pipe`` is one of, None when no family claims it."""
+    return next((family for family in FAMILIES.values() if family.handles(pipe)), None)
+
+
 def family_for(pipe: Any) -> ModelFamily:
     """The registered family whose pipelines ``pipe`` is one of."""
-    for family in FAMILIES.values():
-        if family.handles(pipe):
-            return family
+    family = find_family(pipe)
+    if family is not None:
+        return family
     raise CastloraError(
         f"No model family handles a {type(pipe).__name__}; known families: {sorted(FAMILIES)} "
         "(load the base model with load_base_pipeline, or register the family)."
@@ -55,6 +60,7 @@ __all__ = [
     "RenderRequest",
     "TrainingObjective",
     "family_for",
+    "find_family",
     "get_family",
     "load_base_pipeline",
     "register_family",

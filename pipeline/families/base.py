@@ -70,6 +70,33 @@ class RenderRequest:
     noise drawn from ``generator``."""
 
 
+def text_to_image_batch(pipe: Any, requests: Sequence[RenderRequest], **extra: Any) -> list[Image.Image] | None:
+    """The requests as one diffusers text-to-image call (one generator per image, ``extra`` passed on), or None when
+    they cannot share one: different size, steps, guidance or LoRA scale, initial latents, or negative prompts on
+    some but not all. SDXL's batched render; also the call for a pipeline no family claims (a test's stand-in)."""
+    negatives = [request.negative_prompt for request in requests]
+    shared = {(r.height, r.width, r.steps, r.guidance_scale, r.lora_scale) for r in requests}
+    if (
+        len(shared) != 1
+        or any(request.initial_latents is not None for request in requests)
+        or (any(negatives) and not all(negatives))
+    ):
+        return None
+    first = requests[0]
+    output = pipe(
+        prompt=[request.prompt for request in requests],
+        negative_prompt=negatives if all(negatives) else None,
+        height=first.height,
+        width=first.width,
+        num_inference_steps=first.steps,
+        guidance_scale=first.guidance_scale,
+        generator=[request.generator for request in requests],
+        output_type="pil",
+        **extra,
+    )
+    return list(output.images)
+
+
 class ModelFamily(ABC):
     """One base-model family: loading, prompts, latents, noising, conditioning, LoRA and rendering."""
 

@@ -12,7 +12,7 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 
-from pipeline.families.base import ImageGeometry, ModelFamily, RenderRequest
+from pipeline.families.base import ImageGeometry, ModelFamily, RenderRequest, text_to_image_batch
 from pipeline.families.ddpm import DDPMObjective
 from pipeline.lora.adapters import (
     LoraSpec,
@@ -135,30 +135,9 @@ class SDXLFamily(ModelFamily):
         return output.images[0]
 
     def render_batch(self, pipe: Any, requests: Sequence[RenderRequest]) -> list[Image.Image]:
-        """One pipeline call with one generator per image when the requests share size, steps, guidance and LoRA
-        scale, start from the pipeline's own noise and all or none have a negative prompt (class images);
-        otherwise one by one."""
-        negatives = [request.negative_prompt for request in requests]
-        shared = {(r.height, r.width, r.steps, r.guidance_scale, r.lora_scale) for r in requests}
-        if (
-            len(shared) != 1
-            or any(request.initial_latents is not None for request in requests)
-            or (any(negatives) and not all(negatives))
-        ):
-            return super().render_batch(pipe, requests)
-        first = requests[0]
-        output = pipe(
-            prompt=[request.prompt for request in requests],
-            negative_prompt=negatives if all(negatives) else None,
-            height=first.height,
-            width=first.width,
-            num_inference_steps=first.steps,
-            guidance_scale=first.guidance_scale,
-            generator=[request.generator for request in requests],
-            cross_attention_kwargs={"scale": float(first.lora_scale)},
-            output_type="pil",
-        )
-        return list(output.images)
+        """One pipeline call when the requests can share one (``text_to_image_batch``), else one by one."""
+        images = text_to_image_batch(pipe, requests, cross_attention_kwargs={"scale": float(requests[0].lora_scale)})
+        return images if images is not None else super().render_batch(pipe, requests)
 
 
 SDXL = SDXLFamily()
