@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 
 from pipeline.dnc.pair_scorer import ImageScorer
 from pipeline.errors import CastloraError
+from pipeline.families import family_for
 from pipeline.infer import Layout
 from pipeline.iteration_rules import (
     IterationConfig,
@@ -98,12 +99,16 @@ def round_seeds(generation: GenerationSettings, round_index: int, per_prompt: in
     return list(range(start, start + per_prompt))
 
 
-def _lora_state(path: str | Path) -> dict[str, Any]:
-    """An exported diffusers LoRA file as ``init_lora``: its U-Net part (``unet.`` keys) and, for a text-encoder
-    LoRA, its ``text_encoder.`` / ``text_encoder_2.`` parts, so round k+1 starts from all of model k."""
+def _lora_state(path: str | Path, pipe: Any) -> dict[str, Any]:
+    """An exported diffusers LoRA file as ``init_lora``: its denoiser part (the family's ``denoiser`` prefix:
+    ``unet.`` keys for SDXL, ``transformer.`` for FLUX.1) and, for a text-encoder LoRA, its text encoders' parts,
+    so round k+1 starts from all of model k."""
     state = load_file(str(path))
-    if not any(k.startswith("unet.") for k in state):
-        raise CastloraError(f"{path} holds no U-Net LoRA tensors (keys starting with 'unet.'); re-export the LoRA.")
+    denoiser = family_for(pipe).denoiser
+    if not any(k.startswith(f"{denoiser}.") for k in state):
+        raise CastloraError(
+            f"{path} holds no {denoiser} LoRA tensors (keys starting with '{denoiser}.'); re-export the LoRA."
+        )
     return state
 
 
@@ -296,7 +301,7 @@ class _Loop:
             samples=samples,
             config=self.training.fine_tune,
             run=self.training_run(self.round_dir(k) / "lora"),
-            init_lora=_lora_state(self.model_of(k).diffusers),
+            init_lora=_lora_state(self.model_of(k).diffusers, pipe),
         )
         del pipe
         release_memory()
@@ -318,7 +323,7 @@ class _Loop:
             pairs=[(by_path[winner], by_path[loser]) for winner, loser in pairs],
             config=config,
             run=self.training_run(self.round_dir(k) / "dpo"),
-            init_lora=_lora_state(trained.diffusers),
+            init_lora=_lora_state(trained.diffusers, pipe),
         )
         del pipe
         release_memory()

@@ -25,7 +25,7 @@ RUN_CONFIG = {
                             "log_every": 1}},
         "samples": {"config": {"prompts": [PROMPT], "seeds": [0], "steps": 2, "resolution": 64}},
         "iteration": {
-            "config": {"images_per_round": 2, "keep_top": 2, "train_steps": 1, "max_rounds": 1, "inference_steps": 2,
+            "config": {"images_per_round": 2, "keep_top": 2, "train_steps": 1, "max_rounds": 2, "inference_steps": 2,
                        "resolution": 64, "prompts": [PROMPT]}
         },
         "evaluation": {"config": {"prompts": [PROMPT], "seeds": [7], "inference_steps": 2, "resolution": 64}},
@@ -83,7 +83,7 @@ def test_flux_lora_files_and_samples(materialized):
 
 def test_flux_iteration_and_evaluation_report(materialized):
     _, _, materializations, _ = materialized
-    assert materializations["iteration"].metadata["rounds_done"].value == 1
+    assert materializations["iteration"].metadata["rounds_done"].value == 2  # round 1 fine-tunes model 0
     evaluation = materializations["evaluation"].metadata
     report = evaluation["report"].value
     for variant in ("dreambooth", "segmix", "segmix_init", "iterative"):
