@@ -28,8 +28,15 @@ def test_wrong_base_model_dir_names_the_path(tmp_path):
 
 
 def test_unknown_family_is_refused(tmp_path):
+    load = ModelResource(family="flux-dit", device="cpu").base_pipeline_factory(tmp_path / "cache")
+    with pytest.raises(CastloraError, match=r"Unknown base model family 'flux-dit'.*'flux'.*'sdxl'"):
+        load()
+
+
+def test_a_family_that_does_not_match_the_folder_is_refused(tmp_path):
+    """FLUX.1 asked for, the tiny preset's SDXL folder given: one error naming the folder's class and the family's."""
     load = ModelResource(family="flux", device="cpu").base_pipeline_factory(tmp_path / "cache")
-    with pytest.raises(CastloraError, match="flux"):
+    with pytest.raises(ModelLoadError, match=r"StableDiffusionXLPipeline.*Flux family needs a FluxPipeline"):
         load()
 
 
