@@ -40,7 +40,7 @@ def model_k(fresh_pipe, sample_set, tmp_path_factory) -> dict[str, torch.Tensor]
     recorder = LineageRecorder(root / "lineage", "run", "lora", "olis__vrin", "test")
     run = TrainingRun(root / "lora", root / "cache", recorder, "tiny-sdxl")
     out = run_lora(pipe=fresh_pipe, samples=sample_set, config=TE, run=run)
-    state = _lora_state(out.files["diffusers"])
+    state = _lora_state(out.files["diffusers"], fresh_pipe)
     _, text = split_init_lora(state, SDXL.denoiser, SDXL.text_encoders)
     assert set(text) == set(SDXL.text_encoders)
     assert any(v.abs().sum() > 0 for k, v in text["text_encoder"].items() if ".up." in k)  # not a fresh adapter
