@@ -14,7 +14,6 @@ keeps FLUX.1-dev's 512-token ``model_max_length``.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import torch
 from diffusers import AutoencoderKL, FluxTransformer2DModel
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
+from pipeline.models.random_cli import run_builder
 from pipeline.models.tiny_flux import (
     CLIP_MAX_TOKENS,
     FLUX_VAE_NORMALISATION,
@@ -96,8 +96,6 @@ PARAMETER_COUNTS = {
 }
 """Parameters of FLUX.1-dev's components: what the configs above must reproduce."""
 
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
 
 def random_flux_components(tokenizer: CLIPTokenizer, tokenizer_2: T5Tokenizer) -> dict[str, torch.nn.Module]:
     """The four FLUX.1-dev networks at full size, randomly initialised on the current default device
@@ -124,15 +122,7 @@ def build_random_flux(target_dir: Path, dtype: torch.dtype = torch.bfloat16, dev
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("target_dir", type=Path)
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16")
-    parser.add_argument("--device", default="cpu", help="where to initialise the weights (cuda is much faster)")
-    args = parser.parse_args(argv)
-    if args.target_dir.exists() and any(args.target_dir.iterdir()):
-        raise SystemExit(f"{args.target_dir} is not empty; pass a new or empty directory.")
-    build_random_flux(args.target_dir, _DTYPES[args.dtype], args.device)
-    print(f"wrote a random-weight FLUX.1-dev pipeline to {args.target_dir}")
+    run_builder(argv, __doc__, build_random_flux, "bf16", "FLUX.1-dev")
 
 
 if __name__ == "__main__":

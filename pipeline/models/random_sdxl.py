@@ -12,7 +12,6 @@ keep the real 49408-entry embedding tables, and token ids are in range.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from pipeline.models.random_cli import run_builder
 from pipeline.models.tiny_sdxl import MAX_TOKENS, SEED, save_sdxl_pipeline, write_sdxl_tokenizers
 
 UNET_CONFIG: dict[str, Any] = {
@@ -86,8 +86,6 @@ PARAMETER_COUNTS = {
 }
 """Parameters of SDXL base 1.0's components: what the configs above must reproduce."""
 
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
 
 def _text_config(config: dict[str, Any], tokenizer: CLIPTokenizer) -> CLIPTextConfig:
     return CLIPTextConfig(
@@ -123,15 +121,7 @@ def build_random_sdxl(target_dir: Path, dtype: torch.dtype = torch.float16, devi
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("target_dir", type=Path)
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="fp16")
-    parser.add_argument("--device", default="cpu", help="where to initialise the weights (cuda is much faster)")
-    args = parser.parse_args(argv)
-    if args.target_dir.exists() and any(args.target_dir.iterdir()):
-        raise SystemExit(f"{args.target_dir} is not empty; pass a new or empty directory.")
-    build_random_sdxl(args.target_dir, _DTYPES[args.dtype], args.device)
-    print(f"wrote a random-weight SDXL base pipeline to {args.target_dir}")
+    run_builder(argv, __doc__, build_random_sdxl, "fp16", "SDXL base")
 
 
 if __name__ == "__main__":
