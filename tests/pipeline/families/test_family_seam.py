@@ -17,11 +17,9 @@ from pipeline.families import FAMILIES, family_for, load_base_pipeline, register
 from pipeline.infer import SampleRequest, encode_layout, generate, layout_from_boxes, mudi_initial_latents
 from pipeline.lora.adapters import LoraSpec
 from pipeline.models.base_model import BaseModelSpec
-from pipeline.train import TrainConfig, TrainingSample, train_lora
+from pipeline.train import TrainConfig, train_lora
 from pipeline.train.caches import build_latent_cache, load_masks
-from pipeline.train.data import INSTANCE, SEGMIX
 from tests.pipeline.families.tiny_family import DOWNSAMPLING, LATENT_CHANNELS, TINY_SD, build_tiny_sd
-from tests.pipeline.train.conftest import write_image, write_mask
 
 RES = 32
 LATENT_SIDE = RES // DOWNSAMPLING
@@ -34,31 +32,9 @@ def registered():
     FAMILIES.pop(TINY_SD.name, None)
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models run faster on one thread
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture
 def pipe(registered, one_thread, tmp_path):
     return build_tiny_sd(tmp_path / "tokenizer")
-
-
-@pytest.fixture(scope="module")
-def samples(tmp_path_factory) -> list[TrainingSample]:
-    folder = tmp_path_factory.mktemp("family_images")
-    found = []
-    for index, (kind, colour, prompt) in enumerate(
-        [(INSTANCE, (200, 40, 40), "a photo of olis dog"), (SEGMIX, (40, 40, 200), "olis dog and vrin dog")]
-    ):
-        path = folder / f"{index}.png"
-        sha = write_image(path, colour, stripes=True)
-        mask = write_mask(folder / f"{index}_mask.png") if kind == SEGMIX else None
-        found.append(TrainingSample(sha, str(path), prompt, kind, mask))
-    return found
 
 
 def fixed_error(pipe, latents: torch.Tensor, prompt: str) -> float:

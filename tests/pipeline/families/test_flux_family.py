@@ -34,19 +34,11 @@ from pipeline.models.loading import ensure_tiny
 from pipeline.models.presets import get_preset
 from pipeline.train import TrainConfig, TrainingSample, train_lora, train_preference
 from pipeline.train.caches import build_latent_cache
-from pipeline.train.data import INSTANCE, SEGMIX
-from tests.pipeline.train.conftest import write_image, write_mask
+from pipeline.train.data import INSTANCE
+from tests.pipeline.train.conftest import write_image
 
 RES = 64
 SIDE = RES // 8  # latent cells per side; packed tokens are SIDE/2 per side
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
@@ -58,20 +50,6 @@ def cache_root(tmp_path_factory):
 def pipe(cache_root, one_thread):
     preset = get_preset("tiny-flux")
     return load_base_pipeline(BaseModelSpec(source=preset.base_model, family=preset.family), cache_root)
-
-
-@pytest.fixture(scope="module")
-def samples(tmp_path_factory) -> list[TrainingSample]:
-    folder = tmp_path_factory.mktemp("flux_images")
-    found = []
-    for index, (kind, colour, prompt) in enumerate(
-        [(INSTANCE, (200, 40, 40), "a photo of olis dog"), (SEGMIX, (40, 40, 200), "olis dog and vrin dog")]
-    ):
-        path = folder / f"{index}.png"
-        sha = write_image(path, colour, stripes=True)
-        mask = write_mask(folder / f"{index}_mask.png") if kind == SEGMIX else None
-        found.append(TrainingSample(sha, str(path), prompt, kind, mask))
-    return found
 
 
 def test_tiny_flux_is_a_standard_flux_folder(cache_root, one_thread):
