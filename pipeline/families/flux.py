@@ -41,6 +41,7 @@ from pipeline.models.base_model import BaseModelSpec, load_diffusers_pipeline
 from pipeline.models.identity import module_identity
 from pipeline.storage.atomic import atomic_path
 from pipeline.storage.hashing import sha256_json
+from pipeline.storage.tensor_files import canonicalize_safetensors
 
 MAX_SEQUENCE_LENGTH = 512
 """FluxPipeline's default (and largest) T5 sequence; a tokenizer with a shorter ``model_max_length`` caps it."""
@@ -271,6 +272,7 @@ class FluxFamily(ModelFamily):
             FluxPipeline.save_lora_weights(temporary.parent, weight_name=temporary.name, **layers)
             if metadata:
                 _add_header_metadata(temporary, metadata)
+            canonicalize_safetensors(temporary)
         kohya = save_kohya_flux_lora(out_dir / KOHYA_FLUX_WEIGHT_NAME, state, float(spec.alpha), metadata)
         return {"diffusers": target, "kohya": kohya}
 

@@ -36,6 +36,7 @@ from pipeline.lora.adapters import (
     unet_lora_state_dict,
 )
 from pipeline.storage.atomic import atomic_path
+from pipeline.storage.tensor_files import canonicalize_safetensors
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHT_NAME = "lora_kohya_sgm.safetensors"
@@ -163,6 +164,7 @@ def save_diffusers_lora(
         StableDiffusionXLPipeline.save_lora_weights(temporary.parent, weight_name=temporary.name, **layers)
         if extra:
             _add_header_metadata(temporary, extra)
+        canonicalize_safetensors(temporary)
     return target
 
 
@@ -321,6 +323,7 @@ def save_kohya_lora(path: Path, state: Mapping[str, torch.Tensor], metadata: Map
     header = {"format": "pt", **_kohya_network_header(state), **_string_metadata(metadata, path.name)}
     with atomic_path(path) as temporary:
         save_file({key: value.detach().contiguous() for key, value in state.items()}, str(temporary), metadata=header)
+        canonicalize_safetensors(temporary)
     return path
 
 

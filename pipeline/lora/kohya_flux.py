@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 
 from pipeline.lora.adapters import LoraError
 from pipeline.storage.atomic import atomic_path
+from pipeline.storage.tensor_files import canonicalize_safetensors
 
 KOHYA_FLUX_WEIGHT_NAME = "lora_kohya_flux.safetensors"
 MLP_RATIO = 4
@@ -247,4 +248,5 @@ def save_kohya_flux_lora(
     }
     with atomic_path(path) as temporary:
         save_file(kohya, str(temporary), metadata=header)
+        canonicalize_safetensors(temporary)
     return path

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 import pipeline.lora.kohya_flux as kohya_flux_module
 from pipeline.lora.adapters import LoraError
 from pipeline.lora.kohya_flux import KOHYA_FLUX_WEIGHT_NAME, save_kohya_flux_lora, to_kohya_flux
+from pipeline.storage.tensor_files import canonicalize_safetensors
 
 ATOL = 1e-5
 WIDTH = 32  # heads × head dim of the tiny transformer
@@ -372,6 +373,8 @@ def test_saved_file_has_the_kohya_header_and_writes_atomically(
     assert [p.name for p in tmp_path.iterdir()] == [KOHYA_FLUX_WEIGHT_NAME]
 
     before = target.read_bytes()
+    canonicalize_safetensors(target)
+    assert target.read_bytes() == before, "exports must be canonical (the same bytes in every process)"
 
     def crash(*args, **kwargs):
         raise OSError("disk full")

@@ -33,6 +33,7 @@ from pipeline.lora import (
 )
 from pipeline.lora.export import diffusers_to_sgm_path, sgm_block_map
 from pipeline.models.tiny_sdxl import TEXT_HIDDEN_1, TEXT_HIDDEN_2, build_tiny_sdxl
+from pipeline.storage.tensor_files import canonicalize_safetensors
 
 ATOL = 1e-5
 
@@ -340,6 +341,9 @@ def test_diffusers_file_header_carries_adapter_metadata(tiny_dir: Path, tmp_path
     assert sorted(adapter["unet.target_modules"]) == sorted(spec.target_modules)
     assert header["castlora.pair"] == "a__b" and header["format"] == "pt"
     assert all(key.startswith("unet.") for key in keys)
+    written = paths["diffusers"].read_bytes()
+    canonicalize_safetensors(paths["diffusers"])
+    assert paths["diffusers"].read_bytes() == written, "exports must be canonical (the same bytes in every process)"
 
 
 def test_export_leaves_no_temporary_files_and_a_failed_write_keeps_the_old_file(
