@@ -25,7 +25,7 @@ from pipeline.evaluation.report import headline_values, plot_rounds, rounds_mark
 from pipeline.infer import scene_prompts
 from pipeline.iteration_rules import CONVERGENCE_KEPT_RATIO, IterationConfig
 from pipeline.lora.record import LoraRecord
-from pipeline.lora.versions import LoraOutput
+from pipeline.lora.versions import LoraOutput, TrainingRun
 from pipeline.rendering import GenerationSettings, segmix_layout_factory
 from pipeline.settings import resolve
 from pipeline.spec import PairSpec
@@ -100,12 +100,16 @@ def iteration(
             generation=generation,
             config=loop_config,
             train_config=base.train_config(),
-            root=run.out_dir,
-            cache_dir=storage.layout.cache / "train",
-            recorder=run.recorder,
-            base_model_id=preset.base_model,
+            run=TrainingRun(
+                lora_root=run.out_dir,
+                cache_dir=storage.layout.cache / "train",
+                recorder=run.recorder,
+                base_model_id=preset.base_model,
+                on_log=lambda step, m: context.log.info(
+                    f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in m.items())
+                ),
+            ),
             rounds_per_run=iteration_run.rounds_per_run,
-            on_log=lambda step, m: context.log.info(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in m.items())),
             log=context.log.info,
         )
         threshold = loop_config.distance_fraction if loop_config.convergence == CONVERGENCE_KEPT_RATIO else None

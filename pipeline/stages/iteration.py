@@ -44,7 +44,6 @@ from pipeline.rendering import GenerationSettings, render_samples
 from pipeline.stage_names import Stage
 from pipeline.storage.atomic import write_json_atomic
 from pipeline.storage.hashing import sha256_file, sha256_json
-from pipeline.storage.lineage import LineageRecorder
 from pipeline.storage.manifest import read_manifest, write_manifest
 from pipeline.train import TrainConfig, TrainingSample
 from pipeline.train.data import INSTANCE
@@ -200,10 +199,8 @@ class _Loop:
     layout_factory: Callable[[int], Layout]
     generation: GenerationSettings
     training: RoundTraining
-    cache_dir: Path
-    recorder: LineageRecorder
-    base_model_id: str
-    on_log: Callable[[int, dict], None] | None
+    run: TrainingRun
+    """Cache, lineage recorder, base model and log callback of the whole loop; ``lora_root`` is per round."""
     log: Callable[[str], None]
 
     def round_dir(self, k: int) -> Path:
@@ -234,7 +231,7 @@ class _Loop:
         return saved.trained_lora
 
     def training_run(self, folder: Path) -> TrainingRun:
-        return TrainingRun(folder, self.cache_dir, self.recorder, self.base_model_id, self.on_log)
+        return dataclasses.replace(self.run, lora_root=folder)
 
     def generate_and_score(self, k: int) -> pd.DataFrame:
         """Render round k with model k and rank its images by D&C (also written as ``ranking.parquet``)."""
@@ -255,8 +252,8 @@ class _Loop:
             lora_version=model.version,
             lora_sha256=model.diffusers_sha256,
             out_dir=folder / "samples",
-            recorder=self.recorder,
-            model_ids=[self.base_model_id],
+            recorder=self.run.recorder,
+            model_ids=[self.run.base_model_id],
         )
         del pipe
         release_memory()
@@ -283,7 +280,7 @@ class _Loop:
         readable = {p: (d if np.isfinite(d) else None) for p, d in per_prompt.items()}  # None: fewer than 2 images
         write_json_atomic(readable, self.round_dir(k) / PROMPT_DISTANCES_FILE)
         kept_path = write_manifest(kept, self.round_dir(k), "kept.parquet")
-        self.recorder.record(
+        self.run.recorder.record(
             kept_path,
             sha256_file(kept_path),
             [str(sha) for sha in kept["sha256"]],
@@ -344,15 +341,14 @@ def run_iteration(
     generation: GenerationSettings,
     config: IterationConfig,
     train_config: TrainConfig,
-    root: Path,
-    cache_dir: Path,
-    recorder: LineageRecorder,
-    base_model_id: str,
+    run: TrainingRun,
     rounds_per_run: int | None = None,
-    on_log: Callable[[int, dict], None] | None = None,
     log: Callable[[str], None] = print,
 ) -> IterationOutput:
     """Run (or continue) the loop from ``base_lora`` (the pair's LoRA record) until it stops.
+
+    ``run.lora_root`` is the iteration's folder: each run is a subfolder, each round's LoRAs are trained inside
+    it, and its ``current.json`` names the picked model.
 
     ``rounds_per_run`` (None: no limit) renders at most that many new rounds in this call (one round per
     materialization with 1); the loop then stops with ``"paused"`` and the next call continues it.
@@ -360,12 +356,9 @@ def run_iteration(
     if not generation.prompts:
         raise CastloraError("Iteration needs prompts: configure some or use the default scene prompts.")
     training = round_training(train_config, config)  # before round 0: a bad combination fails before any work
-    root = Path(root)
+    root = Path(run.lora_root)
     run_dir = root / _run_version(base_lora, config, generation, train_config)
-    loop = _Loop(
-        run_dir, base_lora, config, pipe_factory, scorer, layout_factory, generation, training,
-        Path(cache_dir), recorder, base_model_id, on_log, log,
-    )  # fmt: skip
+    loop = _Loop(run_dir, base_lora, config, pipe_factory, scorer, layout_factory, generation, training, run, log)
     history: list[RoundSummary] = []
     reason: str | None = None
     new_rounds = 0
@@ -399,7 +392,7 @@ def run_iteration(
     best_lora = loop.model_of(best)
     pick = IterationPick(best, run_dir.name, reason, config.convergence, base_lora.version)
     write_current(dataclasses.replace(best_lora, picked=pick), root)
-    recorder.record(
+    run.recorder.record(
         rounds_path,
         sha256_file(rounds_path),
         [base_lora.diffusers_sha256],

@@ -12,6 +12,7 @@ import pytest
 from pipeline.errors import CastloraError
 from pipeline.iteration_rules import STOP_MAX_ROUNDS, STOP_PROMPT_DISTANCE, IterationConfig
 from pipeline.lora.record import LoraRecord
+from pipeline.lora.versions import TrainingRun
 from pipeline.rendering import GenerationSettings
 from pipeline.stages.iteration import (
     PROMPT_DISTANCES_FILE,
@@ -37,7 +38,7 @@ def run(quality, root: Path, **overrides):
     out = run_iteration(
         pipe_factory=quality.factory, base_lora=quality.base.as_current(), scorer=quality.scorer,
         layout_factory=layout_for, generation=GENERATION, config=config, train_config=quality.train_config,
-        root=root / "iteration", cache_dir=quality.root / "cache", recorder=recorder, base_model_id="tiny-sdxl",
+        run=TrainingRun(root / "iteration", quality.root / "cache", recorder, "tiny-sdxl"),
         log=lambda _: None, **overrides,
     )  # fmt: skip
     recorder.flush()
@@ -153,8 +154,8 @@ def test_an_impossible_preference_step_fails_before_any_rendering_or_training(tm
     with pytest.raises(CastloraError, match=r"preference=True.*train_text_encoder=True.*set preference to false"):
         run_iteration(
             pipe_factory=no_model, base_lora=LoraRecord("lora-x", {}, {}), scorer=None, layout_factory=layout_for,
-            generation=GENERATION, config=config, train_config=base, root=tmp_path, cache_dir=tmp_path / "cache",
-            recorder=None, base_model_id="tiny-sdxl",
+            generation=GENERATION, config=config, train_config=base,
+            run=TrainingRun(tmp_path, tmp_path / "cache", None, "tiny-sdxl"),
         )  # fmt: skip
     assert not any(tmp_path.iterdir())
 
@@ -168,7 +169,7 @@ def test_per_prompt_rule_renders_exactly_n_and_records_which_rule_stopped(qualit
     out = run_iteration(
         pipe_factory=quality.factory, base_lora=quality.base.as_current(), scorer=quality.scorer,
         layout_factory=layout_for, generation=generation, config=config, train_config=quality.train_config,
-        root=tmp_path / "iteration", cache_dir=quality.root / "cache", recorder=recorder, base_model_id="tiny-sdxl",
+        run=TrainingRun(tmp_path / "iteration", quality.root / "cache", recorder, "tiny-sdxl"),
         log=lambda _: None,
     )  # fmt: skip
     assert out.stop_reason == STOP_PROMPT_DISTANCE and out.rounds["converged"].tolist() == [True]
@@ -185,7 +186,7 @@ def test_per_prompt_rule_renders_exactly_n_and_records_which_rule_stopped(qualit
     again = run_iteration(
         pipe_factory=quality.factory, base_lora=quality.base.as_current(), scorer=quality.scorer,
         layout_factory=layout_for, generation=generation, config=kept_ratio, train_config=quality.train_config,
-        root=tmp_path / "iteration", cache_dir=quality.root / "cache", recorder=recorder, base_model_id="tiny-sdxl",
+        run=TrainingRun(tmp_path / "iteration", quality.root / "cache", recorder, "tiny-sdxl"),
         log=lambda _: None,
     )  # fmt: skip
     assert again.run_dir == out.run_dir and again.stop_reason == STOP_MAX_ROUNDS
