@@ -15,6 +15,7 @@ from peft import LoraConfig
 from PIL import Image
 
 from pipeline.errors import CastloraError
+from pipeline.families import family_for
 from pipeline.infer import (
     DEFAULT_NEGATIVE,
     DEFAULT_SCENE_PROMPTS,
@@ -27,8 +28,10 @@ from pipeline.infer import (
     mudi_initial_latents,
     scene_prompts,
 )
+from pipeline.layout_control import PairLayouts, parse_prompt_entries, pixel_box
 from pipeline.models.latents import from_model_latents, to_model_latents
 from pipeline.models.tiny_sdxl import build_tiny_sdxl
+from pipeline.segmix.compose import SegMixSubject
 from pipeline.storage.hashing import sha256_file
 from pipeline.train.caches import build_latent_cache
 from pipeline.train.data import INSTANCE, TrainingSample
@@ -356,9 +359,6 @@ def test_training_cache_and_inference_share_one_latent_normalisation(model_dir: 
 
 def test_user_boxes_put_the_inits_latent_mask_inside_the_boxes(pipe: StableDiffusionXLPipeline) -> None:
     """Layout control (docs/design.md#layout-control): the layout term of the init lands only in the given boxes."""
-    from pipeline.families import family_for
-    from pipeline.layout_control import PairLayouts, parse_prompt_entries, pixel_box
-    from pipeline.segmix.compose import SegMixSubject
 
     def solid(colour: tuple[int, int, int], width: int, height: int) -> Image.Image:
         return Image.fromarray(np.full((height, width, 4), (*colour, 255), dtype=np.uint8))
