@@ -75,12 +75,15 @@ def _number(value: Any, what: str) -> float:
     return number
 
 
+_SINGULAR = {"boxes": "box", "sizes": "relative size"}
+
+
 def _check_names(mapping: Any, character_ids: Sequence[str], what: str, kind: str) -> None:
     """``mapping`` names each character exactly once (YAML keeps the last of two equal keys, so a character
     "named twice" reaches here as the same id under two spellings: caught by the count and unknown checks)."""
     if not isinstance(mapping, Mapping) or not mapping:
         raise LayoutError(
-            f"{what}: '{kind}' must map each character id ({', '.join(character_ids)}) to its {kind[:-1]}, "
+            f"{what}: '{kind}' must map each character id ({', '.join(character_ids)}) to its {_SINGULAR[kind]}, "
             f"got {mapping!r}."
         )
     names = [str(k) for k in mapping]
@@ -104,7 +107,12 @@ def check_boxes(boxes: Any, character_ids: Sequence[str], what: str) -> dict[str
         seen: list[str] = []
         flat: dict[str, Any] = {}
         for item in boxes:
-            for name, box in item.items() if isinstance(item, Mapping) else [("?", item)]:
+            if not isinstance(item, Mapping):
+                raise LayoutError(
+                    f"{what}: 'boxes' must map each character id ({', '.join(character_ids)}) to its box, e.g. "
+                    f"{{{character_ids[0]}: [x0, y0, x1, y1], ...}}; got {boxes!r}."
+                )
+            for name, box in item.items():
                 if name in seen:
                     raise LayoutError(f"{what}: character {name!r} is named twice in 'boxes' (box {box!r}).")
                 seen.append(name)

@@ -8,13 +8,14 @@ before the LoRA is loaded or anything is rendered.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from pipeline.errors import LayoutError
+from pipeline.errors import CastloraError, LayoutError
+from pipeline.infer import Layout
 from pipeline.layout_control import (
     DEFAULT_LLM_RETRIES,
     LlmLayout,
@@ -75,6 +76,11 @@ def run_samples(
             what=f"samples prompt {i + 1} ({entry.prompt[:80]!r}) llm layout",
         )
     factories = [layouts.factory(e.layout, answers.get(i)) if layouts else None for i, e in enumerate(entries)]
+    # Every prompt's own layouts are made now, before the LoRA loads, so one that cannot be made (sizes no
+    # Seg-Mix layout can satisfy) fails naming its prompt before anything renders; rendering reuses them.
+    factories = [
+        _prebuilt(factory, seeds, i, entries[i]) if factory is not None else None for i, factory in enumerate(factories)
+    ]
     pipe.load_lora_weights(str(lora.diffusers))
     return render_samples(
         pipe=pipe,
@@ -91,3 +97,18 @@ def run_samples(
         model_ids=model_ids,
         prompt_layouts=factories,
     )
+
+
+def _prebuilt(
+    factory: Callable[[int], Layout], seeds: Sequence[int], index: int, entry: PromptEntry
+) -> Callable[[int], Layout]:
+    built: dict[int, Layout] = {}
+    for seed in seeds:
+        try:
+            built[int(seed)] = factory(int(seed))
+        except CastloraError as exc:
+            raise LayoutError(
+                f"samples prompt {index + 1} ({entry.prompt[:80]!r}): its {entry.layout.mode} layout for seed {seed} "
+                f"cannot be made: {exc}"
+            ) from exc
+    return lambda seed: built[seed] if seed in built else factory(seed)

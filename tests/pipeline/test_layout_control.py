@@ -93,6 +93,7 @@ def test_prompt_entries_accept_text_and_every_layout_mode():
             {"mode": "boxes", "boxes": [{"dog6": [0, 0, 0.5, 1]}, {"dog6": [0.5, 0, 1, 1]}]},
             r"'dog6' is named twice in 'boxes' \(box \[0\.5, 0, 1, 1\]\)",
         ),
+        ({"mode": "boxes", "boxes": [0, 0, 1, 1]}, r"'boxes' must map each character id \(dog6, dog2\) to its box"),
         ({"mode": "sizes", "sizes": {"dog6": 0, "dog2": 1}}, "size of 'dog6' is 0; relative sizes must be > 0"),
         ({"mode": "teleport"}, "layout mode 'teleport' is unknown"),
         ({"mode": "auto", "boxes": GOOD_BOXES}, "layout mode 'auto' takes no 'boxes'"),

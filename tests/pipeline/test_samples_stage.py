@@ -259,3 +259,24 @@ def test_a_layout_without_the_init_is_refused_before_anything_loads(pipe, tmp_pa
             recorder=recorder(tmp_path / "lineage", "x"),
         )
     assert not (tmp_path / "samples").exists()
+
+
+def test_a_layout_that_cannot_be_made_fails_naming_its_prompt_before_anything_loads(pipe, tmp_path: Path) -> None:
+    entries = parse_prompt_entries(
+        [{"prompt": "a giant olis dog", "layout": {"mode": "sizes", "sizes": {"dog6": 40, "dog2": 1}}}],
+        ["dog6", "dog2"],
+    )
+    missing = LoraRecord("v0001", {"diffusers": tmp_path / "no-such-lora.safetensors"}, {"diffusers": LORA_SHA})
+    with pytest.raises(LayoutError, match=r"samples prompt 1 \('a giant olis dog'\): its sizes layout for seed 5"):
+        run_samples(
+            pipe=pipe,
+            lora=missing,
+            prompts=entries,
+            seeds=[5],
+            layouts=stage_layouts(),
+            gamma=1.0,
+            settings=RenderSettings(height=SIDE, width=SIDE, steps=1, guidance_scale=5.0),
+            out_dir=tmp_path / "samples",
+            recorder=recorder(tmp_path / "lineage", "y"),
+        )
+    assert not (tmp_path / "samples").exists()
