@@ -11,6 +11,7 @@ their own).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any, ClassVar, TypeVar
 
 import dagster as dg
@@ -20,6 +21,7 @@ from pipeline.errors import CastloraError
 from pipeline.images import IntakeConfig
 from pipeline.infer import DEFAULT_NEGATIVE
 from pipeline.iteration_rules import IterationConfig
+from pipeline.layout_control import PromptEntry, parse_prompt_entries
 from pipeline.prior_images import ClassImageConfig
 from pipeline.segment import SegmentConfig
 from pipeline.segmix.compose import SegMixConfig
@@ -100,8 +102,15 @@ class SegMixCanvas:
 class SamplesSettings:
     """How the ``samples`` asset renders the characters together with the pair's LoRA."""
 
-    prompts: tuple[str, ...] = ()
-    """Empty: the default scene prompts filled with the token phrases."""
+    prompts: tuple[Any, ...] = ()
+    """Each entry a prompt text (random Seg-Mix layout) or {prompt: ..., layout: ...} with layout one of: auto;
+    llm (boxes asked of the captioner resource's OpenAI-compatible model); {mode: boxes, boxes: {dog6: [x0, y0,
+    x1, y1], dog2: [...]}} (fractions of the canvas, one box per character id); {mode: sizes, sizes: {dog6: 2,
+    dog2: 1}} (relative heights, places drawn at random). Empty: the default scene prompts filled with the token
+    phrases."""
+    llm_layout_retries: int = 2
+    """How often a bad LLM layout answer is asked again before that prompt falls back to the auto layout (the
+    warning is recorded with each of its images)."""
     seeds: tuple[int, ...] = (0, 1)
     """Image k of every prompt uses seeds[k]."""
     gamma: float | None = 1.0
@@ -121,6 +130,8 @@ class SamplesSettings:
     """Square image side in pixels. Not set: the model preset's resolution."""
 
     def __post_init__(self) -> None:
+        if self.llm_layout_retries < 0:
+            raise CastloraError(f"samples llm_layout_retries={self.llm_layout_retries} must be >= 0.")
         if self.gamma is not None and self.gamma < 0:
             raise CastloraError(
                 f"samples gamma={self.gamma}: a negative gamma no longer means plain noise; set gamma to null for "
@@ -130,6 +141,11 @@ class SamplesSettings:
     @property
     def negative_prompt(self) -> str | None:
         return DEFAULT_NEGATIVE if self.use_default_negative else None
+
+    def prompt_entries(self, character_ids: Sequence[str]) -> list[PromptEntry]:
+        """The prompts with their layouts, every layout checked against the pair's characters (before any
+        rendering); docs/design.md#layout-control."""
+        return parse_prompt_entries(self.prompts, character_ids)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -198,6 +198,7 @@ def segmix_bank(
             out_dir=run.out_dir,
             config=bank,
             recorder=run.recorder,
+            relative_sizes=run.spec.relative_sizes,
         )
     for note in out.notes:
         context.log.warning(note)

@@ -67,10 +67,11 @@ def _scorer(storage: StorageResource, models: ModelResource, pair: str, spec: Pa
     return models.dnc_scorer(subjects, storage.layout.models)
 
 
-def _layout_factory(storage: StorageResource, pair: str, resolution: int):
-    """MuDI init's layouts, made from the pair's cut-outs (the same for every round and variant)."""
+def _layout_factory(storage: StorageResource, pair: str, resolution: int, spec: PairSpec):
+    """MuDI init's layouts, made from the pair's cut-outs (the same for every round and variant), with the
+    spec's relative sizes."""
     segments = read_manifest(storage.input_dir(pair, Stage.SEGMENTS), Stage.SEGMENTS)
-    return segmix_layout_factory(segments, resolution)
+    return segmix_layout_factory(segments, resolution, relative_sizes=spec.relative_sizes)
 
 
 @stage_asset(
@@ -96,7 +97,7 @@ def iteration(
             pipe_factory=models.base_pipeline_factory(storage.layout.models),
             base_lora=base,
             scorer=scorer,
-            layout_factory=_layout_factory(storage, run.pair, generation.resolution),
+            layout_factory=_layout_factory(storage, run.pair, generation.resolution, run.spec),
             generation=generation,
             config=loop_config,
             train_config=base.train_config(),
@@ -231,7 +232,7 @@ def evaluation(
                 clip_t_note=clip_t_note,
                 image_reward_note=image_reward_note(preset.image_reward),
             ),
-            layout_factory=_layout_factory(storage, run.pair, generation.resolution),
+            layout_factory=_layout_factory(storage, run.pair, generation.resolution, run.spec),
             generation=generation,
             seeds=seeds,
             subjects=[Subject(c.id, c.class_noun, c.token_phrase) for c in characters],

@@ -3,13 +3,14 @@
 import dagster as dg
 
 from assets.launchpad import LoraTrainingConfig, LoraValidation, SamplesConfig, SamplesSettings
-from assets.metadata import grid_md, image_md, loss_curve_md, table_md
+from assets.metadata import image_md, loss_curve_md, table_md
 from assets.pair_assets import captions, class_images, segments, segmix_bank
 from assets.stage_asset import stage_asset
 from pipeline.images import image_grid
 from pipeline.infer import DEFAULT_NEGATIVE, scene_prompts
+from pipeline.layout_control import PromptEntry
 from pipeline.lora.versions import TrainingRun
-from pipeline.rendering import RenderSettings, segmix_layout_factory
+from pipeline.rendering import RenderSettings, layout_grid, pair_layouts
 from pipeline.settings import resolve
 from pipeline.stage_names import Stage
 from pipeline.stages.lora import ValidationRenders, current_lora, run_lora
@@ -18,7 +19,7 @@ from pipeline.storage.manifest import read_manifest
 from pipeline.train import TrainConfig
 from pipeline.train.config import resolve_train_config
 from pipeline.train.training_set import load_samples
-from resources import ModelResource, StorageResource
+from resources import CaptionerResource, ModelResource, StorageResource
 
 # The stage folders load_samples reads (with S3 they are fetched first).
 TRAINING_STAGES = (Stage.REFERENCES, Stage.CAPTIONS, Stage.SEGMENTS, Stage.SEGMIX_BANK, Stage.CLASS_IMAGES)
@@ -82,12 +83,16 @@ def lora(
     Stage.SAMPLES,
     gpu=True,
     kinds={"pytorch", "parquet"},
-    code_version="samples-v1",
+    code_version="samples-v2",
     deps=[lora],
     description="The characters rendered together with the pair's LoRA, from MuDI's mean-shifted initialization.",
 )
 def samples(
-    context: dg.AssetExecutionContext, config: SamplesConfig, storage: StorageResource, models: ModelResource
+    context: dg.AssetExecutionContext,
+    config: SamplesConfig,
+    storage: StorageResource,
+    models: ModelResource,
+    captioner: CaptionerResource,
 ) -> dg.MaterializeResult:
     preset = models.resolved_preset()
     chosen = resolve(config.settings(SamplesSettings), preset)
@@ -101,29 +106,42 @@ def samples(
         lora_scale=chosen.lora_scale,
     )
     with storage.stage_run(context, Stage.SAMPLES) as run:
+        characters = run.spec.characters
+        # Every prompt's layout is checked against the pair before anything is loaded or rendered.
+        entries = chosen.prompt_entries([c.id for c in characters]) or [
+            PromptEntry(p) for p in scene_prompts([c.token_phrase for c in characters])
+        ]
+        wants_llm = any(e.layout.mode == "llm" for e in entries)
+        layout_client = captioner.layout_client() if wants_llm and gamma is not None else None
         current = current_lora(storage.input_dir(run.pair, Stage.LORA))
-        layout_factory = None
+        layouts = None
         if gamma is not None:
             segments_manifest = read_manifest(storage.input_dir(run.pair, Stage.SEGMENTS), Stage.SEGMENTS)
-            layout_factory = segmix_layout_factory(segments_manifest, resolution, chosen.layout_seed_offset)
+            layouts = pair_layouts(segments_manifest, resolution, chosen.layout_seed_offset, run.spec.relative_sizes)
         manifest = run_samples(
             pipe=models.base_pipeline_factory(storage.layout.models)(),
             lora=current,
-            prompts=list(chosen.prompts) or scene_prompts([c.token_phrase for c in run.spec.characters]),
+            prompts=entries,
             seeds=list(chosen.seeds),
-            layout_factory=layout_factory,
+            layouts=layouts,
             gamma=gamma,
             settings=settings,
             out_dir=run.out_dir,
             recorder=run.recorder,
             model_ids=[preset.base_model],
+            layout_client=layout_client,
+            llm_retries=chosen.llm_layout_retries,
         )
+    warnings = sorted(w for w in set(manifest["layout_warning"]) if w)
+    for warning in warnings:
+        context.log.warning(warning)
     return dg.MaterializeResult(
         metadata={
             "images": len(manifest),
             "lora_version": current.version,
             "gamma": gamma if gamma is not None else "plain noise",
-            "prompts": table_md(manifest[["prompt", "seed", "layout_source"]].drop_duplicates().head(20)),
-            "samples": grid_md(manifest["path"].head(16).tolist(), columns=4),
+            "prompts": table_md(manifest[["prompt", "seed", "layout_origin", "layout_source"]].head(20)),
+            "samples": image_md(layout_grid(manifest, columns=4)),
+            "layout_warnings": dg.MetadataValue.md("\n".join(f"- {w}" for w in warnings) or "_none_"),
         }
     )

@@ -43,3 +43,7 @@ class DataHomeError(CastloraError):
 
 class ConfinementError(SpecError):
     """A file an inbox spec names (or a file in a folder it names) lies, or links, outside its pair folder."""
+
+
+class LayoutError(CastloraError, ValueError):
+    """A per-prompt layout (boxes, relative sizes or mode) is invalid; the message names the prompt and box."""

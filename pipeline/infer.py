@@ -87,6 +87,13 @@ class Layout:
     """(x0, y0, x1, y1) per subject, in ``image`` pixels (x1, y1 exclusive)."""
     source: str = "user"
     """``"segmix:<seed>"`` for a Seg-Mix composite, ``"user"`` for a user-given arrangement."""
+    labels: tuple[str, ...] = ()
+    """Character id per box, in ``boxes`` order (empty when unknown)."""
+    origin: str = "user"
+    """Who chose the arrangement: ``"user"`` (boxes or sizes), ``"llm"`` or ``"auto"`` (random Seg-Mix);
+    docs/design.md#layout-control."""
+    warning: str = ""
+    """Why this layout is not the one asked for (an LLM layout that fell back to ``auto``); empty otherwise."""
 
     def __post_init__(self) -> None:
         mask = np.asarray(self.union_mask)
@@ -98,13 +105,16 @@ class Layout:
             )
 
 
-def layout_from_composite(composite: Any) -> Layout:
-    """A Layout from a ``pipeline.segmix.compose.compose`` result (anything with image, union_mask, boxes, seed)."""
+def layout_from_composite(composite: Any, labels: Sequence[str] = (), origin: str = "auto") -> Layout:
+    """A Layout from a ``pipeline.segmix.compose.compose`` result (anything with image, union_mask, boxes, seed);
+    ``labels``: the character id of each subject, in the composite's subject order."""
     return Layout(
         image=to_rgb(composite.image),
         union_mask=np.asarray(composite.union_mask, dtype=bool),
         boxes=[tuple(int(v) for v in box) for box in composite.boxes],
         source=f"segmix:{composite.seed}",
+        labels=tuple(labels),
+        origin=origin,
     )
 
 
@@ -127,6 +137,8 @@ def layout_from_boxes(
     boxes: Sequence[tuple[int, int, int, int]],
     canvas: tuple[int, int],
     background: tuple[int, int, int] = (255, 255, 255),
+    labels: Sequence[str] = (),
+    origin: str = "user",
 ) -> Layout:
     """A user-given layout: each RGBA cut-out, cropped to its visible pixels, fitted (aspect kept, centred) into
     its box; later cut-outs cover earlier ones. Relative sizes follow from the boxes. ``canvas`` is (width,
@@ -154,7 +166,7 @@ def layout_from_boxes(
         image.paste(subject.convert("RGB"), (left, top), mask=Image.fromarray(visible.astype(np.uint8) * 255))
         union[top : top + subject.height, left : left + subject.width] |= visible
         placed.append((left, top, left + subject.width, top + subject.height))
-    return Layout(image=image, union_mask=union, boxes=placed, source="user")
+    return Layout(image=image, union_mask=union, boxes=placed, source=origin, labels=tuple(labels), origin=origin)
 
 
 def _execution_device(pipe: Any) -> torch.device:

@@ -10,6 +10,7 @@ Example ``pair.yaml`` (paths are relative to the spec file)::
         photos: dog6            # a folder, or a list of files / file:// URIs
         masks: dog6_masks       # optional: user masks, same file stem as the photo (MuDI layout)
         captions: dog6_captions # optional: user captions, <photo stem>.txt, containing the token phrase
+        relative_size: "2"      # optional: height relative to the others (unset: 1), kept in Seg-Mix composites
       - id: dog2
         class_noun: dog
         token_phrase: vrin dog
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -40,7 +42,7 @@ from pipeline.storage.paths import confined_path, is_within, validate_key
 
 SPEC_FILENAMES = ("pair.yaml", "pair.yml", "pair.json")
 TOP_FIELDS = ("pair", "characters", "class_images")
-CHARACTER_FIELDS = ("id", "class_noun", "token_phrase", "photos", "masks", "captions")
+CHARACTER_FIELDS = ("id", "class_noun", "token_phrase", "photos", "masks", "captions", "relative_size")
 MAX_SPEC_BYTES = 1 << 20
 """A pair spec is a few hundred bytes; anything over 1 MiB is not one (and is not read into memory)."""
 MAX_ERROR_CHARS = 2000
@@ -60,6 +62,9 @@ class CharacterSpec:
     captions_dir: str | None = None
     """Folder of the user's own captions, ``<photo stem>.txt`` (kohya-style sidecars); they win over the
     captioning backend for the photos they cover and must contain the token phrase."""
+    relative_size: float | None = None
+    """Height relative to the other characters (dog 2, toy 1: the dog twice the toy's height) in the Seg-Mix
+    composites and MuDI's auto layouts; None: not set (1 when another character sets one)."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,14 @@ class PairSpec:
     each user mask, caption or class image read); None for specs registered by hand, which may point anywhere."""
 
     @property
+    def relative_sizes(self) -> dict[str, float] | None:
+        """Seg-Mix ``relative_scale`` by character id when any character sets ``relative_size`` (the others 1),
+        else None (independent sizes, as in MuDI); docs/design.md#layout-control."""
+        if all(c.relative_size is None for c in self.characters):
+            return None
+        return {c.id: c.relative_size if c.relative_size is not None else 1.0 for c in self.characters}
+
+    @property
     def class_nouns(self) -> list[str]:
         return sorted({c.class_noun for c in self.characters})
 
@@ -86,8 +99,9 @@ class PairSpec:
     def to_json(self) -> str:
         raw = asdict(self)
         for character in raw["characters"]:
-            if character["captions_dir"] is None:  # absent, not null: older specs keep their fingerprints
-                del character["captions_dir"]
+            for name in ("captions_dir", "relative_size"):
+                if character[name] is None:  # absent, not null: older specs keep their fingerprints
+                    del character[name]
         if raw["confined_to"] is None:
             del raw["confined_to"]
         return json.dumps(raw, indent=2, sort_keys=True)
@@ -284,7 +298,25 @@ def _parse_character(entry: Any, index: int, base_dir: Path, where: str, confine
         photos=photos,
         masks_dir=_optional_folder(entry, "masks", base_dir, field_at, confine_to),
         captions_dir=_optional_folder(entry, "captions", base_dir, field_at, confine_to),
+        relative_size=_optional_size(entry, field_at),
     )
+
+
+def _optional_size(entry: dict, field_at: str) -> float | None:
+    """``relative_size``: quoted text of a finite number > 0 ("2", "0.5"); None when absent."""
+    if entry.get("relative_size") is None:
+        return None
+    at = f"{field_at}.relative_size"
+    text = _text(entry["relative_size"], at)
+    try:
+        value = float(text)
+    except ValueError:
+        raise SpecError(
+            f"{at}: {_shown(text)} is not a number; give the height relative to the others, e.g. '2'."
+        ) from None
+    if not (math.isfinite(value) and value > 0):
+        raise SpecError(f"{at}: {_shown(text)} must be a finite number > 0 (a height relative to the others).")
+    return value
 
 
 def _check_fields(mapping: dict, known: tuple[str, ...], where: str) -> None:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dagster as dg
 
 from pipeline.captions import Captioner
 from pipeline.errors import CastloraError
+
+if TYPE_CHECKING:
+    from pipeline.captions.openai_backend import OpenAICaptioner
 
 BACKENDS = ("template", "openai", "transformers")
 
@@ -26,23 +30,37 @@ class CaptionerResource(dg.ConfigurableResource):
     template: str = "a photo of a {class_noun}"
     device: str = "cpu"
 
+    def layout_client(self) -> OpenAICaptioner:
+        """The chat client the samples' ``llm`` layouts ask for boxes (docs/design.md#layout-control): the same
+        OpenAI-compatible endpoint, model and key as captioning."""
+        if self.backend != "openai":
+            raise CastloraError(
+                f"A samples prompt asks for an 'llm' layout, but the captioner resource's backend is "
+                f"{self.backend!r}: set it to 'openai' (with base_url for a local OpenAI-compatible server such as "
+                "vLLM, Ollama or LM Studio), or use layout auto, boxes or sizes."
+            )
+        return self._openai()
+
+    def _openai(self) -> OpenAICaptioner:
+        from pipeline.captions.openai_backend import OpenAICaptioner, OpenAICaptionerConfig
+
+        return OpenAICaptioner(
+            OpenAICaptionerConfig(
+                base_url=self.base_url or None,
+                model=self.model or "gpt-4o-mini",
+                api_key_env=self.api_key_env,
+                timeout_s=self.timeout_s,
+                max_retries=self.max_retries,
+            )
+        )
+
     def build(self, cache_root: Path, preset_vlm: str) -> Captioner:
         if self.backend == "template":
             from pipeline.captions.template import TemplateCaptioner
 
             return TemplateCaptioner(template=self.template)
         if self.backend == "openai":
-            from pipeline.captions.openai_backend import OpenAICaptioner, OpenAICaptionerConfig
-
-            return OpenAICaptioner(
-                OpenAICaptionerConfig(
-                    base_url=self.base_url or None,
-                    model=self.model or "gpt-4o-mini",
-                    api_key_env=self.api_key_env,
-                    timeout_s=self.timeout_s,
-                    max_retries=self.max_retries,
-                )
-            )
+            return self._openai()
         if self.backend == "transformers":
             from pipeline.captions.transformers_backend import TransformersCaptioner
             from pipeline.models.loading import resolve_model

@@ -157,6 +157,26 @@ class OpenAICaptioner:
         completion = self._call_with_retries(lambda: client.chat.completions.create(**request))
         return self._caption_from(completion)
 
+    def complete_text(self, system: str, user: str, max_tokens: int = 400) -> str:
+        """One text-only chat completion (the LLM-guided layouts of docs/design.md#layout-control use it); the
+        same client, key handling and retries as captions."""
+        client = self._get_client()
+        request: dict[str, Any] = {
+            "model": self.config.model,
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
+            "max_tokens": max_tokens,
+        }
+        if self.config.temperature is not None:
+            request["temperature"] = self.config.temperature
+        completion = self._call_with_retries(lambda: client.chat.completions.create(**request))
+        try:
+            content = completion.choices[0].message.content
+        except (AttributeError, IndexError, TypeError):
+            content = None
+        if not isinstance(content, str) or not content.strip():
+            raise CaptionError(f"Chat request to {self.endpoint} (model {self.config.model!r}) returned no text.")
+        return content
+
     def _call_with_retries(self, call: Any) -> Any:
         attempts = 1 + max(0, self.config.max_retries)
         for attempt in range(1, attempts + 1):

@@ -7,7 +7,8 @@ class-image cut-outs under their class nouns, as MuDI does when prior preservati
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
@@ -75,8 +76,20 @@ def run_segmix_bank(
     out_dir: Path,
     config: BankConfig,
     recorder: LineageRecorder,
+    relative_sizes: Mapping[str, float] | None = None,
 ) -> BankOutput:
+    """Render the bank. ``relative_sizes`` (the pair spec's ``relative_size`` per character id) becomes Seg-Mix's
+    ``relative_scale`` unless the run config sets one itself, so "the dog twice the toy's height" holds in every
+    composite (docs/design.md#layout-control)."""
     notes: list[str] = []
+    if relative_sizes:
+        if config.segmix.relative_scale is None:
+            config = replace(config, segmix=replace(config.segmix, relative_scale=dict(relative_sizes)))
+        else:
+            notes.append(
+                f"The run's relative_scale {config.segmix.relative_scale} overrides the pair spec's relative sizes "
+                f"{dict(relative_sizes)}."
+            )
     rows = _render(
         "instance",
         instance_subjects(segments),

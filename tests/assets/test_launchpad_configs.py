@@ -7,7 +7,9 @@ import dataclasses
 import re
 from pathlib import Path
 
+import dagster as dg
 import pytest
+import yaml
 
 from assets.launchpad import (
     LAUNCHPAD_CONFIGS,
@@ -217,3 +219,45 @@ def test_old_launchpad_values_under_the_same_names_still_work():
     bank = SegMixBankConfig(background="128,128,128", relative_scale={}, canvas_width=512).bank_config(PRESETS["sdxl"])
     assert bank.segmix.background == (128, 128, 128) and bank.segmix.relative_scale is None
     assert bank.segmix.canvas == (512, 1024)
+
+
+SAMPLES_LAUNCHPAD_YAML = """
+ops:
+  samples:
+    config:
+      llm_layout_retries: 1
+      prompts:
+        - "A photo of olis dog and vrin dog in a park"
+        - prompt: "A photo of olis dog sitting on vrin dog"
+          layout: {mode: boxes, boxes: {dog6: [0.3, 0.05, 0.7, 0.55], dog2: [0.2, 0.45, 0.8, 1.0]}}
+        - prompt: "A photo of olis dog and vrin dog on a sofa"
+          layout: {mode: sizes, sizes: {dog6: 2, dog2: 1}}
+        - prompt: "A photo of olis dog chasing vrin dog"
+          layout: llm
+"""
+
+
+def test_samples_launchpad_takes_a_layout_per_prompt_and_old_prompt_lists_stay_valid():
+    """The README's launchpad example goes through Dagster's config system into checked prompt entries
+    (docs/design.md#layout-control); a plain list of prompt texts still means the auto layout."""
+    seen = {}
+
+    @dg.asset(name="samples")
+    def probe(config: SamplesConfig) -> None:
+        seen["entries"] = config.settings(SamplesSettings).prompt_entries(["dog6", "dog2"])
+        seen["retries"] = config.settings(SamplesSettings).llm_layout_retries
+
+    assert dg.materialize([probe], run_config=yaml.safe_load(SAMPLES_LAUNCHPAD_YAML)).success
+    entries = seen["entries"]
+    assert [e.layout.mode for e in entries] == ["auto", "boxes", "sizes", "llm"] and seen["retries"] == 1
+    assert entries[1].layout.boxes["dog2"] == (0.2, 0.45, 0.8, 1.0)
+    old = SamplesConfig(prompts=["a photo of x", "a photo of y"]).settings(SamplesSettings)
+    assert [(e.prompt, e.layout.mode) for e in old.prompt_entries(["dog6", "dog2"])] == [
+        ("a photo of x", "auto"),
+        ("a photo of y", "auto"),
+    ]
+    bad = SamplesConfig(prompts=[{"prompt": "p", "layout": {"boxes": {"dog6": [0, 0, 1, 1]}}}])
+    with pytest.raises(CastloraError, match=r"samples prompt 1 \('p'\).*missing \['dog2'\]"):
+        bad.settings(SamplesSettings).prompt_entries(["dog6", "dog2"])
+    with pytest.raises(CastloraError, match="llm_layout_retries=-1 must be >= 0"):
+        SamplesConfig(llm_layout_retries=-1).settings(SamplesSettings)

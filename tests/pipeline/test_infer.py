@@ -15,6 +15,7 @@ from peft import LoraConfig
 from PIL import Image
 
 from pipeline.errors import CastloraError
+from pipeline.families import family_for
 from pipeline.infer import (
     DEFAULT_NEGATIVE,
     DEFAULT_SCENE_PROMPTS,
@@ -27,8 +28,10 @@ from pipeline.infer import (
     mudi_initial_latents,
     scene_prompts,
 )
+from pipeline.layout_control import PairLayouts, parse_prompt_entries, pixel_box
 from pipeline.models.latents import from_model_latents, to_model_latents
 from pipeline.models.tiny_sdxl import build_tiny_sdxl
+from pipeline.segmix.compose import SegMixSubject
 from pipeline.storage.hashing import sha256_file
 from pipeline.train.caches import build_latent_cache
 from pipeline.train.data import INSTANCE, TrainingSample
@@ -352,3 +355,37 @@ def test_training_cache_and_inference_share_one_latent_normalisation(model_dir: 
     normalised.vae.decode = spy
     normalised("x", height=SIDE, width=SIDE, num_inference_steps=1, callback_on_step_end=keep_latents)
     torch.testing.assert_close(decoded[0], from_model_latents(config, final[0]), rtol=1e-5, atol=1e-6)
+
+
+def test_user_boxes_put_the_inits_latent_mask_inside_the_boxes(pipe: StableDiffusionXLPipeline) -> None:
+    """Layout control (docs/design.md#layout-control): the layout term of the init lands only in the given boxes."""
+
+    def solid(colour: tuple[int, int, int], width: int, height: int) -> Image.Image:
+        return Image.fromarray(np.full((height, width, 4), (*colour, 255), dtype=np.uint8))
+
+    subjects = {
+        "dog6": [SegMixSubject(solid((230, 20, 20), 30, 40), "olis dog", "dog6")],
+        "dog2": [SegMixSubject(solid((20, 30, 230), 40, 30), "vrin dog", "dog2")],
+    }
+    boxes = {"dog6": [0.0, 0.25, 0.5, 1.0], "dog2": [0.5, 0.0, 1.0, 0.5]}
+    entry = parse_prompt_entries([{"prompt": "p", "layout": {"mode": "boxes", "boxes": boxes}}], ["dog6", "dog2"])[0]
+    layout = PairLayouts(subjects, (SIDE, SIDE)).factory(entry.layout)(0)
+    _, mask = encode_layout(pipe, layout.image, layout.union_mask, SIDE, SIDE)
+    factor = family_for(pipe).downsampling_factor(pipe)
+    allowed = torch.zeros_like(mask, dtype=torch.bool)
+    for cid, box in boxes.items():
+        x0, y0, x1, y1 = (v // factor for v in pixel_box(tuple(box), (SIDE, SIDE)))
+        cells = mask[0, 0, y0:y1, x0:x1]
+        assert cells.sum() >= 0.5 * cells.numel(), cid  # each character fills much of its own box
+        allowed[0, 0, y0:y1, x0:x1] = True
+    assert mask.sum() > 0 and not (mask.bool() & ~allowed).any()
+    # And the init's shift is zero outside the boxes: ε + γ·M⊙z differs from ε only inside them.
+    generator = torch.Generator().manual_seed(3)
+    shifted = mudi_initial_latents(
+        pipe, *encode_layout(pipe, layout.image, layout.union_mask, SIDE, SIDE), 1.0, generator
+    )
+    plain = mudi_initial_latents(
+        pipe, *encode_layout(pipe, layout.image, layout.union_mask, SIDE, SIDE), 0.0, torch.Generator().manual_seed(3)
+    )
+    changed = (shifted != plain).any(dim=1, keepdim=True)
+    assert changed.any() and not (changed & ~allowed).any()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -11,13 +12,22 @@ import pytest
 from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 
-from pipeline.errors import CastloraError
+from pipeline.captions.openai_backend import OpenAICaptioner, OpenAICaptionerConfig
+from pipeline.errors import CastloraError, LayoutError
+from pipeline.evaluation.draw import subject_colour
+from pipeline.images import save_png
 from pipeline.infer import DEFAULT_NEGATIVE, Layout, layout_from_composite
+from pipeline.layout_control import PairLayouts, parse_prompt_entries, pixel_box
+from pipeline.lora.adapters import LoraSpec, add_unet_lora, unet_lora_state_dict
+from pipeline.lora.export import save_diffusers_lora
+from pipeline.lora.record import LoraRecord
 from pipeline.models.tiny_sdxl import build_tiny_sdxl
-from pipeline.rendering import RenderSettings, render_samples
+from pipeline.rendering import RenderSettings, layout_grid, render_samples
 from pipeline.segmix.compose import SegMixConfig, SegMixSubject, compose
+from pipeline.stages.samples import run_samples
 from pipeline.storage.hashing import sha256_file
 from pipeline.storage.lineage import LineageRecorder, ancestors, read_lineage
+from tests.servers.openai_api import start_chat_server
 
 SIDE = 64
 LORA_SHA = "ab" * 32
@@ -145,3 +155,128 @@ def test_per_prompt_counts_render_exactly_that_many(pipe, tmp_path: Path) -> Non
     assert (manifest["prompt"] == [PROMPTS[0], PROMPTS[0], PROMPTS[1]]).all()
     with pytest.raises(CastloraError, match="one count >= 1 per prompt"):
         run(pipe, tmp_path / "samples", rec, gamma=None, layout_factory=None, images_per_prompt=[2])
+
+
+# --- layout control through the samples stage (docs/design.md#layout-control) --------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_lora(pipe, tmp_path_factory: pytest.TempPathFactory) -> LoraRecord:
+    """A random rank-2 LoRA file of the tiny U-Net, in the diffusers format the stage loads."""
+    unet = copy.deepcopy(pipe.unet)
+    spec = LoraSpec(rank=2, alpha=2.0)
+    add_unet_lora(unet, spec)
+    path = save_diffusers_lora(tmp_path_factory.mktemp("lora"), unet_lora_state_dict(unet), spec)
+    return LoraRecord("v0001", {"diffusers": path}, {"diffusers": sha256_file(path)})
+
+
+def stage_layouts() -> PairLayouts:
+    return PairLayouts({s.character_id: [s] for s in SegMixLayouts().subjects}, (SIDE, SIDE))
+
+
+BOXES = {"dog6": [0.0, 0.0, 0.45, 0.9], "dog2": [0.5, 0.4, 1.0, 1.0]}
+LAYOUT_PROMPTS = [
+    "olis dog and vrin dog in a park",
+    {"prompt": "olis dog beside vrin dog", "layout": {"mode": "boxes", "boxes": BOXES}},
+    {"prompt": "olis dog sitting on vrin dog", "layout": "llm"},
+    {"prompt": "a big olis dog and a small vrin dog", "layout": {"mode": "sizes", "sizes": {"dog6": 2, "dog2": 1}}},
+]
+
+
+def test_each_prompt_renders_from_its_layout_and_records_it(pipe, tiny_lora, tmp_path: Path) -> None:
+    entries = parse_prompt_entries(LAYOUT_PROMPTS, ["dog6", "dog2"])
+    pair = stage_layouts()
+    settings = RenderSettings(height=SIDE, width=SIDE, steps=1, guidance_scale=5.0)  # the layouts are under test
+    rec = recorder(tmp_path / "lineage", "layouts")
+    try:
+        with start_chat_server(replies=['{"boxes": "left and right"}'] * 3) as chat:
+            chat_client = OpenAICaptioner(OpenAICaptionerConfig(base_url=chat.url, model="m", max_retries=0))
+            manifest = run_samples(
+                pipe=pipe,
+                lora=tiny_lora,
+                prompts=entries,
+                seeds=[5],
+                layouts=pair,
+                gamma=1.0,
+                settings=settings,
+                out_dir=tmp_path / "samples",
+                recorder=rec,
+                layout_client=chat_client,
+                llm_retries=2,
+            )
+    finally:
+        pipe.unload_lora_weights()
+    rec.flush()
+    rows = manifest.to_dict("records")
+    assert [r["layout_origin"] for r in rows] == ["auto", "user", "auto", "user"]
+    assert len(chat.requests) == 3  # the bad answer was asked again twice, then auto
+    assert [bool(r["layout_warning"]) for r in rows] == [False, False, True, False]
+    assert "samples prompt 3 ('olis dog sitting on vrin dog') llm layout" in rows[2]["layout_warning"]
+    # auto (and the fallback) is today's layout of the seed, shared; each own layout has its own file.
+    assert rows[0]["layout_sha256"] == rows[2]["layout_sha256"] == save_sha(pair.segmix(5).image, tmp_path)
+    assert Path(rows[0]["layout_path"]).name == "layout_s5.png"
+    assert Path(rows[1]["layout_path"]).name == "layout_p001_s5.png"
+    for row in rows:
+        assert json.loads(row["layout_labels_json"]) == ["dog6", "dog2"]
+    placed = dict(zip(["dog6", "dog2"], json.loads(rows[1]["layout_boxes_json"]), strict=True))
+    for cid, box in BOXES.items():
+        x0, y0, x1, y1 = pixel_box(tuple(box), (SIDE, SIDE))
+        assert x0 <= placed[cid][0] < placed[cid][2] <= x1 and y0 <= placed[cid][1] < placed[cid][3] <= y1
+    sized = dict(zip(["dog6", "dog2"], json.loads(rows[3]["layout_boxes_json"]), strict=True))
+    assert (sized["dog6"][3] - sized["dog6"][1]) / (sized["dog2"][3] - sized["dog2"][1]) == pytest.approx(2, abs=0.1)
+    # The image's lineage names its layout's origin and warning.
+    by_sha = {row["artifact_sha256"]: row for row in read_lineage(tmp_path / "lineage").to_pylist()}
+    params = json.loads(by_sha[rows[2]["sha256"]]["params_json"])
+    assert params["layout_origin"] == "auto" and params["layout_warning"] == rows[2]["layout_warning"]
+
+    # The metadata grid draws each image's layout boxes, coloured per character.
+    with_boxes = np.asarray(layout_grid(manifest))
+    without = np.asarray(layout_grid(manifest.assign(layout_boxes_json=None)))
+    assert with_boxes.shape == without.shape
+    red = (with_boxes == subject_colour(0)).all(axis=-1).sum() - (without == subject_colour(0)).all(axis=-1).sum()
+    blue = (with_boxes == subject_colour(1)).all(axis=-1).sum() - (without == subject_colour(1)).all(axis=-1).sum()
+    assert red > 50 and blue > 50
+
+
+def save_sha(image: Image.Image, folder: Path) -> str:
+    return save_png(image, folder / "expected_layout.png")
+
+
+def test_a_layout_without_the_init_is_refused_before_anything_loads(pipe, tmp_path: Path) -> None:
+    entries = parse_prompt_entries(LAYOUT_PROMPTS[:2], ["dog6", "dog2"])
+    missing = LoraRecord("v0001", {"diffusers": tmp_path / "no-such-lora.safetensors"}, {"diffusers": LORA_SHA})
+    settings = RenderSettings(height=SIDE, width=SIDE, steps=2, guidance_scale=5.0)
+    with pytest.raises(LayoutError, match=r"samples prompt 2 \('olis dog beside vrin dog'\) asks for a boxes layout"):
+        run_samples(
+            pipe=pipe,
+            lora=missing,
+            prompts=entries,
+            seeds=[5],
+            layouts=stage_layouts(),
+            gamma=None,
+            settings=settings,
+            out_dir=tmp_path / "samples",
+            recorder=recorder(tmp_path / "lineage", "x"),
+        )
+    assert not (tmp_path / "samples").exists()
+
+
+def test_a_layout_that_cannot_be_made_fails_naming_its_prompt_before_anything_loads(pipe, tmp_path: Path) -> None:
+    entries = parse_prompt_entries(
+        [{"prompt": "a giant olis dog", "layout": {"mode": "sizes", "sizes": {"dog6": 40, "dog2": 1}}}],
+        ["dog6", "dog2"],
+    )
+    missing = LoraRecord("v0001", {"diffusers": tmp_path / "no-such-lora.safetensors"}, {"diffusers": LORA_SHA})
+    with pytest.raises(LayoutError, match=r"samples prompt 1 \('a giant olis dog'\): its sizes layout for seed 5"):
+        run_samples(
+            pipe=pipe,
+            lora=missing,
+            prompts=entries,
+            seeds=[5],
+            layouts=stage_layouts(),
+            gamma=1.0,
+            settings=RenderSettings(height=SIDE, width=SIDE, steps=1, guidance_scale=5.0),
+            out_dir=tmp_path / "samples",
+            recorder=recorder(tmp_path / "lineage", "y"),
+        )
+    assert not (tmp_path / "samples").exists()

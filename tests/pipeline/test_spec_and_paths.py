@@ -182,3 +182,36 @@ def test_inbox_spec_with_a_symlinked_photo_pointing_outside_is_refused(tmp_path,
     (inbox_folder / "a" / "99.jpg").symlink_to(outside)
     [entry] = scan_inbox(layout)
     assert entry.spec is None and "points outside" in entry.error
+
+
+def _with_relative_size(folder: Path, value: str) -> None:
+    spec = folder / "pair.yaml"
+    spec.write_text(spec.read_text().replace("photos: alpha\n", f"photos: alpha\n    relative_size: {value}\n", 1))
+
+
+def test_relative_size_is_parsed_and_the_others_count_as_one(make_pair):
+    folder = make_pair()
+    plain = load_spec(folder)
+    assert plain.relative_sizes is None and '"relative_size":' not in plain.to_json()  # old fingerprints kept
+    _with_relative_size(folder, '"2"')
+    spec = load_spec(folder)
+    assert spec.character("alpha").relative_size == 2.0 and spec.character("beta").relative_size is None
+    assert spec.relative_sizes == {"alpha": 2.0, "beta": 1.0}
+    assert PairSpec.from_json(spec.to_json()) == spec
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("2", r"characters\[0\]\.relative_size: '2' is read by YAML as a number, not text.*put it in quotes"),
+        ('"0"', r"characters\[0\]\.relative_size: '0' must be a finite number > 0"),
+        ('"-1.5"', r"characters\[0\]\.relative_size: '-1.5' must be a finite number > 0"),
+        ('"inf"', r"characters\[0\]\.relative_size: 'inf' must be a finite number > 0"),
+        ('"big"', r"characters\[0\]\.relative_size: 'big' is not a number"),
+    ],
+)
+def test_bad_relative_sizes_name_the_field(make_pair, value, message):
+    folder = make_pair()
+    _with_relative_size(folder, value)
+    with pytest.raises(SpecError, match=message):
+        load_spec(folder)

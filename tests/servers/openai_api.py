@@ -1,4 +1,5 @@
-"""A minimal OpenAI-compatible chat-completions server on 127.0.0.1 for tests that run the captioner end to end."""
+"""A minimal OpenAI-compatible chat-completions server on 127.0.0.1 for tests that run the captioner (and the
+LLM-guided layouts) end to end."""
 
 from __future__ import annotations
 
@@ -16,25 +17,34 @@ class ChatServer:
     url: str = ""
     caption: str = "a photo of a dog sitting on grass"
     authorizations: list[str] = field(default_factory=list)
+    replies: list[str] = field(default_factory=list)
+    """Answers to give, one per request in order (a test's good or bad layout JSON); then ``caption``."""
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    """The JSON body of every request received."""
 
 
 @contextmanager
-def start_chat_server(caption: str = "a photo of a dog sitting on grass") -> Iterator[ChatServer]:
-    """Answers every POST with one chat completion whose text is ``caption``; records Authorization headers."""
-    state = ChatServer(caption=caption)
+def start_chat_server(
+    caption: str = "a photo of a dog sitting on grass", replies: list[str] | None = None
+) -> Iterator[ChatServer]:
+    """Answers every POST with one chat completion: the next of ``replies`` while any are left, else ``caption``;
+    records Authorization headers and request bodies."""
+    state = ChatServer(caption=caption, replies=list(replies or []))
+    lock = threading.Lock()
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
-            self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            state.authorizations.append(self.headers.get("Authorization", ""))
+            raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            with lock:
+                state.authorizations.append(self.headers.get("Authorization", ""))
+                state.requests.append(json.loads(raw or b"{}"))
+                text = state.replies.pop(0) if state.replies else state.caption
             body = {
                 "id": "chatcmpl-test",
                 "object": "chat.completion",
                 "created": 0,
                 "model": "test-model",
-                "choices": [
-                    {"index": 0, "message": {"role": "assistant", "content": state.caption}, "finish_reason": "stop"}
-                ],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
                 "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
             }
             data = json.dumps(body).encode()
