@@ -28,6 +28,8 @@ _RESULT_NEUTRAL = frozenset(
 # Fields added later: left out of the fingerprint while off, so checkpoints written before they existed still resume.
 _OMITTED_WHEN_ZERO = ("kl_weight", "dpo_beta")
 _OMITTED_AT = {"gradient_accumulation_steps": 1, "buckets": "square"}
+# Fields that did not exist when older LoRA records were written, with what those runs did (square crops only).
+_RECORDED_BEFORE = {"buckets": "square"}
 
 
 @dataclass(frozen=True)
@@ -169,6 +171,8 @@ class TrainConfig:
                 f"{source} records no training settings (written by an older castlora): re-materialize 'lora'."
             )
         names = {f.name for f in fields(cls)}
+        # A field added later whose one value before it existed is known: an older record trained with that value.
+        record = {**{k: v for k, v in _RECORDED_BEFORE.items() if k not in record}, **record}
         missing = sorted(names - set(record))
         unknown = sorted(set(record) - names)
         if missing or unknown:

@@ -66,6 +66,10 @@ def test_bad_bucket_settings_are_refused_by_name():
     assert parse_aspects("1:1, 3:4") == ((1, 1), (3, 4))
     assert "buckets" not in TrainConfig(steps=1, resolution=64, mixed_precision="no").result_fields()
     assert TrainConfig(steps=1, resolution=64, mixed_precision="no", buckets="aspect").result_fields()["buckets"]
+    # A LoRA record written before buckets existed trained square crops: it rebuilds as exactly that.
+    record = TrainConfig(steps=1, resolution=64, mixed_precision="no").as_record()
+    del record["buckets"]
+    assert TrainConfig.from_record(record, "old record").buckets == "square"
 
 
 def test_cover_crop_keeps_the_square_policy_and_covers_other_buckets():
