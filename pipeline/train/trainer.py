@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from pipeline.buckets import Bucket, bucket_sizes, image_size, nearest_bucket
+from pipeline.buckets import Bucket, bucket_sizes
 from pipeline.errors import CastloraError
 from pipeline.families import ImageGeometry, family_for
 from pipeline.lora.adapters import LoraSpec, activate_adapter
@@ -44,10 +44,11 @@ from pipeline.lora.training import (
     start_from_lora,
     trainable_state,
 )
-from pipeline.train.caches import CachedLatent, CachedText, build_latent_cache, build_text_cache, load_masks
+from pipeline.train.bucketing import bucket_latents, build_bucketed_latents, load_bucketed_masks, place_samples
+from pipeline.train.caches import CachedLatent, CachedText, build_text_cache
 from pipeline.train.checkpoint import TrainingState, capture_rng, restore_rng
 from pipeline.train.config import TrainConfig
-from pipeline.train.data import BucketedPools, SamplePools, TrainingSample, plan_bucketed_step
+from pipeline.train.data import SamplePools, TrainingSample, plan_bucketed_step
 from pipeline.train.losses import dco_loss, kl_to_reference, per_sample_error
 from pipeline.train.runtime import (
     WEIGHT_DTYPES,
@@ -133,11 +134,10 @@ class Trainer:
         self.reference_adapter: str | None = REFERENCE_ADAPTER if config.kl_weight > 0 else None
         self.samples = self.training_samples(samples)
         self.buckets = bucket_sizes(config.buckets, config.resolution, self.family.size_multiple(pipe))
-        self.bucketed = self.place(self.samples)
+        self.bucketed = place_samples(self.samples, self.buckets)  # docs/design.md#aspect-ratio-buckets
         self.objective = self.family.objective(pipe)
         self.weight_dtype = WEIGHT_DTYPES[config.mixed_precision] if self.device.type == "cuda" else torch.float32
-        self.latents: dict[tuple[str, Bucket], CachedLatent] = {}
-        """(sample id, bucket) -> latent: a prior sample may be cached in several buckets (``BucketedPools``)."""
+        self.latents: dict[tuple[str, Bucket], CachedLatent] = {}  # a prior sample may be in several buckets
         self.texts: dict[str, CachedText] = {}
         self.masks: dict[tuple[str, Bucket], torch.Tensor] = {}
         self.cache_stats: dict[str, int] = {}
@@ -149,15 +149,6 @@ class Trainer:
         self.pools = SamplePools.of(used)
         self.pools.check(self.config.prior_preservation, self.config.segmix_p)
         return used
-
-    def place(self, samples: Sequence[TrainingSample]) -> BucketedPools:
-        """Each sample's bucket: the one nearest its aspect ratio (read from the image header); with one bucket
-        (``buckets: square``) every sample's, without opening a file (docs/design.md#aspect-ratio-buckets)."""
-        if len(self.buckets) == 1:
-            home = dict.fromkeys((s.sample_id for s in samples), self.buckets[0])
-        else:
-            home = {s.sample_id: nearest_bucket(*image_size(s.image_path), self.buckets) for s in samples}
-        return BucketedPools.of(samples, home)
 
     # -- caches
     def _cached_encoders(self) -> dict[str, torch.nn.Module]:
@@ -173,23 +164,16 @@ class Trainer:
         with self.accelerator.main_process_first():  # rank 0 encodes; the others then read its files
             vae = family.component(pipe, family.vae).to(self.device)
             encode = partial(family.encode_pixels, pipe)
-            self.latents, hits, misses = {}, 0, 0
-            for bucket, group in self.bucketed.placements().items():  # one bucket at a time: one shape per batch
-                latents, stats = build_latent_cache(vae, group, config.resolution, cache_dir, encode, bucket)
-                self.latents.update({(sample_id, bucket): entry for sample_id, entry in latents.items()})
-                hits, misses = hits + stats.hits, misses + stats.misses
-            self.cache_stats = {"latent_hits": hits, "latent_misses": misses, "buckets": len(self.bucketed.by_bucket)}
+            self.latents, self.cache_stats = build_bucketed_latents(
+                vae, self.bucketed, config.resolution, cache_dir, encode
+            )
             if not config.train_text_encoder:
                 for name in family.text_encoders:
                     family.component(pipe, name).to(self.device)
                 self.texts, text_stats = build_text_cache(pipe, [s.prompt for s in self.samples], cache_dir)
                 self.cache_stats.update(text_hits=text_stats.hits, text_misses=text_stats.misses)
         if config.masked_loss:
-            self.masks = {}
-            for bucket, group in self.bucketed.placements().items():
-                latent_size = tuple(self.latents[(group[0].sample_id, bucket)].latent.shape[-2:])
-                masks = load_masks(group, bucket, latent_size)
-                self.masks.update({(sample_id, bucket): mask for sample_id, mask in masks.items()})
+            self.masks = load_bucketed_masks(self.bucketed, self.latents)
 
     def offload_encoders(self) -> None:
         """The VAE (and frozen text encoders) are not needed until training ends: move them off the GPU."""
@@ -275,15 +259,8 @@ class Trainer:
         """This rank's samples of micro-batch ``step`` (instance first, then prior) and how many are instance
         samples. With gradient accumulation k, optimizer step s uses micro-batches s·k … s·k + k − 1."""
         config = self.config
-        _, instance, prior = plan_bucketed_step(
-            self.bucketed,
-            config.seed,
-            step,
-            config.batch_size * self.world,
-            config.segmix_p,
-            config.prior_preservation,
-            config.segmix_draw,
-        )
+        draws = (config.batch_size * self.world, config.segmix_p, config.prior_preservation, config.segmix_draw)
+        _, instance, prior = plan_bucketed_step(self.bucketed, config.seed, step, *draws)  # all in one bucket
         mine = slice(self.rank * config.batch_size, (self.rank + 1) * config.batch_size)
         return instance[mine] + prior[mine], len(instance[mine])
 
@@ -291,19 +268,11 @@ class Trainer:
         return self.assemble(*self.select(step))
 
     def assemble(self, chosen: list[TrainingSample], n_instance: int) -> Batch:
-        """Stack the cached latents, text embeddings, conditioning and masks of ``chosen`` on the device.
-
-        The batch is in the bucket of its first sample (an instance sample, in its own bucket); every other sample
-        must have a latent there (``BucketedPools``), else the batch would mix shapes."""
+        """Stack the cached latents, text embeddings, conditioning and masks of ``chosen`` on the device, in the
+        bucket of its first sample (an instance sample, in its own bucket)."""
         config = self.config
         bucket = self.bucketed.home[chosen[0].sample_id]
-        missing = [s.image_path for s in chosen if (s.sample_id, bucket) not in self.latents]
-        if missing:
-            raise CastloraError(
-                f"A training batch mixes aspect-ratio buckets: {missing} have no latent in bucket {bucket} of "
-                f"{chosen[0].image_path}; draw each batch from one bucket (or set buckets='square')."
-            )
-        cached = [self.latents[(s.sample_id, bucket)] for s in chosen]
+        cached = bucket_latents(self.latents, chosen, bucket)
         latents = torch.stack([entry.latent for entry in cached])
         geometries = [ImageGeometry(entry.original_size, entry.crop_top_left, bucket.size) for entry in cached]
         conditioning = {
