@@ -7,6 +7,7 @@ import math
 from dataclasses import replace
 
 import pytest
+import torch
 
 from pipeline.buckets import Bucket, bucket_sizes, cover_crop, nearest_bucket, parse_aspects
 from pipeline.errors import CastloraError
@@ -207,3 +208,33 @@ def test_square_buckets_keep_one_bucket_without_reading_images(tiny_pipe, bucket
     missing = replace(bucket_samples[0], image_path="/nonexistent.png")  # never opened with one bucket
     trainer = Trainer(tiny_pipe, [missing, *bucket_samples[1:]], config, make_accelerator(config))
     assert trainer.buckets == (Bucket(RES, RES),) and set(trainer.bucketed.home.values()) == {Bucket(RES, RES)}
+
+
+def test_a_bucketed_run_resumes_onto_the_same_path(tiny_pipe, bucket_samples, tmp_path):
+    """The plan is a pure function of (seed, step) with buckets too: a killed run resumes onto the uninterrupted
+    trajectory, and a checkpoint does not resume under another bucket setting."""
+    from pipeline.errors import CheckpointError
+    from pipeline.train import train_lora
+
+    config = TrainConfig(
+        steps=4, resolution=RES, mixed_precision="no", rank=4, alpha=4, lr=1e-3, segmix_p=0.5, checkpoint_every=2,
+        log_every=1, buckets="aspect",
+    )  # fmt: skip
+    cache = tmp_path / "cache"
+    expected = train_lora(tiny_pipe, bucket_samples, config, tmp_path / "full", cache)
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_3(done: int, metrics: dict) -> None:
+        if done == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_lora(tiny_pipe, bucket_samples, config, tmp_path / "out", cache, on_log=kill_after_3)
+    resumed = train_lora(tiny_pipe, bucket_samples, config, tmp_path / "out", cache)
+    assert resumed.resumed_from == 2 and resumed.losses == expected.losses
+    for key, value in expected.lora_state.items():
+        assert torch.equal(resumed.lora_state[key], value), key
+    with pytest.raises(CheckpointError, match=r"different training setup.*buckets"):
+        train_lora(tiny_pipe, bucket_samples, replace(config, buckets="1:1,2:1"), tmp_path / "out", cache)
