@@ -36,7 +36,10 @@ class ImageGeometry:
     original_size: tuple[int, int]
     """(height, width) of the source image."""
     crop_top_left: tuple[int, int]
-    """(top, left) of the centre crop in the resized image."""
+    """(top, left) of the crop in the resized image."""
+    target_size: tuple[int, int] | None = None
+    """(height, width) the image was brought to: its aspect-ratio bucket (docs/design.md#aspect-ratio-buckets);
+    None = the square ``resolution`` x ``resolution``."""
 
 
 class TrainingObjective(Protocol):
@@ -107,6 +110,8 @@ class ModelFamily(ABC):
     text_encoders: ClassVar[tuple[str, ...]]
     """Pipeline attributes of the text encoders, in the order the export formats number them."""
     vae: ClassVar[str] = "vae"
+    patch_size: ClassVar[int] = 1
+    """Latent cells per denoiser token along each side (1 for a U-Net; 2 for FLUX's 2x2 packing)."""
 
     # -- loading
     @abstractmethod
@@ -158,6 +163,11 @@ class ModelFamily(ABC):
     @abstractmethod
     def downsampling_factor(self, pipe: Any) -> int:
         """Pixels per latent cell along each side (8 for SDXL's VAE)."""
+
+    def size_multiple(self, pipe: Any) -> int:
+        """What every training or rendering side must be a multiple of: latent downsampling x patch size (SDXL 8,
+        FLUX 16). Aspect-ratio buckets are built on it (docs/design.md#aspect-ratio-buckets)."""
+        return self.downsampling_factor(pipe) * self.patch_size
 
     @abstractmethod
     def latent_dtype(self, pipe: Any) -> torch.dtype:

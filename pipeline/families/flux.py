@@ -111,6 +111,7 @@ class FluxFamily(ModelFamily):
     text_encoders = ("text_encoder", "text_encoder_2")
     """CLIP-L (pooled) and T5 (token embeddings); only CLIP gets a LoRA when text encoders train, as in the
     reference script and the diffusers file format."""
+    patch_size = 2
 
     def __init__(self, training_guidance: float = 1.0, true_cfg_scale: float = 1.0):
         self.training_guidance = float(training_guidance)

@@ -73,9 +73,9 @@ class SDXLFamily(ModelFamily):
         return DDPMObjective(pipe.scheduler.config)
 
     def conditioning(self, geometries: Sequence[ImageGeometry], resolution: int) -> dict[str, torch.Tensor]:
-        """SDXL's micro-conditioning: original size, the centre crop's (top, left) and the target size, as in
-        diffusers' train_dreambooth_lora_sdxl.py."""
-        rows = [[*g.original_size, *g.crop_top_left, resolution, resolution] for g in geometries]
+        """SDXL's micro-conditioning: original size, the crop's (top, left) and the target size (the image's bucket,
+        docs/design.md#aspect-ratio-buckets), as in diffusers' train_dreambooth_lora_sdxl.py."""
+        rows = [[*g.original_size, *g.crop_top_left, *(g.target_size or (resolution, resolution))] for g in geometries]
         return {"time_ids": torch.tensor(rows, dtype=torch.float32)}
 
     def predict(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,12 @@ class BankEntry:
     seed: int
     """Seed for ``compose``, derived from (bank seed, index): an entry renders the same on its own."""
     subjects: tuple[SegMixSubject, ...]
+    canvas: tuple[int, int] | None = None
+    """(width, height) of this composite's canvas; None = the config's (docs/design.md#aspect-ratio-buckets)."""
+
+    def config(self, config: SegMixConfig) -> SegMixConfig:
+        """``config`` with this entry's canvas."""
+        return config if self.canvas is None or self.canvas == config.canvas else replace(config, canvas=self.canvas)
 
     @property
     def character_ids(self) -> list[str]:
@@ -68,8 +74,13 @@ def plan_bank(
     n: int,
     config: SegMixConfig = DEFAULT_CONFIG,
     seed: int = 0,
+    canvases: Sequence[tuple[int, int]] = (),
 ) -> list[BankEntry]:
     """``n`` entries of ``config.k`` cut-outs of *different* characters each, deterministic in ``seed``.
+
+    ``canvases`` (optional, (width, height) each): entry i is composed on ``canvases[i % len(canvases)]``, so a
+    bank comes in several aspect ratios in equal shares; the cut-out plan does not depend on them. Empty: every
+    entry on ``config.canvas``.
 
     With k == number of characters every entry has all of them; otherwise each entry takes the k least
     used characters so far (ties broken at random), so characters, like cut-outs, are used evenly.
@@ -100,23 +111,27 @@ def plan_bank(
         for character in chosen:
             uses[character] += 1
         subjects = tuple(cyclers[c].next() for c in chosen)
-        entries.append(BankEntry(index=index, seed=entry_seed(seed, index), subjects=subjects))
+        canvas = tuple(canvases[index % len(canvases)]) if canvases else None
+        entries.append(BankEntry(index=index, seed=entry_seed(seed, index), subjects=subjects, canvas=canvas))
     return entries
 
 
 def render_bank(
     entries: Iterable[BankEntry], config: SegMixConfig = DEFAULT_CONFIG
 ) -> Iterator[tuple[BankEntry, Composite]]:
-    """Compose each entry with its own seed; each distinct cut-out is prepared once and reused."""
-    prepared: dict[int, PreparedSubject] = {}  # by id(subject); the cached value keeps the subject alive
+    """Compose each entry with its own seed on its own canvas; each distinct cut-out is prepared once per canvas
+    and reused."""
+    prepared: dict[tuple[int, tuple[int, int]], PreparedSubject] = {}  # the cached value keeps the subject alive
     for entry in entries:
+        entry_config = entry.config(config)
         items = []
         for position, subject in enumerate(entry.subjects):
-            cached = prepared.get(id(subject))
+            key = (id(subject), entry_config.canvas)
+            cached = prepared.get(key)
             if cached is None or cached.subject is not subject:
-                cached = prepared[id(subject)] = prepare_subject(subject, config, position)
+                cached = prepared[key] = prepare_subject(subject, entry_config, position)
             items.append(cached)
-        yield entry, compose(items, config, entry.seed)
+        yield entry, compose(items, entry_config, entry.seed)
 
 
 def write_bank_entry(entry: BankEntry, composite: Composite, folder: Path, config: SegMixConfig) -> dict[str, Any]:
@@ -132,6 +147,7 @@ def write_bank_entry(entry: BankEntry, composite: Composite, folder: Path, confi
     image_sha = save_png(composite.image, folder / image_name)
     union_sha = save_png(mask_to_image(composite.union_mask), folder / union_name)
     mask_shas = [save_png(mask_to_image(m), folder / name) for m, name in zip(composite.masks, mask_names, strict=True)]
+    config = entry.config(config)
     return {
         "index": entry.index,
         "image_path": image_name,
@@ -149,4 +165,6 @@ def write_bank_entry(entry: BankEntry, composite: Composite, folder: Path, confi
         "attempts": composite.attempts,
         "seed": entry.seed,
         "config_hash": config_hash(config),
+        "canvas_width": composite.image.width,
+        "canvas_height": composite.image.height,
     }

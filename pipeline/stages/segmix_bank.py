@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline.buckets import canvas_sizes, parse_aspects
 from pipeline.segmix.bank import plan_bank, render_bank, write_bank_entry
 from pipeline.segmix.compose import SegMixConfig, SegMixSubject
 from pipeline.segmix.subjects import instance_subjects, prior_subjects
@@ -28,7 +29,15 @@ class BankConfig:
     """Composites of class-image cut-outs (class nouns); 0 disables them."""
     seed: int = 0
     """Seeds the bank's plan: which cut-outs, scales and places each composite gets."""
+    canvas_aspects: str = "square"
+    """Canvas aspect ratios: ``square`` (every composite on the canvas_width x canvas_height canvas); ``aspect``
+    (1:1, 4:3, 3:4, 3:2, 2:3, 16:9, 9:16) or a comma list of width:height ratios (``1:1,3:4,4:3``): composites
+    take the ratios in turn, each canvas of about canvas_width x canvas_height pixels (sides multiples of 16).
+    Use the training's ``buckets`` value, so the composites fill the same aspect-ratio buckets as the photos."""
     segmix: SegMixConfig = field(default_factory=SegMixConfig)
+
+    def __post_init__(self) -> None:
+        parse_aspects(self.canvas_aspects, "canvas_aspects")  # refuses a bad value, naming the setting
 
 
 @dataclass
@@ -45,11 +54,13 @@ def _render(
     config: SegMixConfig,
     out_dir: Path,
     recorder: LineageRecorder,
+    aspects: str = "square",
 ) -> list[dict]:
     folder = out_dir / kind
     rows = []
     params = {"kind": kind, "bank_seed": seed, **asdict(config)}
-    for entry, composite in render_bank(plan_bank(subjects, n, config, seed), config):
+    canvases = canvas_sizes(aspects, *config.canvas) if parse_aspects(aspects, "canvas_aspects") else ()
+    for entry, composite in render_bank(plan_bank(subjects, n, config, seed, canvases), config):
         row = write_bank_entry(entry, composite, folder, config)
         row["image_path"] = str(folder / row["image_path"])
         row["union_mask_path"] = str(folder / row["union_mask_path"])
@@ -59,7 +70,7 @@ def _render(
             row["image_path"],
             row["image_sha256"],
             parents,
-            {**params, "index": entry.index, "seed": entry.seed},
+            {**params, "canvas": list(composite.image.size), "index": entry.index, "seed": entry.seed},
         )
         recorder.record(row["union_mask_path"], row["union_mask_sha256"], parents, {"kind": kind, "role": "union_mask"})
         for j, (path, sha) in enumerate(zip(row["mask_paths"], row["mask_sha256s"], strict=True)):
@@ -98,6 +109,7 @@ def run_segmix_bank(
         config.segmix,
         out_dir,
         recorder,
+        config.canvas_aspects,
     )
     if config.n_prior > 0:
         prior = prior_subjects(class_images, character_nouns) if class_images is not None else {}
@@ -108,7 +120,9 @@ def run_segmix_bank(
                 "(materialize class_images, import real class photos, or use a real segmenter)."
             )
         else:
-            rows += _render("prior", prior, config.n_prior, config.seed + 1, config.segmix, out_dir, recorder)
+            rows += _render(
+                "prior", prior, config.n_prior, config.seed + 1, config.segmix, out_dir, recorder, config.canvas_aspects
+            )
     manifest = pd.DataFrame(rows)
     write_manifest(manifest, out_dir)
     keep = {Path(p) for r in rows for p in [r["image_path"], r["union_mask_path"], *r["mask_paths"]]}

@@ -1,7 +1,7 @@
 """Content-addressed caches of model latents and prompt embeddings, built once before training through the
 model family's encoders (docs/design.md#model-families).
 
-Every entry is keyed by *what it was computed from* (image bytes' SHA-256 + resolution + VAE identity;
+Every entry is keyed by *what it was computed from* (image bytes' SHA-256 + bucket and crop + VAE identity;
 prompt text + text-encoder identity), never by a dataloader index or step: diffusers' ``--cache_latents``
 pairs latents with the wrong captions once the data is shuffled (diffusers #14430, #12124). Each file also
 records its own key, checked on read, so a misplaced file is recomputed instead of trusted.
@@ -19,6 +19,7 @@ from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from pipeline.buckets import Bucket, cover_crop, fit_to_bucket, image_size
 from pipeline.errors import CastloraError
 from pipeline.families import family_for
 from pipeline.images import load_mask, to_rgb
@@ -35,10 +36,9 @@ ENCODE_BATCH = 8
 
 
 def _center_crop_geometry(width: int, height: int, resolution: int) -> tuple[int, int, int, int]:
-    """(resized width, resized height, left, top) of the fixed-size policy for a ``width`` × ``height`` image."""
-    scale = resolution / min(width, height)
-    new_w, new_h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
-    return new_w, new_h, (new_w - resolution) // 2, (new_h - resolution) // 2
+    """(resized width, resized height, left, top) of the square policy for a ``width`` × ``height`` image."""
+    geometry = cover_crop(width, height, Bucket(resolution, resolution))
+    return *geometry.resized, geometry.left, geometry.top
 
 
 def center_crop_top_left(original_size: tuple[int, int], resolution: int) -> tuple[int, int]:
@@ -50,27 +50,31 @@ def center_crop_top_left(original_size: tuple[int, int], resolution: int) -> tup
 
 
 def center_crop_resize(image: Image.Image, resolution: int, resample: int = Image.Resampling.BICUBIC) -> Image.Image:
-    """Resize the shorter side to ``resolution`` and crop the centre square (the fixed-size policy)."""
-    new_w, new_h, left, top = _center_crop_geometry(image.width, image.height, resolution)
-    resized = image.resize((new_w, new_h), resample)
-    return resized.crop((left, top, left + resolution, top + resolution))
+    """Resize the shorter side to ``resolution`` and crop the centre square (the square bucket)."""
+    return fit_to_bucket(image, Bucket(resolution, resolution), resample)
 
 
-def load_training_image(path: str | Path, resolution: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Pixels in [-1, 1] as (3, H, W) and the original (height, width), which SDXL conditions on."""
+def _as_bucket(size: int | Bucket) -> Bucket:
+    return size if isinstance(size, Bucket) else Bucket(size, size)
+
+
+def load_training_image(path: str | Path, size: int | Bucket) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Pixels in [-1, 1] as (3, H, W), brought to ``size`` (a bucket, or a square side), and the original
+    (height, width), which SDXL conditions on."""
     with Image.open(path) as opened:
         image = to_rgb(opened.copy())  # copy: to_rgb may return the lazily-loaded file itself
     original = (image.height, image.width)
-    pixels = np.asarray(center_crop_resize(image, resolution), dtype=np.float32) / 127.5 - 1.0
+    pixels = np.asarray(fit_to_bucket(image, _as_bucket(size)), dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(pixels).permute(2, 0, 1).contiguous(), original
 
 
-def load_training_mask(path: str | Path, resolution: int, latent_side: int) -> torch.Tensor:
-    """The subject mask cropped like its image and averaged down to the latent grid, as (1, h, w) in [0, 1]."""
+def load_training_mask(path: str | Path, size: int | Bucket, latent_size: int | tuple[int, int]) -> torch.Tensor:
+    """The subject mask cropped like its image (to ``size``, a bucket or a square side) and averaged down to the
+    latent grid (``latent_size``: a side, or (h, w)), as (1, h, w) in [0, 1]."""
     mask = Image.fromarray((load_mask(path) * 255).astype(np.uint8))
-    cropped = np.asarray(center_crop_resize(mask, resolution, Image.Resampling.NEAREST), dtype=np.float32) / 255.0
-    tensor = torch.from_numpy(cropped)[None, None]
-    return torch.nn.functional.adaptive_avg_pool2d(tensor, latent_side)[0]
+    cropped = fit_to_bucket(mask, _as_bucket(size), Image.Resampling.NEAREST)
+    tensor = torch.from_numpy(np.asarray(cropped, dtype=np.float32) / 255.0)[None, None]
+    return torch.nn.functional.adaptive_avg_pool2d(tensor, latent_size)[0]
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, key: str) -> None:
@@ -97,9 +101,11 @@ class CacheStats:
     misses: int = 0
 
 
-LATENT_CACHE_FORMAT = 2
+LATENT_CACHE_FORMAT = 3
 """2: entries record the centre crop's (top, left) and latents are normalised by ``pipeline.models.latents``
-(latents_mean/std included). Part of every entry's key and folder, so older entries are recomputed."""
+(latents_mean/std included). 3: the key holds the bucket (width, height) and the crop's (top, left), the folder
+the bucket (docs/design.md#aspect-ratio-buckets). Part of every entry's key and folder, so older entries are
+recomputed."""
 
 
 @dataclass(frozen=True)
@@ -109,7 +115,7 @@ class CachedLatent:
     original_size: tuple[int, int]
     """(height, width) of the source image."""
     crop_top_left: tuple[int, int] = (0, 0)
-    """(top, left) of the centre crop in the resized image (SDXL's crop conditioning)."""
+    """(top, left) of the crop in the resized image (SDXL's crop conditioning)."""
 
 
 @dataclass(frozen=True)
@@ -122,23 +128,38 @@ class CachedText:
 
 @dataclass
 class LatentCache:
+    """Latents of one bucket (``bucket``; None = the square ``resolution``): an entry's key is the image's hash,
+    the bucket, the crop, the VAE and the format, so another bucket or crop is another entry."""
+
     root: Path
     vae_id: str
     resolution: int
     stats: CacheStats = field(default_factory=CacheStats)
+    bucket: Bucket | None = None
 
-    def key(self, image_sha256: str) -> str:
+    @property
+    def size(self) -> Bucket:
+        return self.bucket or Bucket(self.resolution, self.resolution)
+
+    def key(self, image_sha256: str, crop_top_left: tuple[int, int]) -> str:
+        size = self.size
         return sha256_json(
-            {"image": image_sha256, "resolution": self.resolution, "vae": self.vae_id, "format": LATENT_CACHE_FORMAT}
+            {
+                "image": image_sha256,
+                "bucket": [size.width, size.height],
+                "crop": list(crop_top_left),
+                "vae": self.vae_id,
+                "format": LATENT_CACHE_FORMAT,
+            }
         )
 
     def path(self, image_sha256: str) -> Path:
-        folder = f"v{LATENT_CACHE_FORMAT}-{self.resolution}px-{self.vae_id[:12]}"
+        folder = f"v{LATENT_CACHE_FORMAT}-{self.size}px-{self.vae_id[:12]}"
         return self.root / "latents" / folder / f"{image_sha256}.safetensors"
 
-    def get(self, image_sha256: str) -> CachedLatent | None:
-        entry = _read_entry(self.path(image_sha256), self.key(image_sha256))
-        if entry is None or "crop_top_left" not in entry:
+    def get(self, image_sha256: str, crop_top_left: tuple[int, int]) -> CachedLatent | None:
+        entry = _read_entry(self.path(image_sha256), self.key(image_sha256, crop_top_left))
+        if entry is None:
             return None
         size, crop = entry["original_size"], entry["crop_top_left"]
         return CachedLatent(entry["latent"], (int(size[0]), int(size[1])), (int(crop[0]), int(crop[1])))
@@ -149,7 +170,7 @@ class LatentCache:
             "original_size": torch.tensor(value.original_size),
             "crop_top_left": torch.tensor(value.crop_top_left),
         }
-        _atomic_save(tensors, self.path(image_sha256), self.key(image_sha256))
+        _atomic_save(tensors, self.path(image_sha256), self.key(image_sha256, value.crop_top_left))
 
 
 @dataclass
@@ -191,17 +212,22 @@ def build_latent_cache(
     resolution: int,
     cache_dir: Path,
     encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    bucket: Bucket | None = None,
 ) -> tuple[dict[str, CachedLatent], CacheStats]:
-    """Latents for every distinct image of ``samples``, by sample id; encodes only what the cache lacks.
+    """Latents for every distinct image of ``samples`` brought to ``bucket`` (None: the square ``resolution``), by
+    sample id; encodes only what the cache lacks.
 
     ``encode`` maps pixels to model latents: the family's ``encode_pixels`` bound to its pipeline (the trainer
     passes it); without it, ``vae``'s normalised latents (``encode_images``). ``vae`` keys the entries."""
-    cache = LatentCache(Path(cache_dir), module_identity(vae), resolution)
+    cache = LatentCache(Path(cache_dir), module_identity(vae), resolution, bucket=bucket)
+    size = cache.size
     by_id = {s.sample_id: s for s in samples}
     result: dict[str, CachedLatent] = {}
     missing = []
     for sample_id in sorted(by_id):
-        cached = cache.get(sample_id)
+        width, height = image_size(by_id[sample_id].image_path)  # header only: the crop is part of the key
+        crop = cover_crop(width, height, size)
+        cached = cache.get(sample_id, (crop.top, crop.left))
         if cached is None:
             missing.append(by_id[sample_id])
         else:
@@ -218,11 +244,12 @@ def build_latent_cache(
                     f"{sample.image_path} changed since its manifest was written (sha256 {actual[:12]}…, manifest "
                     f"says {sample.sample_id[:12]}…): re-materialize the stage that wrote it."
                 )
-            loaded.append(load_training_image(sample.image_path, resolution))
+            loaded.append(load_training_image(sample.image_path, size))
         pixels = torch.stack([pixels for pixels, _ in loaded])
         latents = encode_images(vae, pixels) if encode is None else encode(pixels).cpu()
         for sample, latent, (_, original) in zip(chunk, latents, loaded, strict=True):
-            entry = CachedLatent(latent.clone(), original, center_crop_top_left(original, resolution))
+            crop = cover_crop(original[1], original[0], size)
+            entry = CachedLatent(latent.clone(), original, (crop.top, crop.left))
             cache.put(sample.sample_id, entry)
             result[sample.sample_id] = entry
     return result, cache.stats
@@ -258,6 +285,9 @@ def build_text_cache(pipe, prompts: Iterable[str], cache_dir: Path) -> tuple[dic
     return result, cache.stats
 
 
-def load_masks(samples: Sequence[TrainingSample], resolution: int, latent_side: int) -> dict[str, torch.Tensor]:
-    """Latent-grid masks by sample id (only samples that have one); small enough to keep in memory."""
-    return {s.sample_id: load_training_mask(s.mask_path, resolution, latent_side) for s in samples if s.mask_path}
+def load_masks(
+    samples: Sequence[TrainingSample], size: int | Bucket, latent_size: int | tuple[int, int]
+) -> dict[str, torch.Tensor]:
+    """Latent-grid masks by sample id (only samples that have one), cropped like their images to ``size`` (a bucket
+    or a square side); small enough to keep in memory."""
+    return {s.sample_id: load_training_mask(s.mask_path, size, latent_size) for s in samples if s.mask_path}

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from pipeline.buckets import parse_aspects
 from pipeline.errors import CastloraError
 from pipeline.lora.adapters import UNET_TARGETS
 from pipeline.settings import from_preset, internal, resolve, unresolved
@@ -26,7 +27,9 @@ _RESULT_NEUTRAL = frozenset(
 )
 # Fields added later: left out of the fingerprint while off, so checkpoints written before they existed still resume.
 _OMITTED_WHEN_ZERO = ("kl_weight", "dpo_beta")
-_OMITTED_AT = {"gradient_accumulation_steps": 1}
+_OMITTED_AT = {"gradient_accumulation_steps": 1, "buckets": "square"}
+# Fields that did not exist when older LoRA records were written, with what those runs did (square crops only).
+_RECORDED_BEFORE = {"buckets": "square"}
 
 
 @dataclass(frozen=True)
@@ -72,8 +75,14 @@ class TrainConfig:
     mask_normalization: str = "mean"
     """``mean``: mean of mask * error over all pixels; ``mask_mean``: that divided by the mask's mean."""
     resolution: int | None = from_preset("resolution")
-    """Fixed square size: images are resized (shorter side) and centre-cropped to it; no bucketing. Not set: the
-    model preset's ``resolution``."""
+    """Training size: with ``buckets: square`` images are resized (shorter side) and centre-cropped to this square;
+    with aspect buckets it sets their pixel count (about resolution²). Not set: the model preset's resolution."""
+    buckets: str = "square"
+    """Aspect-ratio buckets: ``square`` (one resolution x resolution bucket, every image centre-cropped to it);
+    ``aspect`` (1:1, 4:3, 3:4, 3:2, 2:3, 16:9, 9:16 at about resolution² pixels, sides multiples of the model's
+    latent x patch size); or a comma list of width:height ratios (``1:1,3:4,4:3``). Each photo and Seg-Mix
+    composite goes to the bucket nearest its aspect, is resized to cover it and centre-cropped; each step trains
+    on one bucket. Pair it with the Seg-Mix bank's ``canvas_aspects`` so composites come in the same aspects."""
     mixed_precision: str | None = None
     """``no``, ``fp16`` or ``bf16``: frozen weights in fp16/bf16 on GPU with autocast; LoRA parameters always stay
     fp32. Not set: the precision the base model is loaded in (the models resource's dtype: fp16 on CUDA, no on
@@ -138,6 +147,10 @@ class TrainConfig:
                 f"resolution={self.resolution} must be a positive multiple of 8 (leave it unset for the model "
                 "preset's resolution)"
             )
+        try:
+            parse_aspects(self.buckets)
+        except CastloraError as exc:
+            problems.append(str(exc).rstrip("."))
         if self.checkpoint_every < 1 or self.keep_checkpoints < 1 or self.log_every < 1:
             problems.append("checkpoint_every, keep_checkpoints and log_every must be >= 1")
         if not self.targets:
@@ -158,6 +171,8 @@ class TrainConfig:
                 f"{source} records no training settings (written by an older castlora): re-materialize 'lora'."
             )
         names = {f.name for f in fields(cls)}
+        # A field added later whose one value before it existed is known: an older record trained with that value.
+        record = {**{k: v for k, v in _RECORDED_BEFORE.items() if k not in record}, **record}
         missing = sorted(names - set(record))
         unknown = sorted(set(record) - names)
         if missing or unknown:

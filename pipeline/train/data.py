@@ -10,8 +10,9 @@ they cost ~90 MiB of RSS and ~0.3 s of start-up.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -108,6 +109,72 @@ def plan_step(
     instance = [_pick(rng, pools, INSTANCE, SEGMIX, use) for use in mixed]
     priors = [_pick(rng, pools, PRIOR, PRIOR_SEGMIX, use) for use in mixed] if prior else []
     return instance, priors
+
+
+@dataclass(frozen=True)
+class BucketedPools:
+    """The samples split by aspect-ratio bucket (docs/design.md#aspect-ratio-buckets), for drawing each micro-batch
+    from one bucket: a batch of mixed shapes cannot be stacked.
+
+    ``by_bucket`` has one ``SamplePools`` per bucket that holds an instance photo or composite: that bucket's
+    own samples, and — when it holds no class image or prior composite — every prior sample (it is brought to
+    this bucket too, so prior preservation does not stop on the steps of a bucket the class images are not in).
+    """
+
+    pools: SamplePools
+    """All samples, as ``plan_step`` draws them without buckets."""
+    by_bucket: dict[Any, SamplePools]
+    home: dict[str, Any]
+    """Sample id -> its own bucket (the one nearest its aspect ratio)."""
+
+    @classmethod
+    def of(cls, samples: Sequence[TrainingSample], home: Mapping[str, Any]) -> BucketedPools:
+        pools = SamplePools.of(samples)
+        priors = [s for s in samples if s.is_prior]
+        buckets = sorted({home[s.sample_id] for s in samples if not s.is_prior})
+        by_bucket = {}
+        for bucket in buckets:
+            own = [s for s in samples if home[s.sample_id] == bucket]
+            if not any(s.is_prior for s in own):
+                own += priors
+            by_bucket[bucket] = SamplePools.of(own)
+        return cls(pools, by_bucket, dict(home))
+
+    def placements(self) -> dict[Any, list[TrainingSample]]:
+        """Bucket -> the samples brought to it: each sample in its own bucket, and the prior samples a step in a
+        bucket may draw there too. What the latent cache must hold."""
+        placed: dict[Any, set[TrainingSample]] = {}
+        for kind in self.pools.by_kind.values():
+            for sample in kind:
+                placed.setdefault(self.home[sample.sample_id], set()).add(sample)
+        for bucket, pools in self.by_bucket.items():
+            placed.setdefault(bucket, set()).update(s for kind in pools.by_kind.values() for s in kind)
+        return {bucket: sorted(placed[bucket], key=lambda s: s.sample_id) for bucket in sorted(placed)}
+
+
+def plan_bucketed_step(
+    bucketed: BucketedPools,
+    seed: int,
+    step: int,
+    batch_size: int,
+    segmix_p: float,
+    prior: bool,
+    segmix_draw: str = "shared",
+) -> tuple[Any, list[TrainingSample], list[TrainingSample]]:
+    """(bucket, instance samples, prior samples) of one step's global batch, every sample from that bucket.
+
+    The bucket is that of a pilot sample drawn as the first instance slot would be without buckets (Seg-Mix with
+    probability ``segmix_p``), so buckets come up as often as their photos and composites would; the slots are
+    then ``plan_step``'s within the bucket. With one bucket this is exactly ``plan_step`` (no extra draw)."""
+    if len(bucketed.by_bucket) == 1:
+        (bucket, pools), *_ = bucketed.by_bucket.items()
+    else:
+        rng = np.random.default_rng([seed, step, 0xB0C7])
+        pilot = _pick(rng, bucketed.pools, INSTANCE, SEGMIX, bool(rng.random() < segmix_p))
+        bucket = bucketed.home[pilot.sample_id]
+        pools = bucketed.by_bucket[bucket]
+    instance, priors = plan_step(pools, seed, step, batch_size, segmix_p, prior, segmix_draw)
+    return bucket, instance, priors
 
 
 def samples_fingerprint_items(samples: Sequence[TrainingSample]) -> list[tuple[str, str, str]]:

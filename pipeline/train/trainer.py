@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
+from pipeline.buckets import Bucket, bucket_sizes
 from pipeline.errors import CastloraError
 from pipeline.families import ImageGeometry, family_for
 from pipeline.lora.adapters import LoraSpec, activate_adapter
@@ -43,10 +44,11 @@ from pipeline.lora.training import (
     start_from_lora,
     trainable_state,
 )
-from pipeline.train.caches import CachedLatent, CachedText, build_latent_cache, build_text_cache, load_masks
+from pipeline.train.bucketing import bucket_latents, build_bucketed_latents, load_bucketed_masks, place_samples
+from pipeline.train.caches import CachedLatent, CachedText, build_text_cache
 from pipeline.train.checkpoint import TrainingState, capture_rng, restore_rng
 from pipeline.train.config import TrainConfig
-from pipeline.train.data import SamplePools, TrainingSample, plan_step
+from pipeline.train.data import SamplePools, TrainingSample, plan_bucketed_step
 from pipeline.train.losses import dco_loss, kl_to_reference, per_sample_error
 from pipeline.train.runtime import (
     WEIGHT_DTYPES,
@@ -131,11 +133,13 @@ class Trainer:
                 )
         self.reference_adapter: str | None = REFERENCE_ADAPTER if config.kl_weight > 0 else None
         self.samples = self.training_samples(samples)
+        self.buckets = bucket_sizes(config.buckets, config.resolution, self.family.size_multiple(pipe))
+        self.bucketed = place_samples(self.samples, self.buckets)  # docs/design.md#aspect-ratio-buckets
         self.objective = self.family.objective(pipe)
         self.weight_dtype = WEIGHT_DTYPES[config.mixed_precision] if self.device.type == "cuda" else torch.float32
-        self.latents: dict[str, CachedLatent] = {}
+        self.latents: dict[tuple[str, Bucket], CachedLatent] = {}  # a prior sample may be in several buckets
         self.texts: dict[str, CachedText] = {}
-        self.masks: dict[str, torch.Tensor] = {}
+        self.masks: dict[tuple[str, Bucket], torch.Tensor] = {}
         self.cache_stats: dict[str, int] = {}
         self.models: dict[str, torch.nn.Module] = {}
 
@@ -160,16 +164,16 @@ class Trainer:
         with self.accelerator.main_process_first():  # rank 0 encodes; the others then read its files
             vae = family.component(pipe, family.vae).to(self.device)
             encode = partial(family.encode_pixels, pipe)
-            self.latents, latent_stats = build_latent_cache(vae, self.samples, config.resolution, cache_dir, encode)
-            self.cache_stats = {"latent_hits": latent_stats.hits, "latent_misses": latent_stats.misses}
+            self.latents, self.cache_stats = build_bucketed_latents(
+                vae, self.bucketed, config.resolution, cache_dir, encode
+            )
             if not config.train_text_encoder:
                 for name in family.text_encoders:
                     family.component(pipe, name).to(self.device)
                 self.texts, text_stats = build_text_cache(pipe, [s.prompt for s in self.samples], cache_dir)
                 self.cache_stats.update(text_hits=text_stats.hits, text_misses=text_stats.misses)
-        latent_side = next(iter(self.latents.values())).latent.shape[-1]
         if config.masked_loss:
-            self.masks = load_masks(self.samples, config.resolution, latent_side)
+            self.masks = load_bucketed_masks(self.bucketed, self.latents)
 
     def offload_encoders(self) -> None:
         """The VAE (and frozen text encoders) are not needed until training ends: move them off the GPU."""
@@ -255,15 +259,8 @@ class Trainer:
         """This rank's samples of micro-batch ``step`` (instance first, then prior) and how many are instance
         samples. With gradient accumulation k, optimizer step s uses micro-batches s·k … s·k + k − 1."""
         config = self.config
-        instance, prior = plan_step(
-            self.pools,
-            config.seed,
-            step,
-            config.batch_size * self.world,
-            config.segmix_p,
-            config.prior_preservation,
-            config.segmix_draw,
-        )
+        draws = (config.batch_size * self.world, config.segmix_p, config.prior_preservation, config.segmix_draw)
+        _, instance, prior = plan_bucketed_step(self.bucketed, config.seed, step, *draws)  # all in one bucket
         mine = slice(self.rank * config.batch_size, (self.rank + 1) * config.batch_size)
         return instance[mine] + prior[mine], len(instance[mine])
 
@@ -271,11 +268,13 @@ class Trainer:
         return self.assemble(*self.select(step))
 
     def assemble(self, chosen: list[TrainingSample], n_instance: int) -> Batch:
-        """Stack the cached latents, text embeddings, conditioning and masks of ``chosen`` on the device."""
+        """Stack the cached latents, text embeddings, conditioning and masks of ``chosen`` on the device, in the
+        bucket of its first sample (an instance sample, in its own bucket)."""
         config = self.config
-        cached = [self.latents[s.sample_id] for s in chosen]
+        bucket = self.bucketed.home[chosen[0].sample_id]
+        cached = bucket_latents(self.latents, chosen, bucket)
         latents = torch.stack([entry.latent for entry in cached])
-        geometries = [ImageGeometry(entry.original_size, entry.crop_top_left) for entry in cached]
+        geometries = [ImageGeometry(entry.original_size, entry.crop_top_left, bucket.size) for entry in cached]
         conditioning = {
             name: value.to(self.device, self.weight_dtype)
             for name, value in self.family.conditioning(geometries, config.resolution).items()
@@ -283,7 +282,7 @@ class Trainer:
         masks = None
         if config.masked_loss:
             ones = torch.ones_like(latents[0, :1])
-            masks = torch.stack([self.masks.get(s.sample_id, ones) for s in chosen]).to(self.device)
+            masks = torch.stack([self.masks.get((s.sample_id, bucket), ones) for s in chosen]).to(self.device)
         prompts = [s.prompt for s in chosen]
         embeds = pooled = None
         if not config.train_text_encoder:

@@ -118,3 +118,35 @@ def test_write_entry_files_and_manifest_row(cast: dict, tmp_path: Path) -> None:
     assert row["config_hash"] == config_hash(CONFIG)
     assert row["occlusion"] == composite.occlusion
     json.dumps(row)  # a manifest row must be plain data
+
+
+def test_bank_renders_canvases_by_aspect(cast: dict, tmp_path: Path) -> None:
+    """docs/design.md#aspect-ratio-buckets: with canvas sizes the entries take them in turn, the cut-out plan stays
+    the square bank's, and each composite (image and masks) has its entry's canvas."""
+    from pipeline.buckets import CANVAS_MULTIPLE, canvas_sizes
+
+    canvases = canvas_sizes("1:1,4:3,3:4", 192, 192)
+    assert canvases[0] == (192, 192) and len(canvases) == 3
+    for width, height in canvases:
+        assert width % CANVAS_MULTIPLE == 0 and height % CANVAS_MULTIPLE == 0
+        assert abs(width * height - 192 * 192) <= CANVAS_MULTIPLE * (width + height) / 2
+    assert canvases[1][0] > canvases[1][1] and canvases[2][0] < canvases[2][1]
+    assert canvas_sizes("square", 192, 160) == ((192, 160),)
+
+    entries = plan_bank(cast, 6, CONFIG, seed=3, canvases=canvases)
+    assert signature(entries) == signature(plan_bank(cast, 6, CONFIG, seed=3))
+    assert [e.canvas for e in entries] == [*canvases, *canvases]
+    for entry, composite in render_bank(entries, CONFIG):
+        width, height = entry.canvas
+        assert composite.image.size == (width, height)
+        assert composite.union_mask.shape == (height, width)
+        assert all(box[2] <= width and box[3] <= height for box in composite.boxes)
+        row = write_bank_entry(entry, composite, tmp_path, CONFIG)
+        assert (row["canvas_width"], row["canvas_height"]) == (width, height)
+        assert Image.open(tmp_path / row["union_mask_path"]).size == (width, height)
+    # One entry renders the same alone as in its bank (its canvas travels with it).
+    alone = next(iter(render_bank(entries[1:2], CONFIG)))[1]
+    assert np.array_equal(
+        np.asarray(alone.image),
+        np.asarray(compose(entries[1].subjects, entries[1].config(CONFIG), entries[1].seed).image),
+    )
