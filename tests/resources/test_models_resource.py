@@ -95,3 +95,21 @@ def test_model_overrides_are_the_presets_model_choices_declared_once():
 def test_an_empty_model_override_is_refused_by_name():
     with pytest.raises(CastloraError, match=r"\['detector'\] are empty strings: leave them unset"):
         ModelResource(detector="").resolved_preset()
+
+
+@pytest.mark.parametrize("resource", ["ModelResource", "CaptionerResource", "StorageResource"])
+def test_every_resource_field_has_a_launchpad_description(resource):
+    """The launchpad shows a field's pydantic description: the docstring under each field must reach it (without
+    ``use_attribute_docstrings`` Dagster showed ``preset``, ``device`` and every storage field undocumented)."""
+    import resources
+
+    schema = getattr(resources, resource).to_config_schema().as_field().config_type.fields
+    undocumented = sorted(name for name, field in schema.items() if not (field.description or "").strip())
+    assert not undocumented, f"{resource} fields without a launchpad description: {undocumented}"
+
+
+def test_preset_description_names_every_preset():
+    from pipeline.models.presets import PRESETS
+
+    description = ModelResource.to_config_schema().as_field().config_type.fields["preset"].description
+    assert all(f"``{name}``" in description for name in PRESETS), description
