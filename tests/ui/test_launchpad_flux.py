@@ -2,10 +2,11 @@
 partition, change the models resource's ``preset`` to ``tiny-flux`` in the config editor, launch, and every
 asset materializes for FLUX.1 (docs/design.md#flux1).
 
-Slow (a few minutes): its own data home and ``dagster dev`` (not the shared demo's), so it needs no SDXL demo run.
-The run uses the launchpad's defaults, as a user's first run would, on the in-process executor: on a small CPU
-machine the default multiprocess executor starts one Python process per step (17 here), which costs more than the
-tiny models' work. Screenshots go where tests/ui/conftest.py says.
+Slow (minutes on an idle 2-core machine; 18 minutes when six jobs shared those cores): its own data home and
+``dagster dev`` (not the shared demo's), so it needs no SDXL demo run. The run uses the launchpad's defaults, as a
+user's first run would, on the in-process executor: on a small CPU machine the default multiprocess executor starts
+one Python process per step (16 here: 9 assets, 7 checks), which costs more than the tiny models' work.
+Screenshots go where tests/ui/conftest.py says.
 """
 
 from __future__ import annotations
