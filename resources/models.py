@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import fields
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +12,11 @@ import dagster as dg
 from pydantic import ConfigDict, create_model
 
 from pipeline.models.loading import resolve_model
-from pipeline.models.presets import ModelChoice, ModelPreset, get_preset
+from pipeline.models.presets import PRESETS, ModelChoice, ModelPreset, get_preset
 from resources.config_fields import config_field
+
+PresetName = Enum("PresetName", {name: name for name in PRESETS}, type=str, module=__name__)  # type: ignore[misc]
+"""The preset names as a config enum: the launchpad offers them and refuses a misspelt one before the run starts."""
 
 ModelOverrides = create_model(
     "ModelOverrides",
@@ -31,7 +35,7 @@ class ModelResource(ModelOverrides):  # type: ignore[misc, valid-type]
     # The docstrings under the fields are the launchpad's field descriptions (Dagster shows pydantic descriptions).
     model_config = ConfigDict(use_attribute_docstrings=True)
 
-    preset: str = "tiny"
+    preset: PresetName = PresetName("tiny")  # type: ignore[valid-type]
     """Model preset, naming the base model, its family and every other model: ``tiny`` (tiny random SDXL, CPU,
     offline), ``sdxl`` (SDXL base 1.0), ``tiny-flux`` (tiny random FLUX.1, CPU, offline) or ``flux`` (FLUX.1-dev).
     Switching family means switching preset; ``family`` alone does not change ``base_model``."""
@@ -51,7 +55,8 @@ class ModelResource(ModelOverrides):  # type: ignore[misc, valid-type]
 
     def resolved_preset(self) -> ModelPreset:
         """The preset with this resource's model overrides applied: what every stage reads its models from."""
-        return get_preset(self.preset).with_overrides(**{f.name: getattr(self, f.name) for f in fields(ModelChoice)})
+        preset = get_preset(PresetName(self.preset).value)
+        return preset.with_overrides(**{f.name: getattr(self, f.name) for f in fields(ModelChoice)})
 
     def torch_device(self) -> str:
         if self.device != "auto":
