@@ -16,7 +16,18 @@ from assets import checks, schedules, sensors
 from assets.executors import executor_from_env
 from assets.instance import env_int
 from assets.jobs import PAIR_ASSETS, pair_job
+from pipeline.errors import CastloraError
+from pipeline.models.presets import get_preset
 from resources import CaptionerResource, ModelResource, StorageResource
+
+
+def _preset_from_env(env: dict[str, str]) -> str:
+    """``CASTLORA_PRESET`` (default ``tiny``), refused by name when it is no preset (not a bare pydantic error)."""
+    value = env.get("CASTLORA_PRESET", "tiny")
+    try:
+        return get_preset(value).name
+    except CastloraError as exc:
+        raise CastloraError(f"CASTLORA_PRESET={value!r}: {exc}") from None
 
 
 def build_resources(env: dict[str, str] | None = None) -> dict[str, dg.ConfigurableResource]:
@@ -32,7 +43,7 @@ def build_resources(env: dict[str, str] | None = None) -> dict[str, dg.Configura
             s3_region=env.get("AWS_REGION", "us-east-1"),
         ),
         "models": ModelResource(
-            preset=env.get("CASTLORA_PRESET", "tiny"),
+            preset=_preset_from_env(env),
             segmenter_backend=env.get("CASTLORA_SEGMENTER") or None,
             device=env.get("CASTLORA_DEVICE", "auto"),
             train_processes=env_int(env, "CASTLORA_TRAIN_PROCESSES", 1),

@@ -121,11 +121,13 @@ class SamplesSettings:
     lora_scale: float = 1.0
     """Strength of the LoRA."""
     use_default_negative: bool = True
-    """Negative prompt "sticker, collage" against Seg-Mix sticker artefacts."""
+    """Negative prompt "sticker, collage" against Seg-Mix sticker artefacts. FLUX.1: not passed (it would need true
+    CFG, docs/design.md#flux1), so it has no effect."""
     steps: int | None = from_preset("inference_steps")
     """Denoising steps. Not set: the model preset's ``inference_steps``."""
     guidance_scale: float = 5.0
-    """Classifier-free guidance scale."""
+    """SDXL: classifier-free guidance scale. FLUX.1: the distilled guidance embedding (FLUX.1-dev is usually run at
+    3.5; schnell ignores it)."""
     resolution: int | None = from_preset("resolution")
     """Square image side in pixels. Not set: the model preset's resolution."""
 
@@ -158,9 +160,11 @@ class QualityRenderSettings:
     inference_steps: int | None = from_preset("inference_steps")
     """Denoising steps. Not set: the model preset's ``inference_steps``."""
     guidance_scale: float = 5.0
-    """Classifier-free guidance scale."""
+    """SDXL: classifier-free guidance scale. FLUX.1: the distilled guidance embedding (FLUX.1-dev is usually run at
+    3.5; schnell ignores it)."""
     use_default_negative: bool = True
-    """Negative prompt "sticker, collage" against Seg-Mix sticker artefacts."""
+    """Negative prompt "sticker, collage" against Seg-Mix sticker artefacts. FLUX.1: not passed (it would need true
+    CFG, docs/design.md#flux1), so it has no effect."""
     resolution: int | None = from_preset("resolution")
     """Square image side in pixels. Not set: the model preset's resolution."""
 

@@ -31,7 +31,10 @@ TRAINING_STAGES = (Stage.REFERENCES, Stage.CAPTIONS, Stage.SEGMENTS, Stage.SEGMI
     kinds={"pytorch", "safetensors"},
     code_version="lora-v2",
     deps=[captions, segments, segmix_bank, class_images],
-    description="DreamBooth-LoRA on the U-Net with Seg-Mix and prior preservation; resumable; diffusers + kohya files.",
+    description=(
+        "DreamBooth-LoRA on the base model's denoiser (SDXL U-Net, FLUX.1 transformer) with Seg-Mix and prior "
+        "preservation; resumable; diffusers + kohya files."
+    ),
 )
 def lora(
     context: dg.AssetExecutionContext, config: LoraTrainingConfig, storage: StorageResource, models: ModelResource
@@ -63,6 +66,9 @@ def lora(
     kinds = {kind: sum(s.kind == kind for s in samples) for kind in sorted({s.kind for s in samples})}
     metadata = {
         "version": out.version,
+        # Which model this LoRA is for: a user who switched the launchpad's preset sees it took effect.
+        "family": preset.family,
+        "base_model": preset.base_model,
         "steps": result.steps_done,
         "resumed_from_step": result.resumed_from if result.resumed_from is not None else -1,
         "final_loss": float(result.final_loss) if result.final_loss is not None else float("nan"),

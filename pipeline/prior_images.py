@@ -37,7 +37,8 @@ class ClassImageConfig:
     steps: int | None = from_preset("class_image_steps")
     """Denoising steps per image. Not set: the model preset's ``class_image_steps``."""
     guidance_scale: float = 5.0
-    """Classifier-free guidance scale."""
+    """SDXL: classifier-free guidance scale. FLUX.1: the distilled guidance embedding (FLUX.1-dev is usually run at
+    3.5; schnell ignores it)."""
     seed: int = 0
     """Image i of a class noun is generated with seed ``seed + i``."""
     prompt_template: str = "a photo of a {class_noun}"

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import dagster as dg
+from pydantic import ConfigDict
 
 from pipeline.captions import Captioner
 from pipeline.errors import CastloraError
@@ -17,6 +18,11 @@ BACKENDS = ("template", "openai", "transformers")
 
 
 class CaptionerResource(dg.ConfigurableResource):
+    """Captions for the photos: the ``template`` backend, an OpenAI-compatible API or a local VLM."""
+
+    # The docstrings under the fields are the launchpad's field descriptions.
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
     backend: str = "template"
     """``template`` (deterministic, no model), ``openai`` (any OpenAI-compatible endpoint) or ``transformers``."""
     model: str = ""
@@ -26,9 +32,13 @@ class CaptionerResource(dg.ConfigurableResource):
     api_key_env: str = "OPENAI_API_KEY"
     """Name of the environment variable holding the key. The key itself is never stored in config."""
     timeout_s: float = 60.0
+    """openai: seconds per request before it is retried."""
     max_retries: int = 4
+    """openai: retries (with backoff) on timeouts, 429 and 5xx."""
     template: str = "a photo of a {class_noun}"
+    """template: the caption; ``{class_noun}`` is the character's class noun (replaced by its token phrase)."""
     device: str = "cpu"
+    """transformers: device of the local VLM."""
 
     def layout_client(self) -> OpenAICaptioner:
         """The chat client the samples' ``llm`` layouts ask for boxes (docs/design.md#layout-control): the same

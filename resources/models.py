@@ -4,15 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import fields
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
-from pydantic import create_model
+from pydantic import ConfigDict, create_model
 
 from pipeline.models.loading import resolve_model
-from pipeline.models.presets import ModelChoice, ModelPreset, get_preset
+from pipeline.models.presets import PRESETS, ModelChoice, ModelPreset, get_preset
 from resources.config_fields import config_field
+
+PresetName = Enum("PresetName", {name: name for name in PRESETS}, type=str, module=__name__)  # type: ignore[misc]
+"""The preset names as a config enum: the launchpad offers them and refuses a misspelt one before the run starts."""
 
 ModelOverrides = create_model(
     "ModelOverrides",
@@ -24,18 +28,24 @@ ModelOverrides = create_model(
 
 
 class ModelResource(ModelOverrides):  # type: ignore[misc, valid-type]
-    """Models for every stage, chosen by ``preset`` (``tiny`` offline/CPU, ``sdxl`` real weights); every
-    ``ModelChoice`` field of the preset (detector, sam, base_model, ...) can be overridden here."""
+    """Models for every stage, chosen by ``preset`` (``tiny``/``tiny-flux``: random-init SDXL/FLUX.1, CPU, offline;
+    ``sdxl``/``flux``: real weights); every ``ModelChoice`` field of the preset (detector, sam, base_model, family,
+    ...) can be overridden here."""
 
-    preset: str = "tiny"
-    """Model preset: ``tiny`` (random-init models, CPU, offline) or ``sdxl`` (real weights)."""
+    # The docstrings under the fields are the launchpad's field descriptions (Dagster shows pydantic descriptions).
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
+    preset: PresetName = PresetName("tiny")  # type: ignore[valid-type]
+    """Model preset, naming the base model, its family and every other model: ``tiny`` (tiny random SDXL, CPU,
+    offline), ``sdxl`` (SDXL base 1.0), ``tiny-flux`` (tiny random FLUX.1, CPU, offline) or ``flux`` (FLUX.1-dev).
+    Switching family means switching preset; ``family`` alone does not change ``base_model``."""
     vae: str | None = None
     """Optional VAE override for the base model, e.g. the fp16-fix SDXL VAE (madebyollin/sdxl-vae-fp16-fix) as a
     hub id or local directory; the stock SDXL VAE overflows in fp16. Not set: the base model's own VAE."""
     device: str = "auto"
     """``auto`` picks CUDA when present, else CPU."""
     dtype: str = "auto"
-    """``auto``: float16 on CUDA, float32 on CPU."""
+    """``auto``: float16 on CUDA, float32 on CPU; or a torch dtype name (``bfloat16``, ``float32``)."""
     train_processes: int = 1
     """LoRA training processes: 1 trains in the step's own process; more start that many ranks (one per GPU, or
     gloo on CPU) through ``accelerate launch`` (env CASTLORA_TRAIN_PROCESSES). Resuming needs the same number."""
@@ -45,7 +55,8 @@ class ModelResource(ModelOverrides):  # type: ignore[misc, valid-type]
 
     def resolved_preset(self) -> ModelPreset:
         """The preset with this resource's model overrides applied: what every stage reads its models from."""
-        return get_preset(self.preset).with_overrides(**{f.name: getattr(self, f.name) for f in fields(ModelChoice)})
+        preset = get_preset(PresetName(self.preset).value)
+        return preset.with_overrides(**{f.name: getattr(self, f.name) for f in fields(ModelChoice)})
 
     def torch_device(self) -> str:
         if self.device != "auto":

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
-from pydantic import PrivateAttr
+from pydantic import ConfigDict, PrivateAttr
 
 import pipeline
 from pipeline.errors import PairKeyError, StorageError
@@ -61,7 +61,11 @@ class StageRun:
 class StorageResource(dg.ConfigurableResource):
     """The data home. Empty ``home`` means ``$CASTLORA_HOME``, else ``./castlora_data``."""
 
+    # The docstrings under the fields are the launchpad's field descriptions.
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
     home: str = ""
+    """The data home folder; empty: ``$CASTLORA_HOME``, else ``./castlora_data``."""
     s3_bucket: str = ""
     """Empty: local disk only. Otherwise stages, registered specs and lineage are published to this bucket."""
     s3_prefix: str = "castlora"
@@ -69,6 +73,7 @@ class StorageResource(dg.ConfigurableResource):
     s3_endpoint_url: str = ""
     """Empty: AWS S3. Set for S3-compatible stores (MinIO, Ceph, R2), e.g. http://minio:9000."""
     s3_region: str = "us-east-1"
+    """Region of the bucket."""
     aws_access_key_id: str = ""
     """Use dg.EnvVar("AWS_ACCESS_KEY_ID"); empty: boto3's default credential chain."""
     aws_secret_access_key: str = ""
@@ -78,7 +83,9 @@ class StorageResource(dg.ConfigurableResource):
     s3_backoff_s: float = 0.5
     """First wait between attempts; doubles each time, at most 8 s."""
     s3_botocore_attempts: int = 2
+    """Attempts botocore makes inside each of castlora's attempts."""
     s3_connect_timeout_s: float = 5.0
+    """Seconds to wait for a connection to the S3 endpoint."""
 
     _store: S3Store | None = PrivateAttr(default=None)
 

@@ -26,7 +26,9 @@ class ModelChoice:
     base_model: str
     """Diffusers pipeline directory or id of ``family``: class images, LoRA training and generation."""
     family: str = "sdxl"
-    """Model family of ``base_model``: a key of ``pipeline.families.FAMILIES`` (docs/design.md#model-families)."""
+    """Model family of ``base_model`` (``sdxl`` or ``flux``, the keys of ``pipeline.families.FAMILIES``;
+    docs/design.md#model-families). The preset sets it (``tiny-flux``, ``flux``: ``flux``): to switch family, switch
+    preset; override it only together with a ``base_model`` of that family."""
     vlm: str
     """Local captioning VLM for the ``transformers`` caption backend."""
     segmenter_backend: str

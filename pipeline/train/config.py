@@ -39,7 +39,7 @@ class TrainConfig:
     batch_size: int = 1
     """Instance images per step and process; with prior preservation each step also sees as many prior images."""
     lr: float = 1e-4
-    """Learning rate of the U-Net LoRA (AdamW)."""
+    """Learning rate of the denoiser's LoRA (SDXL: U-Net, FLUX.1: transformer; AdamW)."""
     lr_scheduler: str = "constant"
     """``constant`` or ``cosine`` (decays to 0 over ``steps``)."""
     lr_warmup_steps: int = 0
@@ -51,7 +51,8 @@ class TrainConfig:
     targets: tuple[str, ...] = internal(UNET_TARGETS)
     """U-Net attention projections that get LoRA layers."""
     train_text_encoder: bool = False
-    """Also train LoRA on both text encoders (then text embeddings are computed every step, not cached)."""
+    """Also train LoRA on the text encoders (SDXL: both CLIP encoders; FLUX.1: CLIP only, T5 stays frozen); text
+    embeddings are then computed every step, not cached."""
     text_encoder_lr: float | None = None
     """Learning rate of the text-encoder LoRA; None = ``lr``."""
     segmix_p: float = 0.3
@@ -62,7 +63,8 @@ class TrainConfig:
     prior_weight: float = 1.0
     """Weight of the prior-preservation loss; 0 disables prior preservation."""
     dco_beta: float = 0.0
-    """>0 replaces the instance MSE by the DCO loss against the same U-Net with LoRA scale 0 (MuDI uses 1000)."""
+    """>0 replaces the instance MSE by the DCO loss against the same denoiser with LoRA scale 0 (MuDI uses 1000;
+    FLUX.1: its flow-matching form)."""
     kl_weight: float = internal(0.0)
     """>0 adds ``kl_weight`` × the KL towards the starting LoRA (``init_lora``, the previous round's model) to the
     instance loss: MuDI's iterative training (docs/design.md#losses, weight ≈ 1.0). Needs ``init_lora``."""
@@ -76,7 +78,8 @@ class TrainConfig:
     """``mean``: mean of mask * error over all pixels; ``mask_mean``: that divided by the mask's mean."""
     resolution: int | None = from_preset("resolution")
     """Training size: with ``buckets: square`` images are resized (shorter side) and centre-cropped to this square;
-    with aspect buckets it sets their pixel count (about resolution²). Not set: the model preset's resolution."""
+    with aspect buckets it sets their pixel count (about resolution²). A multiple of 8 (FLUX.1: of 16, for its
+    2×2 packed latents). Not set: the model preset's ``resolution``."""
     buckets: str = "square"
     """Aspect-ratio buckets: ``square`` (one resolution x resolution bucket, every image centre-cropped to it);
     ``aspect`` (1:1, 4:3, 3:4, 3:2, 2:3, 16:9, 9:16 at about resolution² pixels, sides multiples of the model's
@@ -90,10 +93,10 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less GPU memory, slower steps."""
     compile_unet: bool = False
-    """``torch.compile`` the U-Net's training forward/backward (inductor). Faster steps (tiny model on CPU:
-    1.8x / 1.55x / 1.1x over eager at 128 / 256 / 512 px, benchmarks/README.md) after a one-off compile on the
-    first step: minutes on a small CPU, seconds once inductor's on-disk cache holds it. For long runs; on CPU it
-    needs a C++ compiler and raises peak RSS by ~100-200 MiB."""
+    """``torch.compile`` the denoiser's training forward/backward (inductor; SDXL U-Net or FLUX.1 transformer).
+    Faster steps (tiny SDXL on CPU: 1.8x / 1.55x / 1.1x over eager at 128 / 256 / 512 px, benchmarks/README.md)
+    after a one-off compile on the first step: minutes on a small CPU, seconds once inductor's on-disk cache holds
+    it. For long runs; on CPU it needs a C++ compiler and raises peak RSS by ~100-200 MiB."""
     use_8bit_adam: bool = False
     """bitsandbytes' 8-bit AdamW (CUDA only): less optimizer memory."""
     adam_weight_decay: float = 1e-4

@@ -16,9 +16,38 @@ def test_preset_overrides_and_auto_device():
     assert resource.segmenter_model_ids() == ["/models/owl", "tiny:sam"]
 
 
-def test_unknown_preset_is_named():
-    with pytest.raises(CastloraError, match="Unknown model preset 'sdxl-turbo'"):
-        ModelResource(preset="sdxl-turbo").resolved_preset()
+def test_unknown_preset_is_refused_with_the_presets():
+    """``preset`` is a config enum: a misspelt name is refused when the resource is built, listing every preset."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=r"preset\n.*'tiny', 'sdxl', 'tiny-flux' or 'flux'"):
+        ModelResource(preset="sdxl-turbo")
+
+
+def test_launchpad_refuses_a_misspelt_preset_before_the_run():
+    """In the launchpad the preset is an enum: ``tinyflux`` is a config error (shown before launch), ``tiny-flux``
+    runs with the FLUX.1 preset."""
+    import dagster as dg
+
+    @dg.asset
+    def family(models: ModelResource) -> str:
+        return models.resolved_preset().family
+
+    def run(preset: str) -> dg.ExecuteInProcessResult:
+        config = {"resources": {"models": {"config": {"preset": preset}}}}
+        return dg.materialize([family], resources={"models": ModelResource()}, run_config=config)
+
+    assert run("tiny-flux").output_for_node("family") == "flux"
+    with pytest.raises(dg.DagsterInvalidConfigError, match=r"preset not in enum type PresetName got tinyflux"):
+        run("tinyflux")
+
+
+def test_castlora_preset_env_is_named_when_unknown():
+    from assets.definitions import build_resources
+
+    assert build_resources({"CASTLORA_PRESET": "tiny-flux"})["models"].resolved_preset().family == "flux"
+    with pytest.raises(CastloraError, match=r"CASTLORA_PRESET='tiny_flux': Unknown model preset 'tiny_flux'"):
+        build_resources({"CASTLORA_PRESET": "tiny_flux"})
 
 
 def test_wrong_base_model_dir_names_the_path(tmp_path):
@@ -95,3 +124,21 @@ def test_model_overrides_are_the_presets_model_choices_declared_once():
 def test_an_empty_model_override_is_refused_by_name():
     with pytest.raises(CastloraError, match=r"\['detector'\] are empty strings: leave them unset"):
         ModelResource(detector="").resolved_preset()
+
+
+@pytest.mark.parametrize("resource", ["ModelResource", "CaptionerResource", "StorageResource"])
+def test_every_resource_field_has_a_launchpad_description(resource):
+    """The launchpad shows a field's pydantic description: the docstring under each field must reach it (without
+    ``use_attribute_docstrings`` Dagster showed ``preset``, ``device`` and every storage field undocumented)."""
+    import resources
+
+    schema = getattr(resources, resource).to_config_schema().as_field().config_type.fields
+    undocumented = sorted(name for name, field in schema.items() if not (field.description or "").strip())
+    assert not undocumented, f"{resource} fields without a launchpad description: {undocumented}"
+
+
+def test_preset_description_names_every_preset():
+    from pipeline.models.presets import PRESETS
+
+    description = ModelResource.to_config_schema().as_field().config_type.fields["preset"].description
+    assert all(f"``{name}``" in description for name in PRESETS), description

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import Page, sync_playwright
 from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
-from playwright.sync_api import sync_playwright
 
 from assets.instance import InstanceSettings, ensure_instance
 from tests.ui.dagster_dev import DagsterDev, start_dagster_dev
@@ -49,23 +50,32 @@ def browser():
         chromium.close()
 
 
-@pytest.fixture
-def page(browser, dagster_ui):
+@contextmanager
+def open_page(browser, url: str) -> Iterator[Page]:
+    """A fresh browser page on the UI at ``url``, past the first-visit welcome modal."""
     context = browser.new_context(viewport={"width": 1600, "height": 1000})
     context.set_default_timeout(30_000)
     page = context.new_page()
     # A fresh instance greets the first visitor with a "Join the Dagster community" modal a moment after the
     # first page loads; skip it before the test clicks anything (it would close open menus), as a user would.
     welcome = page.get_by_text("Join the Dagster community")
-    page.goto(f"{dagster_ui.url}/overview")
+    page.goto(f"{url}/overview")
     try:
         welcome.wait_for(timeout=15_000)
         page.get_by_role("button", name="Skip").click()
     except PlaywrightTimeoutError:
         pass  # already dismissed on this instance
     page.add_locator_handler(welcome, lambda: page.get_by_role("button", name="Skip").click())
-    yield page
-    context.close()
+    try:
+        yield page
+    finally:
+        context.close()
+
+
+@pytest.fixture
+def page(browser, dagster_ui):
+    with open_page(browser, dagster_ui.url) as opened:
+        yield opened
 
 
 @pytest.fixture(scope="module")

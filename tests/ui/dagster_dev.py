@@ -78,8 +78,15 @@ query {
 """
 
 
-def start_dagster_dev(dagster_home: Path, data_home: Path, log: Path, startup_timeout: float = 240) -> DagsterDev:
-    """Start ``dagster dev`` on the instance at ``dagster_home`` and wait until the code location is loaded."""
+def start_dagster_dev(
+    dagster_home: Path,
+    data_home: Path,
+    log: Path,
+    startup_timeout: float = 240,
+    extra_env: dict[str, str] | None = None,
+) -> DagsterDev:
+    """Start ``dagster dev`` on the instance at ``dagster_home`` and wait until the code location is loaded;
+    ``extra_env`` adds deployment settings (e.g. ``CASTLORA_EXECUTOR``) to its environment."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DAGSTER_", "CASTLORA_"))}
     env.update(
@@ -90,6 +97,7 @@ def start_dagster_dev(dagster_home: Path, data_home: Path, log: Path, startup_ti
         DAGSTER_DISABLE_TELEMETRY="1",
         PYTHONUNBUFFERED="1",
     )
+    env.update(extra_env or {})
     dagster = Path(sys.executable).with_name("dagster")
     command = [str(dagster), "dev", "-h", "127.0.0.1", "-p", str(port), "-w", str(REPO / "workspace.yaml")]
     with log.open("wb") as sink:
