@@ -39,7 +39,8 @@ class RenderSettings:
     negative_prompt: str | None = None
     lora_scale: float = 1.0
     true_cfg_scale: float = family_option(1.0)
-    """FLUX.1 only: > 1 renders the negative prompt with true classifier-free guidance (docs/design.md#flux1-run-settings)."""
+    """FLUX.1 only: > 1 renders the negative prompt with true classifier-free guidance
+    (docs/design.md#flux1-run-settings)."""
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ scheduler) trains, renders and exports from a local folder."""
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -41,10 +42,14 @@ def test_sdxl_refuses_each_flux_setting_by_name_and_flux_takes_them():
         (RenderSettings(64, 64, 2, 5.0, true_cfg_scale=2.0), "RenderSettings.true_cfg_scale=2.0"),
         (ClassImageConfig(true_cfg_scale=4.0), "ClassImageConfig.true_cfg_scale=4.0"),
     ]:
-        with pytest.raises(CastloraError, match=rf"sdxl model family does not use: {re.escape(field)} is read only by .* flux"):
+        with pytest.raises(
+            CastloraError, match=rf"sdxl model family does not use: {re.escape(field)} is read only by .* flux"
+        ):
             SDXL.with_options(settings)
     # Two settings SDXL does not read, both named; defaults pass.
-    with pytest.raises(CastloraError, match=r"sigma_sampling='logit_normal' .*; TrainConfig\.logit_std=1\.5") as refused:
+    with pytest.raises(
+        CastloraError, match=r"sigma_sampling='logit_normal' .*; TrainConfig\.logit_std=1\.5"
+    ) as refused:
         SDXL.with_options(TrainConfig(logit_std=1.5, sigma_sampling="logit_normal"))
     assert "leave it at 1.0" in str(refused.value)
     assert SDXL.with_options(TrainConfig()) is SDXL and SDXL.with_options(None) is SDXL
@@ -159,8 +164,7 @@ def test_a_local_schnell_folder_loads_trains_renders_and_exports(schnell_folder,
     result = train_lora(pipe, samples, config, tmp_path / "out", tmp_path / "cache")
     assert result.steps_done == 3 and all(np.isfinite(loss) for _, loss, _ in result.losses)
     with pytest.raises(CastloraError, match=r"training_guidance=3\.5: .*no guidance embedding"):
-        train_lora(pipe, samples, TrainConfig(**{**config.as_record(), "targets": config.targets,
-                                                  "training_guidance": 3.5}), tmp_path / "o2", tmp_path / "c2")  # fmt: skip
+        train_lora(pipe, samples, replace(config, training_guidance=3.5), tmp_path / "o2", tmp_path / "c2")
 
     # Guidance is not an input of schnell: any value renders the same image (the preset's 0.0 included).
     requests = [SampleRequest("olis dog", 1), SampleRequest("olis dog", 1, gamma=1.0)]
