@@ -127,13 +127,14 @@ def unresolved(settings: Any) -> list[str]:
 def resolve(settings: Settings, preset: Any) -> Settings:
     """``settings`` with every unset (None) ``from_preset`` field replaced by the preset's value: the one place
     where a run's settings meet the model preset's defaults. A family option that the preset's model family does not
-    read is refused here, by name, before any model loads (``ModelFamily.check_options``)."""
+    read, or a value the family refuses, is an error here, by name, before any model loads
+    (``ModelFamily.with_options``)."""
     family_name = getattr(preset, "family", None)
     if family_name is not None and changed_family_options(settings):
         # Imported here: the families pull in diffusers, and this module is imported by light settings modules.
         from pipeline.families import get_family
 
-        get_family(family_name).check_options(settings)
+        get_family(family_name).with_options(settings)
     filled = {
         f.name: getattr(preset, attribute)
         for f in dataclasses.fields(settings)  # type: ignore[arg-type]

@@ -135,6 +135,8 @@ class FluxFamily(ModelFamily):
         self.sigma_sampling = sigma_sampling
         """How training draws σ: ``uniform``, ``logit_normal`` or ``mode`` (``FlowMatchingObjective``)."""
         self.logit_mean, self.logit_std, self.mode_scale = float(logit_mean), float(logit_std), float(mode_scale)
+        if self.true_cfg_scale < 1:
+            raise CastloraError(f"true_cfg_scale={true_cfg_scale} must be >= 1 (1: off, no true CFG).")
 
     def configured(self, options: Mapping[str, Any]) -> FluxFamily:
         current = {name: getattr(self, name) for name in self.options}

@@ -74,6 +74,8 @@ def test_the_launchpad_offers_the_flux_settings_and_resolve_refuses_them_for_sdx
     assert resolve(samples, PRESETS["flux"]).true_cfg_scale == 2.5
     with pytest.raises(CastloraError, match=r"SamplesSettings\.true_cfg_scale=2\.5 is read only by"):
         resolve(samples, PRESETS["tiny"])
+    with pytest.raises(CastloraError, match=r"true_cfg_scale=0\.5 must be >= 1"):
+        resolve(SamplesConfig(true_cfg_scale=0.5).settings(SamplesSettings), PRESETS["tiny-flux"])
     assert "FLUX.1 only" in LoraTrainingConfig.model_fields["sigma_sampling"].description
     with pytest.raises(CastloraError, match=r"mode_scale=2\.0 is read only with sigma_sampling='mode'"):
         TrainConfig(mode_scale=2.0)
