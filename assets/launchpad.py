@@ -25,7 +25,7 @@ from pipeline.layout_control import PromptEntry, parse_prompt_entries
 from pipeline.prior_images import ClassImageConfig
 from pipeline.segment import SegmentConfig
 from pipeline.segmix.compose import SegMixConfig
-from pipeline.settings import from_preset, preset_attribute, resolve, user_fields
+from pipeline.settings import ZERO_IS_A_VALUE, family_option, from_preset, preset_attribute, resolve, user_fields
 from pipeline.stages.evaluation import VARIANTS
 from pipeline.stages.segmix_bank import BankConfig
 from pipeline.train import TrainConfig
@@ -50,7 +50,8 @@ class LaunchpadConfig(dg.Config):
         values = {}
         for field in launchpad_fields(cls):
             value = getattr(self, field.name)
-            if preset_attribute(field) and value == 0 and not isinstance(value, bool):
+            zero_refused = preset_attribute(field) and not field.metadata.get(ZERO_IS_A_VALUE)
+            if zero_refused and value == 0 and not isinstance(value, bool):
                 raise CastloraError(
                     f"{type(self).__name__}.{field.name}=0: leave {field.name} unset (null) for the model preset's "
                     f"{preset_attribute(field)}; 0 no longer stands for the preset's default."
@@ -125,9 +126,12 @@ class SamplesSettings:
     CFG, docs/design.md#flux1), so it has no effect."""
     steps: int | None = from_preset("inference_steps")
     """Denoising steps. Not set: the model preset's ``inference_steps``."""
-    guidance_scale: float = 5.0
-    """SDXL: classifier-free guidance scale. FLUX.1: the distilled guidance embedding (FLUX.1-dev is usually run at
-    3.5; schnell ignores it)."""
+    guidance_scale: float | None = from_preset("guidance_scale", zero_is_a_value=True)
+    """Guidance scale: classifier-free guidance for SDXL, the distilled guidance for FLUX.1-dev (FLUX.1-schnell
+    ignores it). Not set: the model preset's ``guidance_scale``."""
+    true_cfg_scale: float = family_option(1.0)
+    """FLUX.1 only: > 1 renders the negative prompt with true classifier-free guidance at this scale (two transformer
+    passes per step, about twice as slow); 1: off, and FLUX.1 ignores the negative prompt."""
     resolution: int | None = from_preset("resolution")
     """Square image side in pixels. Not set: the model preset's resolution."""
 
@@ -159,9 +163,12 @@ class QualityRenderSettings:
     ``eval_prompts`` of them, from the model preset)."""
     inference_steps: int | None = from_preset("inference_steps")
     """Denoising steps. Not set: the model preset's ``inference_steps``."""
-    guidance_scale: float = 5.0
-    """SDXL: classifier-free guidance scale. FLUX.1: the distilled guidance embedding (FLUX.1-dev is usually run at
-    3.5; schnell ignores it)."""
+    guidance_scale: float | None = from_preset("guidance_scale", zero_is_a_value=True)
+    """Guidance scale: classifier-free guidance for SDXL, the distilled guidance for FLUX.1-dev (FLUX.1-schnell
+    ignores it). Not set: the model preset's ``guidance_scale``."""
+    true_cfg_scale: float = family_option(1.0)
+    """FLUX.1 only: > 1 renders the negative prompt with true classifier-free guidance at this scale (two transformer
+    passes per step, about twice as slow); 1: off, and FLUX.1 ignores the negative prompt."""
     use_default_negative: bool = True
     """Negative prompt "sticker, collage" against Seg-Mix sticker artefacts. FLUX.1: not passed (it would need true
     CFG, docs/design.md#flux1), so it has no effect."""

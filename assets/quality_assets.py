@@ -58,6 +58,7 @@ def _generation(
         guidance_scale=render.guidance_scale,
         negative_prompt=render.negative_prompt,
         seed=seed,
+        true_cfg_scale=render.true_cfg_scale,
     )
 
 

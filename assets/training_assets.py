@@ -59,7 +59,9 @@ def lora(
             samples=samples,
             config=train_config,
             run=TrainingRun(run.out_dir, storage.layout.cache / "train", run.recorder, preset.base_model, log_progress),
-            validation=ValidationRenders(prompts=prompts, steps=preset.inference_steps),
+            validation=ValidationRenders(
+                prompts=prompts, steps=preset.inference_steps, guidance_scale=preset.guidance_scale
+            ),
             trainer=models.trainer(storage.layout.models),
         )
     result = out.result
@@ -110,6 +112,7 @@ def samples(
         guidance_scale=chosen.guidance_scale,
         negative_prompt=DEFAULT_NEGATIVE if chosen.use_default_negative else None,
         lora_scale=chosen.lora_scale,
+        true_cfg_scale=chosen.true_cfg_scale,
     )
     with storage.stage_run(context, Stage.SAMPLES) as run:
         characters = run.spec.characters

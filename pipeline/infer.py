@@ -277,6 +277,7 @@ def generate(
     width: int,
     steps: int,
     guidance_scale: float,
+    options: Any = None,
 ) -> Iterator[tuple[SampleRequest, Image.Image]]:
     """Render each request, in order, yielding ``(request, image)``.
 
@@ -284,7 +285,8 @@ def generate(
     only on its own request, never on batch order or neighbours. The family's ``render`` runs its pipeline from
     the initial latent and applies the LoRA scale (SDXL: ``cross_attention_kwargs={"scale": s}``, which reaches
     the U-Net's and text encoders' PEFT layers). The layout is encoded once and shared by all requests that use
-    MuDI init.
+    MuDI init. ``options``: a settings dataclass whose family options (FLUX's ``true_cfg_scale``) configure the
+    family (``ModelFamily.with_options``: a family that does not read one refuses it set).
     """
     _check_size(pipe, height, width)
     if steps < 1:
@@ -296,7 +298,7 @@ def generate(
             "Layout (Seg-Mix composite or layout_from_boxes) or set gamma=None for plain noise."
         )
     device = _execution_device(pipe)
-    family = family_for(pipe)
+    family = family_for(pipe).with_options(options)
     encoded: tuple[torch.Tensor, torch.Tensor] | None = None
     for request in requests:
         generator = torch.Generator(device=device).manual_seed(request.seed)

@@ -22,7 +22,7 @@ from pipeline.errors import CastloraError
 from pipeline.families import find_family
 from pipeline.families.base import RenderRequest, text_to_image_batch
 from pipeline.images import IMAGE_SUFFIXES
-from pipeline.settings import from_preset, unresolved
+from pipeline.settings import family_option, from_preset, unresolved
 from pipeline.storage.paths import confined_path
 
 CLASS_NOUN_FIELD = "{class_noun}"
@@ -36,16 +36,19 @@ class ClassImageConfig:
     """Square side in pixels, a multiple of 8 (the VAE's downsampling). Not set: the model preset's resolution."""
     steps: int | None = from_preset("class_image_steps")
     """Denoising steps per image. Not set: the model preset's ``class_image_steps``."""
-    guidance_scale: float = 5.0
-    """SDXL: classifier-free guidance scale. FLUX.1: the distilled guidance embedding (FLUX.1-dev is usually run at
-    3.5; schnell ignores it)."""
+    guidance_scale: float | None = from_preset("guidance_scale", zero_is_a_value=True)
+    """Guidance scale: classifier-free guidance for SDXL, the distilled guidance for FLUX.1-dev (FLUX.1-schnell
+    ignores it). Not set: the model preset's ``guidance_scale``."""
     seed: int = 0
     """Image i of a class noun is generated with seed ``seed + i``."""
     prompt_template: str = "a photo of a {class_noun}"
     """The generation prompt; recorded per image and trained with (imported images get it too)."""
     negative_prompt: str = ""
     """Empty means none: SDXL then uses zero embeddings for the unconditional branch, as it was trained. FLUX.1
-    ignores it unless the family renders with true CFG (docs/design.md#flux1)."""
+    ignores it unless ``true_cfg_scale`` > 1."""
+    true_cfg_scale: float = family_option(1.0)
+    """FLUX.1 only: > 1 renders ``negative_prompt`` with true classifier-free guidance at this scale (two transformer
+    passes per step); 1: off (docs/design.md#flux1-run-settings)."""
     batch_size: int = 4
     """Images generated per pipeline call (``ModelFamily.render_batch``; a family that does not batch renders them
     one by one)."""
@@ -98,6 +101,8 @@ def generate_class_images(
     prompt = config.prompt_for(class_noun)
     negative_prompt = config.negative_prompt or None
     family = find_family(pipe)
+    if family is not None:
+        family = family.with_options(config)  # FLUX: true_cfg_scale
     device = _pipeline_device(pipe)
     skipped = set(skip_indices)
     for start in range(0, config.count, config.batch_size):

@@ -25,6 +25,7 @@ from pipeline.images import mask_to_image, save_png
 from pipeline.infer import Layout, SampleRequest, check_gamma, generate
 from pipeline.layout_control import PairLayouts
 from pipeline.segmix.subjects import instance_subjects
+from pipeline.settings import changed_family_options, family_option
 from pipeline.storage.lineage import LineageRecorder
 from pipeline.storage.manifest import prune_unlisted, write_manifest
 
@@ -39,13 +40,17 @@ class RenderSettings:
     guidance_scale: float
     negative_prompt: str | None = None
     lora_scale: float = 1.0
+    true_cfg_scale: float = family_option(1.0)
+    """FLUX.1 only: > 1 renders the negative prompt with true classifier-free guidance
+    (docs/design.md#flux1-run-settings)."""
 
 
 @dataclass(frozen=True)
 class GenerationSettings:
     """What the iteration and the evaluation render: their prompts, square resolution and sampler settings.
 
-    Its fields are part of the iteration run's identity (``dataclasses.asdict``): keep them as they are."""
+    Its fields are part of the iteration run's identity (``pipeline.settings.identity_record``: family options only
+    when set): keep them as they are."""
 
     prompts: tuple[str, ...]
     resolution: int
@@ -53,6 +58,8 @@ class GenerationSettings:
     guidance_scale: float
     negative_prompt: str | None
     seed: int = 0
+    true_cfg_scale: float = family_option(1.0)
+    """FLUX.1 only: > 1 renders the negative prompt with true classifier-free guidance."""
 
     def render_settings(self) -> RenderSettings:
         return RenderSettings(
@@ -61,6 +68,7 @@ class GenerationSettings:
             steps=self.steps,
             guidance_scale=self.guidance_scale,
             negative_prompt=self.negative_prompt,
+            true_cfg_scale=self.true_cfg_scale,
         )
 
 
@@ -185,6 +193,7 @@ def render_samples(
         "width": settings.width,
         "steps": settings.steps,
         "guidance_scale": settings.guidance_scale,
+        **({"true_cfg_scale": settings.true_cfg_scale} if changed_family_options(settings) else {}),
         "lora_scale": settings.lora_scale,
         "lora_version": lora_version,
         "lora_sha256": lora_sha256,
@@ -209,7 +218,14 @@ def render_samples(
                 for i in members
             ]
             outputs = generate(
-                pipe, requests, layout, settings.height, settings.width, settings.steps, settings.guidance_scale
+                pipe,
+                requests,
+                layout,
+                settings.height,
+                settings.width,
+                settings.steps,
+                settings.guidance_scale,
+                options=settings,
             )
             for prompt_index, (request, image) in zip(members, outputs, strict=True):
                 path = image_dir / f"p{prompt_index:03d}_s{seed}.png"

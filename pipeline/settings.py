@@ -7,6 +7,9 @@ docstrings; the model preset fills what a run leaves unset. Three markers, each 
 - ``from_preset("train_steps")``: ``None`` means "not set", and ``resolve`` replaces it by that attribute of the
   model preset (``pipeline.models.presets.ModelPreset``). There is no other "use the preset" value (no ``0``).
 - ``internal(default)``: a field other code sets (e.g. the iteration loop's ``kl_weight``), not shown to users.
+- ``family_option(default)``: a setting only some model families read (FLUX.1's σ sampling, training guidance,
+  true CFG): a family that does not read it refuses any value other than ``default``, naming the field
+  (docs/design.md#flux1-run-settings).
 - a plain default: the same answer for every preset.
 
 docs/design.md#settings describes the whole scheme.
@@ -27,18 +30,54 @@ PRESET_ATTRIBUTE = "castlora.preset_attribute"
 """Field metadata key: the ``ModelPreset`` attribute that fills this field when it is None."""
 INTERNAL = "castlora.internal"
 """Field metadata key: True for fields the launchpad does not offer."""
+FAMILY_OPTION = "castlora.family_option"
+"""Field metadata key: True for settings that only the model families naming them in ``ModelFamily.options`` read."""
 
 Settings = TypeVar("Settings")
 
 
-def from_preset(attribute: str) -> Any:
-    """A field that is ``None`` until ``resolve`` fills it from ``preset.<attribute>``."""
-    return dataclasses.field(default=None, metadata={PRESET_ATTRIBUTE: attribute})
+ZERO_IS_A_VALUE = "castlora.zero_is_a_value"
+"""Field metadata key: True for a ``from_preset`` field where 0 never stood for the preset's default (a guidance
+scale of 0 is a real value), so the launchpad does not refuse it."""
+
+
+def from_preset(attribute: str, *, zero_is_a_value: bool = False) -> Any:
+    """A field that is ``None`` until ``resolve`` fills it from ``preset.<attribute>``. ``zero_is_a_value``: 0 is a
+    setting like any other (the launchpad refuses 0 for the older fields, where it once meant "the preset's")."""
+    metadata = {PRESET_ATTRIBUTE: attribute, **({ZERO_IS_A_VALUE: True} if zero_is_a_value else {})}
+    return dataclasses.field(default=None, metadata=metadata)
 
 
 def internal(default: Any) -> Any:
     """A field that castlora sets itself (from another stage's settings): kept out of the launchpad."""
     return dataclasses.field(default=default, metadata={INTERNAL: True})
+
+
+def family_option(default: Any) -> Any:
+    """A setting that only some model families read (each family lists those it reads in ``ModelFamily.options``);
+    any other family accepts it only at ``default``."""
+    return dataclasses.field(default=default, metadata={FAMILY_OPTION: True})
+
+
+def family_option_fields(cls_or_settings: Any) -> tuple[dataclasses.Field, ...]:
+    """The ``family_option`` fields of a settings dataclass (or instance), in declaration order."""
+    return tuple(f for f in dataclasses.fields(cls_or_settings) if f.metadata.get(FAMILY_OPTION))
+
+
+def changed_family_options(settings: Any) -> dict[str, tuple[Any, Any]]:
+    """``{field: (value, default)}`` for each family option of ``settings`` that is not at its default."""
+    found = {f.name: (getattr(settings, f.name), f.default) for f in family_option_fields(settings)}
+    return {name: pair for name, pair in found.items() if pair[0] != pair[1]}
+
+
+def identity_record(settings: Any) -> dict[str, Any]:
+    """``dataclasses.asdict(settings)`` less the family options at their defaults: what a run's identity (a hash, a
+    version) records, so adding a family option (or running another family) changes no existing identity."""
+    record = dataclasses.asdict(settings)
+    for f in family_option_fields(settings):
+        if record[f.name] == f.default:
+            record.pop(f.name)
+    return record
 
 
 def preset_attribute(field: dataclasses.Field) -> str | None:
@@ -87,7 +126,15 @@ def unresolved(settings: Any) -> list[str]:
 
 def resolve(settings: Settings, preset: Any) -> Settings:
     """``settings`` with every unset (None) ``from_preset`` field replaced by the preset's value: the one place
-    where a run's settings meet the model preset's defaults."""
+    where a run's settings meet the model preset's defaults. A family option that the preset's model family does not
+    read, or a value the family refuses, is an error here, by name, before any model loads
+    (``ModelFamily.with_options``)."""
+    family_name = getattr(preset, "family", None)
+    if family_name is not None and changed_family_options(settings):
+        # Imported here: the families pull in diffusers, and this module is imported by light settings modules.
+        from pipeline.families import get_family
+
+        get_family(family_name).with_options(settings)
     filled = {
         f.name: getattr(preset, attribute)
         for f in dataclasses.fields(settings)  # type: ignore[arg-type]

@@ -23,10 +23,12 @@ from typing import Any, ClassVar, Protocol
 import torch
 from PIL import Image
 
+from pipeline.errors import CastloraError
 from pipeline.lora.adapters import LoraSpec
 from pipeline.models.base_model import BaseModelSpec
 from pipeline.models.identity import module_identity
 from pipeline.models.latents import encode_to_model_latents
+from pipeline.settings import changed_family_options, family_option_fields
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,46 @@ class ModelFamily(ABC):
     vae: ClassVar[str] = "vae"
     patch_size: ClassVar[int] = 1
     """Latent cells per denoiser token along each side (1 for a U-Net; 2 for FLUX's 2x2 packing)."""
+
+    options: ClassVar[frozenset[str]] = frozenset()
+    """The family options (settings fields declared with ``pipeline.settings.family_option``) this family reads; it
+    is configured with them by ``with_options`` and refuses any other family option set away from its default
+    (docs/design.md#flux1-run-settings)."""
+
+    # -- run settings
+    def check_options(self, settings: Any) -> dict[str, Any]:
+        """``{field: value}`` of the family options of ``settings`` (a settings dataclass) that this family reads.
+        A family option it does not read, set to anything but its default, is refused naming the field."""
+        refused = {name: pair for name, pair in changed_family_options(settings).items() if name not in self.options}
+        if refused:
+            from pipeline.families import FAMILIES  # the registry imports this module
+
+            problems = []
+            for name, (value, default) in refused.items():
+                readers = sorted(family.name for family in FAMILIES.values() if name in family.options)
+                problems.append(
+                    f"{type(settings).__name__}.{name}={value!r} is read only by the model famil"
+                    f"{'y' if len(readers) == 1 else 'ies'} {', '.join(readers) or '(none registered)'}: leave it at "
+                    f"{default!r}"
+                )
+            raise CastloraError(
+                f"Settings that the {self.name} model family does not use: {'; '.join(problems)} (or pick a "
+                "preset of a family that reads it)."
+            )
+        return {f.name: getattr(settings, f.name) for f in family_option_fields(settings) if f.name in self.options}
+
+    def with_options(self, settings: Any) -> ModelFamily:
+        """This family configured by the family options of ``settings`` (checked by ``check_options``); ``settings``
+        None, or none of them read: the family itself."""
+        if settings is None:
+            return self
+        values = self.check_options(settings)
+        return self.configured(values) if values else self
+
+    def configured(self, options: Mapping[str, Any]) -> ModelFamily:
+        """A family like this one reading ``options`` (names in ``self.options``); a family with options overrides
+        it."""
+        raise NotImplementedError(f"The {self.name} family reads options {sorted(self.options)} but cannot take them.")
 
     # -- loading
     @abstractmethod

@@ -113,13 +113,36 @@ class FluxFamily(ModelFamily):
     reference script and the diffusers file format."""
     patch_size = 2
 
-    def __init__(self, training_guidance: float = 1.0, true_cfg_scale: float = 1.0):
+    options = frozenset(
+        {"sigma_sampling", "logit_mean", "logit_std", "mode_scale", "training_guidance", "true_cfg_scale"}
+    )
+    """Run settings only FLUX reads (``TrainConfig``'s σ sampling and training guidance, the render settings'
+    ``true_cfg_scale``): docs/design.md#flux1-run-settings."""
+
+    def __init__(
+        self,
+        training_guidance: float = 1.0,
+        true_cfg_scale: float = 1.0,
+        sigma_sampling: str = "uniform",
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+        mode_scale: float = 1.29,
+    ):
         self.training_guidance = float(training_guidance)
         """The guidance embedding a guidance-distilled model trains with (the reference script's
         ``--guidance_scale``)."""
         self.true_cfg_scale = float(true_cfg_scale)
         """> 1: render a negative prompt with true classifier-free guidance at this scale (two transformer calls
         per step); 1: FLUX.1-dev's usual rendering, where a negative prompt has no effect and is not passed."""
+        self.sigma_sampling = sigma_sampling
+        """How training draws σ: ``uniform``, ``logit_normal`` or ``mode`` (``FlowMatchingObjective``)."""
+        self.logit_mean, self.logit_std, self.mode_scale = float(logit_mean), float(logit_std), float(mode_scale)
+        if self.true_cfg_scale < 1:
+            raise CastloraError(f"true_cfg_scale={true_cfg_scale} must be >= 1 (1: off, no true CFG).")
+
+    def configured(self, options: Mapping[str, Any]) -> FluxFamily:
+        current = {name: getattr(self, name) for name in self.options}
+        return FluxFamily(**{**current, **options})
 
     def handles(self, pipe: Any) -> bool:
         return isinstance(pipe, FluxPipeline)
@@ -174,7 +197,20 @@ class FluxFamily(ModelFamily):
 
     # -- training
     def objective(self, pipe: Any) -> FlowMatchingObjective:
-        return FlowMatchingObjective(pipe.scheduler.config)
+        """σ drawn as configured; a training guidance other than 1.0 is refused for a transformer without a guidance
+        embedding (FLUX.1-schnell), which would silently ignore it."""
+        if self.training_guidance != 1.0 and not _unwrapped(pipe.transformer).config.guidance_embeds:
+            raise CastloraError(
+                f"training_guidance={self.training_guidance:g}: this FLUX.1 transformer has no guidance embedding "
+                "(guidance_embeds=false, e.g. FLUX.1-schnell), so the value would be ignored; leave it at 1.0."
+            )
+        return FlowMatchingObjective(
+            pipe.scheduler.config,
+            weighting=self.sigma_sampling,
+            logit_mean=self.logit_mean,
+            logit_std=self.logit_std,
+            mode_scale=self.mode_scale,
+        )
 
     def conditioning(self, geometries: Sequence[ImageGeometry], resolution: int) -> dict[str, torch.Tensor]:
         """The guidance value per sample (used only by guidance-distilled transformers)."""

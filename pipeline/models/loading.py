@@ -21,6 +21,7 @@ TINY_BUILDERS: dict[str, str] = {
     "sam": "pipeline.models.tiny_vision:build_tiny_sam",
     "sdxl": "pipeline.models.tiny_sdxl:build_tiny_sdxl",
     "flux": "pipeline.models.tiny_flux:build_tiny_flux",
+    "flux-schnell": "pipeline.models.tiny_flux:build_tiny_flux_schnell",
     "vlm": "pipeline.models.tiny_vlm:build_tiny_vlm",
     "vlm-chat": "pipeline.models.tiny_vlm:build_tiny_chat_vlm",
     "yolo-world": "pipeline.models.tiny_ultralytics:build_tiny_yolo_world",

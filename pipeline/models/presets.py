@@ -66,6 +66,9 @@ class ModelPreset(ModelChoice):
     """LoRA steps when a run does not set them (MuDI trains SDXL for ~1000-2000 steps at rank 32)."""
     inference_steps: int = 30
     """Denoising steps for samples, iteration and evaluation images."""
+    guidance_scale: float = 5.0
+    """Guidance scale of class images, samples, iteration and evaluation images: classifier-free guidance for SDXL,
+    the distilled guidance embedding for FLUX.1-dev (its recommended 3.5); FLUX.1-schnell has no guidance input."""
     iteration_images: int = 200
     """Images per round of iterative self-generation (MuDI: 200) ..."""
     iteration_keep: int = 50
@@ -130,7 +133,10 @@ PRESETS: dict[str, ModelPreset] = {
     ),
 }
 # FLUX.1: the same detectors, captioner and embedders as the SDXL presets; only the base model differs.
-PRESETS["tiny-flux"] = replace(PRESETS["tiny"], name="tiny-flux", base_model="tiny:flux", family="flux")
+# FLUX.1-dev renders with distilled guidance 3.5 (its model card), not SDXL's CFG 5.0.
+PRESETS["tiny-flux"] = replace(
+    PRESETS["tiny"], name="tiny-flux", base_model="tiny:flux", family="flux", guidance_scale=3.5
+)
 PRESETS["flux"] = replace(
     PRESETS["sdxl"],
     name="flux",
@@ -138,6 +144,17 @@ PRESETS["flux"] = replace(
     family="flux",
     resolution=1024,
     inference_steps=28,  # FLUX.1-dev's recommended step count
+    guidance_scale=3.5,
+)
+# FLUX.1-schnell: timestep-distilled to a few steps, no guidance embedding (its model card renders 4 steps at
+# guidance 0.0, which the pipeline ignores). A local folder of a schnell-shaped model works with either FLUX preset.
+PRESETS["flux-schnell"] = replace(
+    PRESETS["flux"],
+    name="flux-schnell",
+    base_model="black-forest-labs/FLUX.1-schnell",
+    class_image_steps=4,
+    inference_steps=4,
+    guidance_scale=0.0,
 )
 
 

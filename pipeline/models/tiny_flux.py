@@ -45,14 +45,16 @@ FLUX_SCHEDULER_CONFIG: dict[str, Any] = {
     "max_image_seq_len": 4096,
 }
 """FLUX.1-dev's published ``scheduler/scheduler_config.json``."""
+FLUX_SCHNELL_SCHEDULER_CONFIG: dict[str, Any] = {**FLUX_SCHEDULER_CONFIG, "shift": 1.0, "use_dynamic_shifting": False}
+"""FLUX.1-schnell's published scheduler config: no shift at all, static or dynamic."""
 FLUX_VAE_NORMALISATION: dict[str, float] = {"scaling_factor": 0.3611, "shift_factor": 0.1159}
 """FLUX.1's VAE: model latents are ``(z − shift_factor) · scaling_factor``."""
 
 _T5_WORDS = ("a", "photo", "of", "the", "and", "dog", "cat", "toy", "person", "with", "in", "sticker", "collage")
 
 
-def flux_scheduler() -> FlowMatchEulerDiscreteScheduler:
-    return FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG)
+def flux_scheduler(schnell: bool = False) -> FlowMatchEulerDiscreteScheduler:
+    return FlowMatchEulerDiscreteScheduler(**(FLUX_SCHNELL_SCHEDULER_CONFIG if schnell else FLUX_SCHEDULER_CONFIG))
 
 
 def tiny_t5_vocab() -> list[tuple[str, float]]:
@@ -149,16 +151,26 @@ VAE_CONFIG: dict[str, Any] = {
 
 
 def save_flux_pipeline(
-    target_dir: Path, components: dict[str, torch.nn.Module], tokenizers: tuple[CLIPTokenizer, T5Tokenizer]
+    target_dir: Path,
+    components: dict[str, torch.nn.Module],
+    tokenizers: tuple[CLIPTokenizer, T5Tokenizer],
+    schnell: bool = False,
 ) -> None:
-    """Save ``transformer``/``vae``/``text_encoder``/``text_encoder_2`` with the tokenizers and FLUX.1-dev's
-    scheduler as a standard diffusers directory (safetensors)."""
-    pipe = FluxPipeline(**components, tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], scheduler=flux_scheduler())
+    """Save ``transformer``/``vae``/``text_encoder``/``text_encoder_2`` with the tokenizers and FLUX.1-dev's (or
+    ``schnell``: FLUX.1-schnell's) scheduler as a standard diffusers directory (safetensors)."""
+    scheduler = flux_scheduler(schnell)
+    pipe = FluxPipeline(**components, tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], scheduler=scheduler)
     pipe.save_pretrained(target_dir, safe_serialization=True)
 
 
-def build_tiny_flux(target_dir: Path) -> None:
-    """Build the tiny FLUX.1 pipeline and save it as a standard diffusers directory (safetensors)."""
+def build_tiny_flux_schnell(target_dir: Path) -> None:
+    """The tiny FLUX.1 pipeline shaped like FLUX.1-schnell: no guidance embedding, schnell's unshifted scheduler."""
+    build_tiny_flux(target_dir, schnell=True)
+
+
+def build_tiny_flux(target_dir: Path, schnell: bool = False) -> None:
+    """Build the tiny FLUX.1 pipeline (FLUX.1-dev-shaped; ``schnell``: FLUX.1-schnell-shaped) and save it as a
+    standard diffusers directory (safetensors)."""
     target_dir = Path(target_dir)
     clip, t5 = write_flux_tokenizers(target_dir)
     with torch.random.fork_rng(devices=[]):
@@ -166,7 +178,7 @@ def build_tiny_flux(target_dir: Path) -> None:
         components = {
             "text_encoder": CLIPTextModel(clip_text_config({**CLIP_CONFIG, "vocab_size": len(clip)}, clip)),
             "text_encoder_2": T5EncoderModel(t5_config({**T5_CONFIG, "vocab_size": len(t5)}, t5)),
-            "transformer": FluxTransformer2DModel(**TRANSFORMER_CONFIG),
+            "transformer": FluxTransformer2DModel(**{**TRANSFORMER_CONFIG, "guidance_embeds": not schnell}),
             "vae": AutoencoderKL(**VAE_CONFIG),
         }
-    save_flux_pipeline(target_dir, components, (clip, t5))
+    save_flux_pipeline(target_dir, components, (clip, t5), schnell)

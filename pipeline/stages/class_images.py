@@ -25,6 +25,7 @@ from pipeline.prior_images import ClassImageConfig, generate_class_images, list_
 from pipeline.segment import SegmentConfig, Segmenter
 from pipeline.segment.files import write_segment
 from pipeline.segment.user_masks import segment_with_user_masks
+from pipeline.settings import identity_record
 from pipeline.spec import PairSpec
 from pipeline.storage.hashing import sha256_file, sha256_json
 from pipeline.storage.lineage import LineageRecorder
@@ -98,7 +99,8 @@ def run_class_images(
     written: set[Path] = set()
     load_segmenter = functools.cache(load_segmenter)
     load_pipeline = functools.cache(load_pipeline)
-    settings_hash = sha256_json({**asdict(config), "base_model": base_model_id})[:10]
+    # Family options at their defaults are left out, so folders made before they existed are still found.
+    settings_hash = sha256_json({**identity_record(config), "base_model": base_model_id})[:10]
     for class_noun in spec.class_nouns:
         slug_dir = out_dir / noun_slug(class_noun)
         if class_noun in spec.class_images:

@@ -41,6 +41,7 @@ from pipeline.lora.record import CURRENT_FILE, IterationPick, LoraRecord, read_c
 from pipeline.lora.versions import TrainingRun, train_preference_version, train_version
 from pipeline.models.loading import release_memory
 from pipeline.rendering import GenerationSettings, render_samples
+from pipeline.settings import identity_record
 from pipeline.stage_names import Stage
 from pipeline.storage.atomic import write_json_atomic
 from pipeline.storage.hashing import sha256_file, sha256_json
@@ -77,7 +78,7 @@ def _run_version(
     # The round budget and the convergence rule only decide where the loop stops (every round's numbers are
     # computed whichever rule is chosen), so changing them continues the same loop.
     fields = {k: v for k, v in config.as_record().items() if k not in _STOP_ONLY_FIELDS}
-    identity = [base_lora.diffusers_sha256, fields, dataclasses.asdict(generation), train.result_fields()]
+    identity = [base_lora.diffusers_sha256, fields, identity_record(generation), train.result_fields()]
     return "iter-" + sha256_json(identity)[:12]
 
 

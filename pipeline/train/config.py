@@ -12,8 +12,9 @@ from typing import Any
 
 from pipeline.buckets import parse_aspects
 from pipeline.errors import CastloraError
+from pipeline.families.flow_matching import WEIGHTING_SCHEMES
 from pipeline.lora.adapters import UNET_TARGETS
-from pipeline.settings import from_preset, internal, resolve, unresolved
+from pipeline.settings import family_option, family_option_fields, from_preset, internal, resolve, unresolved
 from pipeline.train.data import SEGMIX_DRAWS
 
 LR_SCHEDULERS = ("constant", "cosine")
@@ -30,6 +31,8 @@ _OMITTED_WHEN_ZERO = ("kl_weight", "dpo_beta")
 _OMITTED_AT = {"gradient_accumulation_steps": 1, "buckets": "square"}
 # Fields that did not exist when older LoRA records were written, with what those runs did (square crops only).
 _RECORDED_BEFORE = {"buckets": "square"}
+# Family options (FLUX's σ sampling and training guidance) are left out of the fingerprint at their defaults too
+# (``result_fields``), so SDXL runs and FLUX runs from before they were settings resume.
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,20 @@ class TrainConfig:
     """Report the loss every this many steps."""
     max_grad_norm: float = 1.0
     """Gradients are clipped to this norm."""
+    sigma_sampling: str = family_option("uniform")
+    """FLUX.1 only (flow matching): how training draws the noise level σ. ``uniform`` (the diffusers
+    reference script's default), ``logit_normal`` (σ = sigmoid(N(logit_mean, logit_std)): more steps at mid noise,
+    as SD3/FLUX pre-training) or ``mode`` (``mode_scale``). Another family refuses anything but ``uniform``."""
+    logit_mean: float = family_option(0.0)
+    """Mean of the normal behind ``sigma_sampling=logit_normal`` (FLUX.1 only)."""
+    logit_std: float = family_option(1.0)
+    """Standard deviation of the normal behind ``sigma_sampling=logit_normal`` (FLUX.1 only)."""
+    mode_scale: float = family_option(1.29)
+    """Scale of ``sigma_sampling=mode`` (FLUX.1 only; SD3's 1.29; 0 is uniform)."""
+    training_guidance: float = family_option(1.0)
+    """FLUX.1 only: the distilled-guidance value a guidance-distilled model (FLUX.1-dev) is trained with (the
+    reference script's ``--guidance_scale``, 1.0). A model without a guidance embedding (FLUX.1-schnell) refuses
+    anything but 1.0."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -158,8 +175,30 @@ class TrainConfig:
             problems.append("checkpoint_every, keep_checkpoints and log_every must be >= 1")
         if not self.targets:
             problems.append("targets must name at least one module")
+        problems += self._sigma_problems()
         if problems:
             raise CastloraError("Invalid training config: " + "; ".join(problems) + ".")
+
+    def _sigma_problems(self) -> list[str]:
+        """σ-sampling settings that are invalid, or set for a scheme that does not read them."""
+        problems = []
+        if self.sigma_sampling not in WEIGHTING_SCHEMES:
+            problems.append(f"sigma_sampling={self.sigma_sampling!r} must be one of {WEIGHTING_SCHEMES}")
+        if self.logit_std <= 0:
+            problems.append(f"logit_std={self.logit_std} must be > 0")
+        if self.training_guidance < 0:
+            problems.append(f"training_guidance={self.training_guidance} must be >= 0")
+        if self.sigma_sampling != "logit_normal" and (self.logit_mean, self.logit_std) != (0.0, 1.0):
+            problems.append(
+                f"logit_mean/logit_std ({self.logit_mean}, {self.logit_std}) are read only with "
+                f"sigma_sampling='logit_normal' (it is {self.sigma_sampling!r}): leave them at 0.0 and 1.0"
+            )
+        if self.sigma_sampling != "mode" and self.mode_scale != 1.29:
+            problems.append(
+                f"mode_scale={self.mode_scale} is read only with sigma_sampling='mode' (it is "
+                f"{self.sigma_sampling!r}): leave it at 1.29"
+            )
+        return problems
 
     def as_record(self) -> dict[str, Any]:
         """Every field, JSON-ready: what a LoRA's record keeps so ``from_record`` rebuilds this config exactly."""
@@ -174,8 +213,10 @@ class TrainConfig:
                 f"{source} records no training settings (written by an older castlora): re-materialize 'lora'."
             )
         names = {f.name for f in fields(cls)}
-        # A field added later whose one value before it existed is known: an older record trained with that value.
-        record = {**{k: v for k, v in _RECORDED_BEFORE.items() if k not in record}, **record}
+        # Fields added later whose one value before they existed is known: an older record trained with that value
+        # (square crops only; family options at their defaults).
+        earlier = {**_RECORDED_BEFORE, **{f.name: f.default for f in family_option_fields(cls)}}
+        record = {**{k: v for k, v in earlier.items() if k not in record}, **record}
         missing = sorted(names - set(record))
         unknown = sorted(set(record) - names)
         if missing or unknown:
@@ -224,6 +265,9 @@ class TrainConfig:
         for name, value in _OMITTED_AT.items():
             if fields[name] == value:
                 fields.pop(name)
+        for option in family_option_fields(self):
+            if fields[option.name] == option.default:
+                fields.pop(option.name)
         if self.segmix_p == 0 or not self.prior_preservation:
             fields.pop("segmix_draw")  # nothing to share: the draw cannot change the weights
         return fields

@@ -116,7 +116,7 @@ class Trainer:
         init_lora: dict[str, torch.Tensor] | None = None,
     ):
         self.pipe = pipe
-        self.family = family_for(pipe)
+        self.family = family_for(pipe).with_options(config)  # FLUX: σ sampling, training guidance
         self.config = config
         self.accelerator = accelerator
         self.device = accelerator.device

@@ -173,9 +173,14 @@ TODAY_CLASS_IMAGES = {
     "sdxl": {**_TODAY_CLASS, "count": 100, "resolution": 1024, "steps": 30},
 }
 TODAY_CANVAS = {"tiny": (256, 256), "sdxl": (1024, 1024)}
-# The FLUX.1 presets share the run defaults of their SDXL counterparts (inference steps aside, read from the preset).
+# The FLUX.1 presets share the run defaults of their SDXL counterparts (inference steps aside, read from the preset),
+# except the guidance: FLUX.1-dev's distilled 3.5 (schnell has no guidance input: 0.0) instead of SDXL's CFG 5.0.
 for _table in (TODAY_ITERATION, TODAY_CLASS_IMAGES, TODAY_CANVAS):
-    _table.update({"tiny-flux": _table["tiny"], "flux": _table["sdxl"]})
+    _table.update({"tiny-flux": _table["tiny"], "flux": _table["sdxl"], "flux-schnell": _table["sdxl"]})
+TODAY_CLASS_IMAGES["tiny-flux"] = {**TODAY_CLASS_IMAGES["tiny"], "guidance_scale": 3.5}
+TODAY_CLASS_IMAGES["flux"] = {**TODAY_CLASS_IMAGES["sdxl"], "guidance_scale": 3.5}
+TODAY_CLASS_IMAGES["flux-schnell"] = {**TODAY_CLASS_IMAGES["sdxl"], "steps": 4, "guidance_scale": 0.0}
+RENDER_GUIDANCE = {"tiny": 5.0, "sdxl": 5.0, "tiny-flux": 3.5, "flux": 3.5, "flux-schnell": 0.0}
 
 
 @pytest.mark.parametrize(("preset", "dtype"), sorted(TODAY_TRAIN))
@@ -210,6 +215,12 @@ def test_untouched_launchpads_resolve_as_before(preset):
         model.inference_steps,
         model.resolution,
         "sticker, collage",
+    )
+    assert (samples.guidance_scale, render.guidance_scale, samples.true_cfg_scale, render.true_cfg_scale) == (
+        RENDER_GUIDANCE[preset],
+        RENDER_GUIDANCE[preset],
+        1.0,
+        1.0,
     )
     assert IterationAssetConfig().settings(IterationRun) == IterationRun(seed=0, rounds_per_run=None)
 

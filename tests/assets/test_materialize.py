@@ -9,15 +9,11 @@ import pytest
 from PIL import Image
 
 from assets import checks, pair_assets, training_assets
-from assets.definitions import build_resources, defs
-from assets.jobs import PAIR_ASSETS, pair_job
+from assets.definitions import build_resources
+from assets.jobs import PAIR_ASSETS
 from assets.partitions import character_pairs
-from pipeline.spec import load_spec
 from pipeline.storage.lineage import ancestors, read_lineage
 from pipeline.storage.manifest import is_path_column, read_manifest
-from pipeline.storage.paths import DataLayout
-from pipeline.storage.registry import register_pair
-from tests.conftest import ball_pair
 
 RUN_CONFIG = {
     "ops": {
@@ -52,27 +48,9 @@ TRAINED = {
 
 
 @pytest.fixture(scope="module")
-def materialized(tmp_path_factory):
-    root = tmp_path_factory.mktemp("e2e")
-    home = root / "home"
-    layout = DataLayout.at(home)
-    folder = ball_pair(root)
-    register_pair(layout, load_spec(folder))
-    job = defs.resolve_job_def(pair_job.name)
-    with dg.instance_for_test() as instance:
-        instance.add_dynamic_partitions(character_pairs.name, ["red__blue"])
-        result = job.execute_in_process(
-            run_config=RUN_CONFIG,
-            instance=instance,
-            partition_key="red__blue",
-            resources=build_resources({"CASTLORA_HOME": str(home)}),
-            raise_on_error=False,
-        )
-        materializations = {
-            e.asset_key.to_user_string(): e.materialization for e in result.get_asset_materialization_events()
-        }
-        checks = {e.asset_check_key.name: e for e in result.get_asset_check_evaluations()}
-        yield layout, result, materializations, checks
+def materialized(materialize_pair):
+    with materialize_pair("e2e", RUN_CONFIG) as run:
+        yield run
 
 
 def test_every_asset_materializes(materialized):

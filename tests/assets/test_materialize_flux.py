@@ -1,19 +1,11 @@
 """End to end through Dagster on the ``tiny-flux`` preset: every pair asset materializes for FLUX.1 through the
 same stages as SDXL (docs/design.md#flux1)."""
 
-import dagster as dg
 import pandas as pd
 import pytest
 
-from assets.definitions import build_resources, defs
-from assets.jobs import pair_job
-from assets.partitions import character_pairs
-from pipeline.spec import load_spec
 from pipeline.storage.lineage import ancestors, read_lineage
 from pipeline.storage.manifest import read_manifest
-from pipeline.storage.paths import DataLayout
-from pipeline.storage.registry import register_pair
-from tests.conftest import ball_pair
 
 PROMPT = "zorp ball and quix ball on a beach"
 RUN_CONFIG = {
@@ -37,25 +29,9 @@ TRAINED = {
 
 
 @pytest.fixture(scope="module")
-def materialized(tmp_path_factory):
-    root = tmp_path_factory.mktemp("e2e-flux")
-    layout = DataLayout.at(root / "home")
-    register_pair(layout, load_spec(ball_pair(root)))
-    job = defs.resolve_job_def(pair_job.name)
-    with dg.instance_for_test() as instance:
-        instance.add_dynamic_partitions(character_pairs.name, ["red__blue"])
-        result = job.execute_in_process(
-            run_config=RUN_CONFIG,
-            instance=instance,
-            partition_key="red__blue",
-            resources=build_resources({"CASTLORA_HOME": str(layout.home), "CASTLORA_PRESET": "tiny-flux"}),
-            raise_on_error=False,
-        )
-        materializations = {
-            e.asset_key.to_user_string(): e.materialization for e in result.get_asset_materialization_events()
-        }
-        checks = {e.asset_check_key.name: e for e in result.get_asset_check_evaluations()}
-        yield layout, result, materializations, checks
+def materialized(materialize_pair):
+    with materialize_pair("e2e-flux", RUN_CONFIG, {"CASTLORA_PRESET": "tiny-flux"}) as run:
+        yield run
 
 
 def test_every_asset_materializes_on_flux(materialized):

@@ -104,7 +104,7 @@ def test_prompts_batches_and_settings_are_passed_through() -> None:
 
 def test_resume_recomputes_only_chunks_with_missing_images() -> None:
     pipe = RecordingPipe()
-    config = ClassImageConfig(count=7, resolution=64, steps=2, batch_size=3)
+    config = ClassImageConfig(count=7, resolution=64, steps=2, guidance_scale=5.0, batch_size=3)
     results = list(generate_class_images(pipe, "dog", config, skip_indices={0, 1, 2, 3, 5}))
     assert [index for index, _, _ in results] == [4, 6]
     # Chunk [0, 3) is complete and skipped; [3, 6) is recomputed whole so index 4 sees the same batch.
@@ -114,7 +114,12 @@ def test_resume_recomputes_only_chunks_with_missing_images() -> None:
 def test_template_and_negative_prompt() -> None:
     pipe = RecordingPipe()
     config = ClassImageConfig(
-        count=1, prompt_template="{class_noun} {{studio}}", negative_prompt="blurry", resolution=64, steps=2
+        count=1,
+        prompt_template="{class_noun} {{studio}}",
+        negative_prompt="blurry",
+        resolution=64,
+        steps=2,
+        guidance_scale=5.0,
     )
     list(generate_class_images(pipe, "cat", config))
     assert pipe.calls[0]["prompt"] == ["cat {{studio}}"]

@@ -106,7 +106,7 @@ class FakePipeline:
 def test_class_images_resume_without_regenerating(tmp_path, make_pair):
     spec = load_spec(make_pair("a__b"))
     fake = FakePipeline()
-    config = ClassImageConfig(count=3, resolution=128, steps=1, batch_size=1)
+    config = ClassImageConfig(count=3, resolution=128, steps=1, guidance_scale=5.0, batch_size=1)
 
     def run():
         return run_class_images(

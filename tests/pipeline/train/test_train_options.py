@@ -60,7 +60,9 @@ def test_custom_class_prompt_reaches_the_training_batch(tiny_pipe, sample_set, m
     manifest = run_class_images(
         spec=load_spec(make_pair("a__b")),
         out_dir=tmp_path / "class_images",
-        config=ClassImageConfig(count=2, resolution=RES, steps=1, batch_size=2, prompt_template=template),
+        config=ClassImageConfig(
+            count=2, resolution=RES, steps=1, guidance_scale=5.0, batch_size=2, prompt_template=template
+        ),
         load_pipeline=lambda: fake,
         base_model_id="fake-model",
         load_segmenter=GrabCutSegmenter,
