@@ -38,7 +38,8 @@ class ModelResource(ModelOverrides):  # type: ignore[misc, valid-type]
     preset: PresetName = PresetName("tiny")  # type: ignore[valid-type]
     """Model preset, naming the base model, its family and every other model: ``tiny`` (tiny random SDXL, CPU,
     offline), ``sdxl`` (SDXL base 1.0), ``tiny-flux`` (tiny random FLUX.1, CPU, offline), ``flux`` (FLUX.1-dev) or
-    ``flux-schnell`` (FLUX.1-schnell). Switching family means switching preset; ``family`` alone does not change ``base_model``."""
+    ``flux-schnell`` (FLUX.1-schnell). Switching family means switching preset; ``family`` alone does not change
+    ``base_model``."""
     vae: str | None = None
     """Optional VAE override for the base model, e.g. the fp16-fix SDXL VAE (madebyollin/sdxl-vae-fp16-fix) as a
     hub id or local directory; the stock SDXL VAE overflows in fp16. Not set: the base model's own VAE."""
