@@ -202,6 +202,12 @@ class ModelFamily(ABC):
         """Copy ``state`` (``lora_state_dict`` naming) into the existing adapter ``adapter_name``, refusing a
         different rank or target set."""
 
+    def kohya_lora_modules(self, pipe: Any) -> dict[str, str] | None:
+        """Kohya module name (``lora_unet_…``) -> the denoiser's module path, for reading a user's kohya LoRA file
+        (docs/design.md#modular-customization); None when the family cannot read kohya files."""
+        del pipe
+        return None
+
     @abstractmethod
     def export_lora(
         self, out_dir: Path, pipe: Any, spec: LoraSpec, metadata: Mapping[str, str] | None = None
