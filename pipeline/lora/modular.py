@@ -25,8 +25,8 @@ from pipeline.lora.merge import MERGE_METHODS, MergedLora, capture_grams, concat
 from pipeline.lora.record import LoraRecord
 from pipeline.lora.versions import LoraOutput, TrainingRun, train_version
 from pipeline.models.loading import release_memory
-from pipeline.storage.hashing import sha256_file, sha256_json
 from pipeline.storage.atomic import write_json_atomic
+from pipeline.storage.hashing import sha256_file, sha256_json
 from pipeline.train import TrainConfig, TrainingSample, train_lora
 
 MERGE_ADAPTER = "castlora"
