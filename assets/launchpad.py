@@ -20,10 +20,12 @@ from pipeline.errors import CastloraError
 from pipeline.images import IntakeConfig
 from pipeline.infer import DEFAULT_NEGATIVE
 from pipeline.iteration_rules import IterationConfig
+from pipeline.lora.modular import ModularConfig
 from pipeline.prior_images import ClassImageConfig
 from pipeline.segment import SegmentConfig
 from pipeline.segmix.compose import SegMixConfig
 from pipeline.settings import from_preset, preset_attribute, resolve, user_fields
+from pipeline.stages.character_images import CharacterImagesConfig
 from pipeline.stages.evaluation import VARIANTS
 from pipeline.stages.segmix_bank import BankConfig
 from pipeline.train import TrainConfig
@@ -201,7 +203,8 @@ class SegMixBankBase(LaunchpadConfig):
         return dataclasses.replace(self.settings(BankConfig), segmix=segmix)
 
 
-LoraTrainingConfig = launchpad_config("LoraTrainingConfig", TrainConfig, LoraValidation)
+LoraTrainingConfig = launchpad_config("LoraTrainingConfig", TrainConfig, LoraValidation, ModularConfig)
+CharacterImagesAssetConfig = launchpad_config("CharacterImagesAssetConfig", CharacterImagesConfig)
 SamplesConfig = launchpad_config("SamplesConfig", SamplesSettings)
 ReferencesConfig = launchpad_config("ReferencesConfig", IntakeConfig)
 SegmentsConfig = launchpad_config("SegmentsConfig", SegmentConfig)
@@ -212,6 +215,7 @@ EvaluationAssetConfig = launchpad_config("EvaluationAssetConfig", EvaluationSett
 
 LAUNCHPAD_CONFIGS = (
     LoraTrainingConfig,
+    CharacterImagesAssetConfig,
     SamplesConfig,
     ReferencesConfig,
     SegmentsConfig,
