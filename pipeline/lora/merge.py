@@ -128,12 +128,16 @@ def fused_deltas(
     if len(grams) != len(loras):
         raise LoraError(f"Gradient fusion needs one set of features per LoRA ({len(loras)}), got {len(grams)}.")
     fused: dict[str, torch.Tensor] = {}
+    own = [lora.deltas() for lora in loras]
     for name, plain_sum in summed_deltas(loras).items():
         if any(name not in g for g in grams):
             fused[name] = plain_sum
             continue
         gram_total = sum(g[name].double() for g in grams)
-        target = sum(lora.deltas()[name].double() @ g[name].double() for lora, g in zip(loras, grams, strict=True))
+        target = sum(
+            deltas.get(name, torch.zeros_like(plain_sum)).double() @ g[name].double()
+            for deltas, g in zip(own, grams, strict=True)
+        )
         size = gram_total.shape[0]
         damping = ridge * float(torch.trace(gram_total)) / size + 1e-12
         system = gram_total + damping * torch.eye(size, dtype=torch.float64)

@@ -134,14 +134,14 @@ def merge_character_loras(
 
 def short_targets(module_paths: Sequence[str], denoiser: torch.nn.Module) -> tuple[str, ...]:
     """Target names (as ``TrainConfig.targets`` writes them: ``to_q``, ``to_out.0``) that select exactly
-    ``module_paths`` among the denoiser's layers: the shortest dotted suffix of each path that no other linear or
-    conv layer shares; the full path when none is unique."""
+    ``module_paths`` among the denoiser's modules: the shortest dotted suffix of each path that no other module
+    shares (PEFT matches a target against every module name, not only layers); the full path when none is."""
     wanted = set(module_paths)
-    layers = [
+    layers = {
         name.removesuffix(".base_layer")
-        for name, m in denoiser.named_modules()
-        if isinstance(m, torch.nn.Linear | torch.nn.Conv2d) and ".lora_" not in name
-    ]
+        for name, _ in denoiser.named_modules()
+        if name and ".lora_" not in name and not name.endswith(("lora_dropout", "lora_magnitude_vector"))
+    }
     targets: list[str] = []
     for path in sorted(wanted):
         parts = path.split(".")
