@@ -178,7 +178,9 @@ class EvaluationSettings:
     """Which variants the evaluation compares, and on which seeds."""
 
     variants: tuple[str, ...] = VARIANTS
-    """Any of dreambooth (LoRA without Seg-Mix, trained here), segmix, segmix_init, iterative."""
+    """Any of dreambooth (LoRA without Seg-Mix, trained here), segmix, segmix_init, iterative; and, for a pair given
+    as character LoRA files, naive_merge (both loaded at once), merged (their merge), merged_segmix (the merge after
+    its Seg-Mix fine-tune; skipped with a note for pairs of photos)."""
     seeds: tuple[int, ...] = ()
     """Empty: the model preset's ``eval_seeds`` seeds from 1000."""
     gamma: float = 1.0

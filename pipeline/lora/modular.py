@@ -277,3 +277,9 @@ def read_modular(lora_root: Path) -> dict[str, LoraRecord] | None:
         return None
     data = json.loads(path.read_text(encoding="utf-8"))
     return {key: LoraRecord.from_json(data[key], path.parent, f"{path} [{key}]") for key in ("naive_merge", "merged")}
+
+
+def merge_method(lora_root: Path) -> str:
+    """The merge method ``run_modular_lora`` recorded in ``lora_root`` ("" for a pair trained from photos)."""
+    path = Path(lora_root) / MODULAR_FILE
+    return str(json.loads(path.read_text(encoding="utf-8"))["merge_method"]) if path.is_file() else ""

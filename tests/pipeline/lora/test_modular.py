@@ -33,9 +33,10 @@ from pipeline.lora.modular import (
     MODULAR_FILE,
     ModularConfig,
     denoiser_runner,
+    merge_method,
     read_modular,
 )
-from pipeline.lora.record import read_current
+from pipeline.lora.record import LoraRecord, read_current
 from pipeline.lora.versions import TrainingRun
 from pipeline.models.tiny_sdxl import build_tiny_sdxl
 from pipeline.segment import SegmentConfig
@@ -44,6 +45,7 @@ from pipeline.spec import load_spec
 from pipeline.stage_names import Stage
 from pipeline.stages.captions import run_captions
 from pipeline.stages.character_images import CharacterImagesConfig, run_character_images
+from pipeline.stages.evaluation import VARIANTS, modular_variants
 from pipeline.stages.lora import ValidationRenders, is_modular, run_modular
 from pipeline.stages.references import run_references
 from pipeline.stages.segments import run_segments
@@ -400,3 +402,20 @@ def test_a_pair_of_two_lora_files_runs_through_the_stages(tmp_path, tiny_dir, pi
     # Lineage: the merged files have the character LoRAs as parents.
     merged_rows = [r for r in recorder.rows if r["artifact_sha256"] == out.merged.sha256["diffusers"]]
     assert set(merged_rows[0]["parent_sha256s"]) == set(lora_shas.values())
+    # The evaluation's modular variants: naive merge, merge, and the fine-tuned merge (the pair's LoRA).
+    variants, notes = modular_variants(VARIANTS, modular, current, merge_method(lora_root))
+    assert [(v.name, v.lora.version) for v in variants] == [
+        ("naive_merge", modular["naive_merge"].version),
+        ("merged", out.merged.version),
+        ("merged_segmix", current.version),
+    ]
+    assert not notes and "gradient_fusion" in variants[1].note
+
+
+def test_modular_variants_are_skipped_with_a_note_for_a_pair_of_photos(tmp_path):
+    record = LoraRecord(
+        "lora-x", {"diffusers": tmp_path / "a", "kohya": tmp_path / "b"}, {"diffusers": "", "kohya": ""}
+    )
+    variants, notes = modular_variants(("segmix", "merged", "merged_segmix"), None, record)
+    assert variants == [] and notes == ["merged, merged_segmix: skipped (only for pairs given as character LoRA files)"]
+    assert modular_variants(("segmix",), None, record) == ([], [])
