@@ -332,10 +332,14 @@ def test_a_pair_of_two_lora_files_runs_through_the_stages(tmp_path, tiny_dir, pi
         spec=spec,
         out_dir=pair_dir / Stage.REFERENCES,
         config=IntakeConfig(min_side=64),
-        recorder=_recorder(tmp_path, "references"),
+        recorder=(references_recorder := _recorder(tmp_path, "references")),
         generated=generated,
     ).manifest
     assert len(refs) == 2 * count and set(refs["origin"]) == {"generated"}
+    for row in references_recorder.rows:  # each reference's parent is a rendered image, whose parent is the LoRA
+        character = json.loads(row["params_json"])["character_id"]
+        (image_sha,) = row["parent_sha256s"]
+        assert rows[image_sha]["parent_sha256s"] == [lora_shas[character]]
     segments = run_segments(
         references=refs,
         masks_dirs={c.id: c.masks_dir for c in spec.characters},
