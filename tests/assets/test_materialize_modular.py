@@ -130,5 +130,5 @@ def test_a_pair_of_two_lora_files_materializes_end_to_end(materialized):
     assert materializations["lora"].metadata["merge_method"].value == "gradient_fusion"
     modular = read_modular(lora_root)
     assert modular is not None and modular["merged"].diffusers.is_file()
-    summary = read_manifest(layout.stage_dir(KEY, "evaluation"), "evaluation", "summary.parquet")
-    assert {"naive_merge", "merged", "merged_segmix"} <= set(summary["variant"])
+    metrics = read_manifest(layout.stage_dir(KEY, "evaluation"), "evaluation", "metrics.parquet")
+    assert {"naive_merge", "merged", "merged_segmix"} <= set(metrics["variant"])
