@@ -111,15 +111,17 @@ class SDXLFamily(ModelFamily):
         else:
             load_text_encoder_lora(model, state, adapter_name)
 
-    def kohya_lora_modules(self, pipe: Any) -> dict[str, str]:
+    def kohya_lora_modules(self, pipe: Any) -> dict[str, tuple[tuple[str, slice], ...]]:
         """The kohya/SGM name of every linear or conv layer of the U-Net, from the same SGM map the export uses."""
         block_map = sgm_block_map(pipe.unet.config)
-        names: dict[str, str] = {}
+        names: dict[str, tuple[tuple[str, slice], ...]] = {}
         for name, module in pipe.unet.named_modules():
             name = name.removesuffix(".base_layer")  # a layer already wrapped by a PEFT adapter
             if isinstance(module, torch.nn.Linear | torch.nn.Conv2d) and name:
                 try:
-                    names["lora_unet_" + diffusers_to_sgm_path(name, block_map).replace(".", "_")] = name
+                    names["lora_unet_" + diffusers_to_sgm_path(name, block_map).replace(".", "_")] = (
+                        (name, slice(None)),
+                    )
                 except LoraError:  # outside the SGM layout: no kohya name
                     continue
         return names

@@ -178,22 +178,26 @@ def _adapter_metadata(header: Mapping[str, str]) -> dict[str, Any]:
 
 
 def read_lora_modules(
-    path: str | Path, denoiser_prefix: str, kohya_modules: Mapping[str, str] | None
+    path: str | Path, denoiser_prefix: str, kohya_modules: Mapping[str, tuple[tuple[str, slice], ...]] | None
 ) -> tuple[str, dict[str, LoraModule], tuple[str, ...]]:
     """(format, denoiser module path -> LoraModule, ignored keys) of a LoRA file.
 
     ``denoiser_prefix``: the component prefix of diffusers files (``unet``, ``transformer``); keys without any
-    component prefix are read as the denoiser's. ``kohya_modules``: kohya module name -> diffusers module path
-    (from the family); None when the family cannot read kohya files."""
+    component prefix are read as the denoiser's. ``kohya_modules``: kohya module name -> the denoiser modules it
+    holds with their rows of ``lora_up`` (``ModelFamily.kohya_lora_modules``); None when the family cannot read
+    kohya files. A fused kohya module gives each member the shared ``down``, its rows of ``up`` and the module's
+    alpha: the member's delta exactly."""
     path = Path(path)
     info = check_lora_file(path)
     tensors = load_file(str(path))
     halves: dict[str, dict[str, torch.Tensor]] = {}
     alphas: dict[str, float] = {}
     ignored: list[str] = []
+    fused: set[str] = set()
     if info.file_format == KOHYA_FORMAT:
         if kohya_modules is None:
             raise LoraError(f"{path}: kohya LoRA files cannot be read for this base model; give the diffusers file.")
+        untrained: set[str] = set()
         for key, tensor in tensors.items():
             alpha_match = _KOHYA_ALPHA.match(key)
             match = _KOHYA_KEY.match(key)
@@ -206,11 +210,20 @@ def read_lora_modules(
                     f"{path}: key {key!r} names no module of the base model's denoiser (it has no kohya module "
                     f"{name!r}); the LoRA was made for another model."
                 )
-            module = kohya_modules[name]
-            if alpha_match:
-                alphas[module] = float(tensor.item())
-            else:
-                halves.setdefault(module, {})["down" if match["half"] == "lora_down" else "up"] = tensor
+            members = kohya_modules[name]
+            for module, rows in members:
+                if alpha_match:
+                    alphas[module] = float(tensor.item())
+                elif match["half"] == "lora_down":
+                    halves.setdefault(module, {})["down"] = tensor
+                elif len(members) > 1 and not tensor[rows].any():
+                    untrained.add(module)  # a fused member the LoRA left untrained (zero rows): no delta
+                    ignored.append(f"{key}[{module}]")
+                else:
+                    halves.setdefault(module, {})["up"] = tensor[rows]
+                    if len(members) > 1:
+                        fused.add(module)
+        halves = {module: sides for module, sides in halves.items() if module not in untrained}
     else:
         header_alpha = info.alpha
         for key, tensor in tensors.items():
@@ -235,7 +248,16 @@ def read_lora_modules(
             raise LoraError(f"{path}: module {module!r} has only its {', '.join(sides)} weight; the file is incomplete")
         rank = int(sides["down"].shape[0])
         alpha = alphas.get(module, math.nan)
-        modules[module] = LoraModule(sides["down"], sides["up"], float(rank) if math.isnan(alpha) else alpha)
+        alpha = float(rank) if math.isnan(alpha) else alpha
+        down, up = sides["down"], sides["up"]
+        if module in fused:
+            # A block-diagonal fused up (castlora's own kohya export) leaves each member most of the rank unused:
+            # keep only the columns it uses, with alpha rescaled so alpha / rank (the delta) is unchanged.
+            used = up.reshape(up.shape[0], rank).abs().sum(0) > 0
+            kept = int(used.sum())
+            if 0 < kept < rank:
+                down, up, alpha = down[used], up[:, used], alpha * kept / rank
+        modules[module] = LoraModule(down, up, alpha)
     if not modules:
         raise LoraError(f"{path}: has no LoRA weights for the base model's denoiser ({denoiser_prefix}).")
     return info.file_format, modules, tuple(ignored)
