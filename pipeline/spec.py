@@ -294,8 +294,8 @@ def _parse_character(entry: Any, index: int, base_dir: Path, where: str, confine
         raise SpecError(f"{field_at}.id: {exc}") from exc
     if _absent(entry.get("photos")) and _absent(entry.get("lora")):
         raise SpecError(
-            f"{field_at} (character {character_id!r}): give 'photos' (a folder or list of photos) or 'lora' "
-            "(the character's own LoRA file for the pair's base model), or both."
+            f"{field_at}: field 'photos' is missing or empty, and so is 'lora': character {character_id!r} needs "
+            "'photos' (a folder or list of photos) or 'lora' (its own LoRA file for the pair's base model), or both."
         )
     photos: tuple[str, ...] = ()
     if not _absent(entry.get("photos")):
