@@ -73,7 +73,7 @@ def character_images(
     Stage.REFERENCES,
     gpu=False,
     kinds={"python", "parquet"},
-    code_version="references-v2",
+    code_version="references-v1",
     deps=[character_images],
     description="Validated, EXIF-oriented, de-duplicated RGB reference photos per character (plus the images "
     "rendered with a character's own LoRA).",

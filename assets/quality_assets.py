@@ -204,7 +204,7 @@ def _variants(
     Stage.EVALUATION,
     gpu=True,
     kinds={"pytorch", "parquet"},
-    code_version="evaluation-v3",
+    code_version="evaluation-v2",
     deps=[lora, iteration],
     description="DreamBooth vs Seg-Mix vs + MuDI init vs + iterative training on one prompt × seed grid: D&C (both "
     "modes), DINO / CLIP-I per character, CLIP-T, count-gate failures; report, plots and annotated grids.",

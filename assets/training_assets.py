@@ -31,7 +31,7 @@ TRAINING_STAGES = (Stage.REFERENCES, Stage.CAPTIONS, Stage.SEGMENTS, Stage.SEGMI
     Stage.LORA,
     gpu=True,
     kinds={"pytorch", "safetensors"},
-    code_version="lora-v3",
+    code_version="lora-v2",
     deps=[captions, segments, segmix_bank, class_images],
     description="DreamBooth-LoRA on the U-Net with Seg-Mix and prior preservation (or, for a pair of character "
     "LoRA files, their merge fine-tuned with Seg-Mix); resumable; diffusers + kohya files.",

@@ -122,6 +122,8 @@ class SDXLFamily(ModelFamily):
                     names["lora_unet_" + diffusers_to_sgm_path(name, block_map).replace(".", "_")] = (
                         (name, slice(None)),
                     )
+                    # Some trainers write kohya files with diffusers module paths (lora_unet_down_blocks_1_…).
+                    names.setdefault("lora_unet_" + name.replace(".", "_"), ((name, slice(None)),))
                 except LoraError:  # outside the SGM layout: no kohya name
                     continue
         return names

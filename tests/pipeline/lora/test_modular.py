@@ -120,6 +120,23 @@ def test_both_formats_read_to_the_same_deltas(pipe, lora_files):
     assert (info.file_format, info.rank, info.alpha) == ("kohya", RANK, 2.0)
 
 
+def test_kohya_names_in_diffusers_paths_read_too(pipe, lora_files, tmp_path):
+    # Some trainers name kohya modules after the diffusers paths (lora_unet_down_blocks_1_…) instead of SGM's.
+    renamed = {}
+    for key, tensor in load_file(str(lora_files["zorp"]["diffusers"])).items():
+        module, half = key.removeprefix("unet.").rsplit(".lora.", 1)
+        name = "lora_unet_" + module.replace(".", "_")
+        renamed[f"{name}.lora_{half.split('.')[0]}.weight"] = tensor
+        renamed[f"{name}.alpha"] = torch.tensor(2.0)
+    path = tmp_path / "diffusers_named_kohya.safetensors"
+    save_file(renamed, str(path))
+    kohya = load_character_lora(pipe, path)
+    peft = load_character_lora(pipe, lora_files["zorp"]["diffusers"])
+    assert kohya.file_format == "kohya" and set(kohya.modules) == set(peft.modules)
+    name = sorted(peft.modules)[-1]
+    torch.testing.assert_close(kohya.modules[name].delta(), peft.modules[name].delta())
+
+
 def test_a_lora_of_a_wider_model_is_refused_naming_file_and_first_mismatching_key(pipe, tiny_dir, tmp_path):
     config = dict(UNet2DConditionModel.load_config(tiny_dir, subfolder="unet"))
     config["block_out_channels"] = [32, 64, 96]  # the deepest level is wider than the pair's base model
