@@ -22,10 +22,12 @@ from pipeline.images import IntakeConfig
 from pipeline.infer import DEFAULT_NEGATIVE
 from pipeline.iteration_rules import IterationConfig
 from pipeline.layout_control import PromptEntry, parse_prompt_entries
+from pipeline.lora.modular import ModularConfig
 from pipeline.prior_images import ClassImageConfig
 from pipeline.segment import SegmentConfig
 from pipeline.segmix.compose import SegMixConfig
 from pipeline.settings import ZERO_IS_A_VALUE, family_option, from_preset, preset_attribute, resolve, user_fields
+from pipeline.stages.character_images import CharacterImagesConfig
 from pipeline.stages.evaluation import VARIANTS
 from pipeline.stages.segmix_bank import BankConfig
 from pipeline.train import TrainConfig
@@ -203,7 +205,9 @@ class EvaluationSettings:
     """Which variants the evaluation compares, and on which seeds."""
 
     variants: tuple[str, ...] = VARIANTS
-    """Any of dreambooth (LoRA without Seg-Mix, trained here), segmix, segmix_init, iterative."""
+    """Any of dreambooth (LoRA without Seg-Mix, trained here), segmix, segmix_init, iterative; and, for a pair given
+    as character LoRA files, naive_merge (both loaded at once), merged (their merge), merged_segmix (the merge after
+    its Seg-Mix fine-tune; skipped with a note for pairs of photos)."""
     seeds: tuple[int, ...] = ()
     """Empty: the model preset's ``eval_seeds`` seeds from 1000."""
     gamma: float = 1.0
@@ -228,7 +232,8 @@ class SegMixBankBase(LaunchpadConfig):
         return dataclasses.replace(self.settings(BankConfig), segmix=segmix)
 
 
-LoraTrainingConfig = launchpad_config("LoraTrainingConfig", TrainConfig, LoraValidation)
+LoraTrainingConfig = launchpad_config("LoraTrainingConfig", TrainConfig, LoraValidation, ModularConfig)
+CharacterImagesAssetConfig = launchpad_config("CharacterImagesAssetConfig", CharacterImagesConfig)
 SamplesConfig = launchpad_config("SamplesConfig", SamplesSettings)
 ReferencesConfig = launchpad_config("ReferencesConfig", IntakeConfig)
 SegmentsConfig = launchpad_config("SegmentsConfig", SegmentConfig)
@@ -239,6 +244,7 @@ EvaluationAssetConfig = launchpad_config("EvaluationAssetConfig", EvaluationSett
 
 LAUNCHPAD_CONFIGS = (
     LoraTrainingConfig,
+    CharacterImagesAssetConfig,
     SamplesConfig,
     ReferencesConfig,
     SegmentsConfig,

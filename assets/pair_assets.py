@@ -1,4 +1,4 @@
-"""The per-pair assets: references → segments, captions, class_images → segmix_bank.
+"""The per-pair assets: character_images → references → segments, captions, class_images → segmix_bank.
 
 Each asset (``assets.stage_asset``) reads its inputs, calls one stage function from ``pipeline.stages`` inside
 ``storage.stage_run`` (pair, spec, output folder, lineage; published on success), and turns the result into
@@ -7,7 +7,13 @@ metadata (counts, tables, preview grids).
 
 import dagster as dg
 
-from assets.launchpad import ClassImagesConfig, ReferencesConfig, SegmentsConfig, SegMixBankConfig
+from assets.launchpad import (
+    CharacterImagesAssetConfig,
+    ClassImagesConfig,
+    ReferencesConfig,
+    SegmentsConfig,
+    SegMixBankConfig,
+)
 from assets.metadata import grid_md, table_md
 from assets.partitions import REFERENCES_FINGERPRINT
 from assets.stage_asset import stage_asset
@@ -18,6 +24,7 @@ from pipeline.segment import STATUS_OK, SegmentConfig
 from pipeline.settings import resolve
 from pipeline.stage_names import Stage
 from pipeline.stages.captions import USER_BACKEND, run_captions, user_caption_files
+from pipeline.stages.character_images import CharacterImagesConfig, run_character_images
 from pipeline.stages.class_images import run_class_images
 from pipeline.stages.references import run_references
 from pipeline.stages.segments import run_segments
@@ -28,18 +35,60 @@ from resources import CaptionerResource, ModelResource, StorageResource
 
 
 @stage_asset(
+    Stage.CHARACTER_IMAGES,
+    gpu=True,
+    kinds={"pytorch", "parquet"},
+    code_version="character-images-v1",
+    description="Images of each character given as a LoRA file, rendered with its own LoRA (checked against the "
+    "base model first); empty for characters given as photos.",
+)
+def character_images(
+    context: dg.AssetExecutionContext,
+    config: CharacterImagesAssetConfig,
+    storage: StorageResource,
+    models: ModelResource,
+) -> dg.MaterializeResult:
+    preset = models.resolved_preset()
+    settings = resolve(config.settings(CharacterImagesConfig), preset)
+    with storage.stage_run(context, Stage.CHARACTER_IMAGES) as run:
+        manifest = run_character_images(
+            spec=run.spec,
+            load_pipeline=models.base_pipeline_factory(storage.layout.models),
+            config=settings,
+            out_dir=run.out_dir,
+            recorder=run.recorder,
+            base_model_id=preset.base_model,
+        )
+    loras = manifest.drop_duplicates("character_id")
+    return dg.MaterializeResult(
+        metadata={
+            "images": len(manifest),
+            "character_loras": table_md(loras[["character_id", "lora_format", "rank", "alpha", "lora_sha256"]]),
+            "preview": grid_md(manifest["path"].tolist(), columns=5),
+        }
+    )
+
+
+@stage_asset(
     Stage.REFERENCES,
     gpu=False,
     kinds={"python", "parquet"},
     code_version="references-v1",
-    description="Validated, EXIF-oriented, de-duplicated RGB reference photos per character.",
+    deps=[character_images],
+    description="Validated, EXIF-oriented, de-duplicated RGB reference photos per character (plus the images "
+    "rendered with a character's own LoRA).",
 )
 def references(
     context: dg.AssetExecutionContext, config: ReferencesConfig, storage: StorageResource
 ) -> dg.MaterializeResult:
     intake = config.settings(IntakeConfig)
     with storage.stage_run(context, Stage.REFERENCES) as run:
-        out = run_references(spec=run.spec, out_dir=run.out_dir, config=intake, recorder=run.recorder)
+        generated = None
+        if any(c.lora for c in run.spec.characters):  # pairs of photos only need no character_images run
+            generated = read_manifest(storage.input_dir(run.pair, Stage.CHARACTER_IMAGES), Stage.CHARACTER_IMAGES)
+        out = run_references(
+            spec=run.spec, out_dir=run.out_dir, config=intake, recorder=run.recorder, generated=generated
+        )
     for row in out.rejected.itertuples():
         context.log.warning(f"Skipped {row.source} ({row.character_id}): {row.reason}")
     counts = out.manifest.groupby("character_id").size().to_dict()

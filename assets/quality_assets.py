@@ -24,6 +24,7 @@ from pipeline.evaluation.draw import annotated_grid
 from pipeline.evaluation.report import headline_values, plot_rounds, rounds_markdown, training_markdown
 from pipeline.infer import scene_prompts
 from pipeline.iteration_rules import CONVERGENCE_KEPT_RATIO, IterationConfig
+from pipeline.lora.modular import merge_method, read_modular
 from pipeline.lora.record import LoraRecord
 from pipeline.lora.versions import LoraOutput, TrainingRun
 from pipeline.rendering import GenerationSettings, segmix_layout_factory
@@ -31,11 +32,13 @@ from pipeline.settings import resolve
 from pipeline.spec import PairSpec
 from pipeline.stage_names import Stage
 from pipeline.stages.evaluation import (
+    MODULAR_VARIANTS,
     EvaluationReport,
     EvaluationScoring,
     Subject,
     Variant,
     image_reward_note,
+    modular_variants,
     run_evaluation,
     train_baseline,
 )
@@ -163,6 +166,8 @@ def _variants(
     iteration_root = storage.input_dir(run.pair, Stage.ITERATION)
     variants, notes, rounds, baseline = [], [], None, None
     for name in settings.variants:
+        if name in MODULAR_VARIANTS:
+            continue  # below, from the lora stage's merge records
         if name == "dreambooth":
             context.log.info("evaluation: training the DreamBooth baseline (the Seg-Mix LoRA's settings, no Seg-Mix)")
             training_data = storage.input_pair_dir(run.pair, *TRAINING_STAGES)
@@ -194,7 +199,11 @@ def _variants(
             note = f"iterative: best round {pick.round} of run {pick.run} ({pick.stop_reason})"
             variants.append(Variant(name, iterated, settings.gamma, note))
             rounds = read_manifest(iteration_root / pick.run, Stage.ITERATION, ROUNDS_FILE)
-    return variants, notes, rounds, baseline
+    lora_root = storage.input_dir(run.pair, Stage.LORA)
+    merged, merge_notes = modular_variants(
+        settings.variants, read_modular(lora_root), segmix_lora, merge_method(lora_root)
+    )
+    return [*variants, *merged], [*notes, *merge_notes], rounds, baseline
 
 
 @stage_asset(

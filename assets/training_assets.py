@@ -1,5 +1,7 @@
 """Training and generation assets: lora (DreamBooth-LoRA with Seg-Mix and prior preservation) → samples."""
 
+from typing import Any
+
 import dagster as dg
 
 from assets.launchpad import LoraTrainingConfig, LoraValidation, SamplesConfig, SamplesSettings
@@ -9,11 +11,12 @@ from assets.stage_asset import stage_asset
 from pipeline.images import image_grid
 from pipeline.infer import DEFAULT_NEGATIVE, scene_prompts
 from pipeline.layout_control import PromptEntry
+from pipeline.lora.modular import ModularConfig
 from pipeline.lora.versions import TrainingRun
 from pipeline.rendering import RenderSettings, layout_grid, pair_layouts
 from pipeline.settings import resolve
 from pipeline.stage_names import Stage
-from pipeline.stages.lora import ValidationRenders, current_lora, run_lora
+from pipeline.stages.lora import ValidationRenders, current_lora, is_modular, run_lora, run_modular
 from pipeline.stages.samples import run_samples
 from pipeline.storage.manifest import read_manifest
 from pipeline.train import TrainConfig
@@ -33,7 +36,8 @@ TRAINING_STAGES = (Stage.REFERENCES, Stage.CAPTIONS, Stage.SEGMENTS, Stage.SEGMI
     deps=[captions, segments, segmix_bank, class_images],
     description=(
         "DreamBooth-LoRA on the base model's denoiser (SDXL U-Net, FLUX.1 transformer) with Seg-Mix and prior "
-        "preservation; resumable; diffusers + kohya files."
+        "preservation (or, for a pair of character LoRA files, their merge fine-tuned with Seg-Mix); resumable; "
+        "diffusers + kohya files."
     ),
 )
 def lora(
@@ -49,21 +53,46 @@ def lora(
     with storage.stage_run(context, Stage.LORA) as run:
         training_data = storage.input_pair_dir(run.pair, *TRAINING_STAGES)
         samples = load_samples(training_data, with_prior=train_config.prior_preservation)
-        pipe = models.base_pipeline_factory(storage.layout.models)()
         prompts = (
             list(config.settings(LoraValidation).validation_prompts)
             or scene_prompts([c.token_phrase for c in run.spec.characters])[:2]
         )
-        out = run_lora(
-            pipe=pipe,
-            samples=samples,
-            config=train_config,
-            run=TrainingRun(run.out_dir, storage.layout.cache / "train", run.recorder, preset.base_model, log_progress),
-            validation=ValidationRenders(
-                prompts=prompts, steps=preset.inference_steps, guidance_scale=preset.guidance_scale
-            ),
-            trainer=models.trainer(storage.layout.models),
+        training_run = TrainingRun(
+            run.out_dir, storage.layout.cache / "train", run.recorder, preset.base_model, log_progress
         )
+        validation = ValidationRenders(
+            prompts=prompts, steps=preset.inference_steps, guidance_scale=preset.guidance_scale
+        )
+        merge_metadata: dict[str, Any] = {}
+        if is_modular(run.spec.characters):  # every character given as its own LoRA: merge + Seg-Mix fine-tune
+            modular = config.settings(ModularConfig)
+            merged = run_modular(
+                pipe_factory=models.base_pipeline_factory(storage.layout.models),
+                characters=run.spec.characters,
+                samples=samples,
+                config=train_config,
+                modular=modular,
+                run=training_run,
+                validation=validation,
+                trainer=models.trainer(storage.layout.models),
+            )
+            out = merged.finetuned
+            merge_metadata = {
+                "merge_method": merged.merge.method,
+                "merged_version": merged.merged.version,
+                "naive_merge_version": merged.naive.version,
+                "merge_details": dg.MetadataValue.json(merged.merge.details),
+                "character_loras": dg.MetadataValue.json(list(merged.merge.sources)),
+            }
+        else:
+            out = run_lora(
+                pipe=models.base_pipeline_factory(storage.layout.models)(),
+                samples=samples,
+                config=train_config,
+                run=training_run,
+                validation=validation,
+                trainer=models.trainer(storage.layout.models),
+            )
     result = out.result
     kinds = {kind: sum(s.kind == kind for s in samples) for kind in sorted({s.kind for s in samples})}
     metadata = {
@@ -79,6 +108,7 @@ def lora(
         "diffusers_file": dg.MetadataValue.path(str(out.files["diffusers"])),
         "kohya_file": dg.MetadataValue.path(str(out.files["kohya"])),
         "validation_prompts": dg.MetadataValue.md("\n".join(f"- {p}" for p, _ in out.validation) or "_none_"),
+        **merge_metadata,
     }
     if result.losses:
         metadata["loss_curve"] = loss_curve_md(result.losses)

@@ -15,6 +15,11 @@ Example ``pair.yaml`` (paths are relative to the spec file)::
         class_noun: dog
         token_phrase: vrin dog
         photos: dog2
+      - id: cat1                # modular customization: an existing LoRA instead of (or besides) photos
+        class_noun: cat
+        token_phrase: sks cat
+        lora: cat1.safetensors  # diffusers/PEFT or kohya file for the pair's base model
+        lora_scale: '0.8'       # optional, default 1 (quoted: every value is text)
     class_images:               # optional: prior-preservation images per class noun
       dog: class_dogs           # a folder to import; omit to generate them with the base model
 
@@ -42,7 +47,17 @@ from pipeline.storage.paths import confined_path, is_within, validate_key
 
 SPEC_FILENAMES = ("pair.yaml", "pair.yml", "pair.json")
 TOP_FIELDS = ("pair", "characters", "class_images")
-CHARACTER_FIELDS = ("id", "class_noun", "token_phrase", "photos", "masks", "captions", "relative_size")
+CHARACTER_FIELDS = (
+    "id",
+    "class_noun",
+    "token_phrase",
+    "photos",
+    "masks",
+    "captions",
+    "relative_size",
+    "lora",
+    "lora_scale",
+)
 MAX_SPEC_BYTES = 1 << 20
 """A pair spec is a few hundred bytes; anything over 1 MiB is not one (and is not read into memory)."""
 MAX_ERROR_CHARS = 2000
@@ -65,6 +80,11 @@ class CharacterSpec:
     relative_size: float | None = None
     """Height relative to the other characters (dog 2, toy 1: the dog twice the toy's height) in the Seg-Mix
     composites and MuDI's auto layouts; None: not set (1 when another character sets one)."""
+    lora: str | None = None
+    """Absolute path of the character's own LoRA file (modular customization, docs/design.md#modular-customization);
+    ``photos`` may then be empty: the ``character_images`` stage renders reference images with it."""
+    lora_scale: float = 1.0
+    """Scale the character's LoRA is applied at (rendering its images, merging)."""
 
 
 @dataclass(frozen=True)
@@ -99,9 +119,11 @@ class PairSpec:
     def to_json(self) -> str:
         raw = asdict(self)
         for character in raw["characters"]:
-            for name in ("captions_dir", "relative_size"):
+            for name in ("captions_dir", "relative_size", "lora"):
                 if character[name] is None:  # absent, not null: older specs keep their fingerprints
                     del character[name]
+            if character["lora_scale"] == 1.0:
+                del character["lora_scale"]
         if raw["confined_to"] is None:
             del raw["confined_to"]
         return json.dumps(raw, indent=2, sort_keys=True)
@@ -258,6 +280,8 @@ def check_confinement(spec: PairSpec, named_root: Path | None = None) -> PairSpe
         for character in spec.characters:
             for photo in character.photos:
                 confined_path(photo, root, f"Photo of {character.id!r}")
+            if character.lora:
+                confined_path(character.lora, root, f"LoRA file of {character.id!r}")
             for name, folder in (("masks", character.masks_dir), ("captions", character.captions_dir)):
                 if folder:
                     _confined_folder(Path(folder), root, f"{character.id!r} {name} folder")
@@ -282,15 +306,27 @@ def _parse_character(entry: Any, index: int, base_dir: Path, where: str, confine
     if not isinstance(entry, dict):
         raise SpecError(f"{field_at} must be a mapping with id, class_noun, token_phrase, photos.")
     _check_fields(entry, CHARACTER_FIELDS, field_at)
-    for name in ("id", "class_noun", "token_phrase", "photos"):
-        if entry.get(name) is None or entry.get(name) in ("", [], {}):
+    for name in ("id", "class_noun", "token_phrase"):
+        if _absent(entry.get(name)):
             raise SpecError(f"{field_at}: field {name!r} is missing or empty.")
     character_id = _text(entry["id"], f"{field_at}.id")
     try:
         validate_key(character_id, "character id")
     except ValueError as exc:
         raise SpecError(f"{field_at}.id: {exc}") from exc
-    photos = _collect_photos(entry["photos"], base_dir, f"{field_at}.photos", confine_to)
+    if _absent(entry.get("photos")) and _absent(entry.get("lora")):
+        raise SpecError(
+            f"{field_at}: field 'photos' is missing or empty, and so is 'lora': character {character_id!r} needs "
+            "'photos' (a folder or list of photos) or 'lora' (its own LoRA file for the pair's base model), or both."
+        )
+    photos: tuple[str, ...] = ()
+    if not _absent(entry.get("photos")):
+        photos = _collect_photos(entry["photos"], base_dir, f"{field_at}.photos", confine_to)
+    lora = None
+    if not _absent(entry.get("lora")):
+        lora = _existing_lora_file(entry["lora"], base_dir, f"{field_at}.lora", confine_to)
+    elif entry.get("lora_scale") is not None:
+        raise SpecError(f"{field_at}.lora_scale: only meaningful with 'lora'; remove it or add the LoRA file.")
     return CharacterSpec(
         id=character_id,
         class_noun=_text(entry["class_noun"], f"{field_at}.class_noun"),
@@ -299,6 +335,8 @@ def _parse_character(entry: Any, index: int, base_dir: Path, where: str, confine
         masks_dir=_optional_folder(entry, "masks", base_dir, field_at, confine_to),
         captions_dir=_optional_folder(entry, "captions", base_dir, field_at, confine_to),
         relative_size=_optional_size(entry, field_at),
+        lora=lora,
+        lora_scale=_scale(entry.get("lora_scale"), f"{field_at}.lora_scale"),
     )
 
 
@@ -317,6 +355,43 @@ def _optional_size(entry: dict, field_at: str) -> float | None:
     if not (math.isfinite(value) and value > 0):
         raise SpecError(f"{at}: {_shown(text)} must be a finite number > 0 (a height relative to the others).")
     return value
+
+
+def _absent(value: Any) -> bool:
+    return value is None or (isinstance(value, str | list | dict) and not value)
+
+
+def _scale(value: Any, field_at: str) -> float:
+    """A LoRA scale: quoted text holding a finite number in (0, 4] (YAML numbers are refused like everywhere)."""
+    if value is None:
+        return 1.0
+    text = _text(value, field_at)
+    try:
+        scale = float(text)
+    except ValueError as exc:
+        raise SpecError(f"{field_at}: {_shown(text)} is not a number; write e.g. '0.8'.") from exc
+    if not 0.0 < scale <= 4.0:  # NaN fails this too
+        raise SpecError(f"{field_at}: {scale} is outside (0, 4]; a character LoRA is applied at about 1.")
+    return scale
+
+
+def _existing_lora_file(value: Any, base_dir: Path, field_at: str, confine_to: Path | None) -> str:
+    """The LoRA file a character names: an existing safetensors file holding LoRA weights (the shape check
+    against the base model comes later, where the model is loaded: ``pipeline.lora.character_lora``)."""
+    from pipeline.lora.character_lora import check_lora_file  # safetensors headers only; no model needed
+
+    path = _resolve(value, base_dir, field_at, confine_to)
+    try:
+        if not path.is_file():
+            raise SpecError(f"{field_at}: LoRA file {path} does not exist.")
+        check_lora_file(path)
+    except CastloraError as exc:
+        if isinstance(exc, SpecError):
+            raise
+        raise SpecError(f"{field_at}: {exc}") from exc
+    except _FS_ERRORS as exc:
+        raise SpecError(f"{field_at}: {_shown(str(path), 200)} cannot be read ({_fs_reason(exc)}).") from exc
+    return str(path)
 
 
 def _check_fields(mapping: dict, known: tuple[str, ...], where: str) -> None:

@@ -12,6 +12,7 @@ from enum import StrEnum
 class Stage(StrEnum):
     """A pipeline stage; its value is the stage folder's name and the asset's key."""
 
+    CHARACTER_IMAGES = "character_images"
     REFERENCES = "references"
     SEGMENTS = "segments"
     CAPTIONS = "captions"

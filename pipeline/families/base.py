@@ -254,6 +254,13 @@ class ModelFamily(ABC):
         """Copy ``state`` (``lora_state_dict`` naming) into the existing adapter ``adapter_name``, refusing a
         different rank or target set."""
 
+    def kohya_lora_modules(self, pipe: Any) -> dict[str, tuple[tuple[str, slice], ...]] | None:
+        """Kohya module name (``lora_unet_…``) -> the denoiser modules it holds, each with its rows of the kohya
+        ``lora_up`` (one module with all rows unless the format fuses layers), for reading a user's kohya LoRA file
+        (docs/design.md#modular-customization); None when the family cannot read kohya files."""
+        del pipe
+        return None
+
     @abstractmethod
     def export_lora(
         self, out_dir: Path, pipe: Any, spec: LoraSpec, metadata: Mapping[str, str] | None = None

@@ -36,7 +36,7 @@ from pipeline.lora.adapters import (
     text_encoder_lora_state_dict,
 )
 from pipeline.lora.export import DIFFUSERS_WEIGHT_NAME
-from pipeline.lora.kohya_flux import KOHYA_FLUX_WEIGHT_NAME, save_kohya_flux_lora
+from pipeline.lora.kohya_flux import KOHYA_FLUX_WEIGHT_NAME, kohya_flux_module_map, save_kohya_flux_lora
 from pipeline.models.base_model import BaseModelSpec, load_diffusers_pipeline
 from pipeline.models.identity import module_identity
 from pipeline.storage.atomic import atomic_path
@@ -282,6 +282,13 @@ class FluxFamily(ModelFamily):
         with torch.no_grad():
             for key, param in params.items():
                 param.copy_(state[key].to(param.device, param.dtype))
+
+    def kohya_lora_modules(self, pipe: Any) -> dict[str, tuple[tuple[str, slice], ...]]:
+        """Kohya FLUX names of the transformer's block layers, q/k/v (and ``proj_mlp``) fused as the export fuses
+        them (``kohya_flux_module_map``)."""
+        config = pipe.transformer.config
+        width = int(config.num_attention_heads) * int(config.attention_head_dim)
+        return kohya_flux_module_map(int(config.num_layers), int(config.num_single_layers), width)
 
     def export_lora(
         self, out_dir: Path, pipe: Any, spec: LoraSpec, metadata: Mapping[str, str] | None = None

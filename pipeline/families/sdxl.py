@@ -15,6 +15,7 @@ from PIL import Image
 from pipeline.families.base import ImageGeometry, ModelFamily, RenderRequest, text_to_image_batch
 from pipeline.families.ddpm import DDPMObjective
 from pipeline.lora.adapters import (
+    LoraError,
     LoraSpec,
     add_text_encoder_lora,
     add_unet_lora,
@@ -23,7 +24,7 @@ from pipeline.lora.adapters import (
     text_encoder_lora_state_dict,
     unet_lora_state_dict,
 )
-from pipeline.lora.export import export_lora
+from pipeline.lora.export import diffusers_to_sgm_path, export_lora, sgm_block_map
 from pipeline.models.base_model import BaseModelSpec, load_diffusers_pipeline
 from pipeline.models.identity import module_identity
 from pipeline.storage.hashing import sha256_json
@@ -109,6 +110,23 @@ class SDXLFamily(ModelFamily):
             load_unet_lora(model, state, adapter_name)
         else:
             load_text_encoder_lora(model, state, adapter_name)
+
+    def kohya_lora_modules(self, pipe: Any) -> dict[str, tuple[tuple[str, slice], ...]]:
+        """The kohya/SGM name of every linear or conv layer of the U-Net, from the same SGM map the export uses."""
+        block_map = sgm_block_map(pipe.unet.config)
+        names: dict[str, tuple[tuple[str, slice], ...]] = {}
+        for name, module in pipe.unet.named_modules():
+            name = name.removesuffix(".base_layer")  # a layer already wrapped by a PEFT adapter
+            if isinstance(module, torch.nn.Linear | torch.nn.Conv2d) and name:
+                try:
+                    names["lora_unet_" + diffusers_to_sgm_path(name, block_map).replace(".", "_")] = (
+                        (name, slice(None)),
+                    )
+                    # Some trainers write kohya files with diffusers module paths (lora_unet_down_blocks_1_…).
+                    names.setdefault("lora_unet_" + name.replace(".", "_"), ((name, slice(None)),))
+                except LoraError:  # outside the SGM layout: no kohya name
+                    continue
+        return names
 
     def export_lora(
         self, out_dir: Path, pipe: Any, spec: LoraSpec, metadata: Mapping[str, str] | None = None

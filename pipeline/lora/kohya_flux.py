@@ -213,6 +213,29 @@ def to_kohya_flux(state: Mapping[str, torch.Tensor], alpha: float) -> dict[str, 
     return out
 
 
+def kohya_flux_module_map(
+    double_blocks: int, single_blocks: int, width: int
+) -> dict[str, tuple[tuple[str, slice], ...]]:
+    """Kohya FLUX module name -> the transformer modules it holds, each with its rows of the kohya ``lora_up``
+    (q/k/v fused: ``width`` rows each; ``proj_mlp`` ``MLP_RATIO · width``; an unfused module: all rows). What reading
+    a user's kohya FLUX file needs (docs/design.md#modular-customization): each member's delta is
+    ``alpha / rank · up[rows] @ down``, whether the file's fused up is block-diagonal (as castlora writes it) or
+    dense (one LoRA on the fused layer, as kohya trains it)."""
+    found: dict[str, tuple[tuple[str, slice], ...]] = {}
+    for stream, count in (("transformer_blocks", double_blocks), ("single_transformer_blocks", single_blocks)):
+        kohya_stream, targets = _STREAMS[stream]
+        for block in range(count):
+            for target in targets:
+                members: list[tuple[str, slice]] = []
+                start = 0
+                for member, ratio in zip(target.members, target.row_ratios, strict=True):
+                    rows = slice(start, start + ratio * width) if target.fused else slice(None)
+                    start += ratio * width
+                    members.append((f"{stream}.{block}.{member}", rows))
+                found[f"lora_unet_{kohya_stream}_{block}_{target.kohya}"] = tuple(members)
+    return found
+
+
 def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 

@@ -43,8 +43,12 @@ from pipeline.storage.manifest import write_manifest
 from pipeline.train import TrainConfig, TrainingSample
 
 OK, UNAVAILABLE, UNDEFINED = "ok", "unavailable", "undefined"
-VARIANTS = ("dreambooth", "segmix", "segmix_init", "iterative")
+TRAINED_VARIANTS = ("dreambooth", "segmix", "segmix_init", "iterative")
 """The comparison the MuDI paper makes: DreamBooth (no Seg-Mix), Seg-Mix, + MuDI init, + iterative training."""
+MODULAR_VARIANTS = ("naive_merge", "merged", "merged_segmix")
+"""For a pair given as character LoRA files (MuDI §5.4, docs/design.md#modular-customization): both LoRAs loaded
+together, their merge, and the merge fine-tuned with Seg-Mix and KL (the pair's LoRA)."""
+VARIANTS = TRAINED_VARIANTS + MODULAR_VARIANTS
 BASELINE_DIR = "baseline"
 """The DreamBooth baseline's LoRA lives in ``<evaluation>/baseline/<version>/`` with its ``current.json``: a
 declared output of the evaluation asset (published with its folder, reported in its metadata)."""
@@ -109,8 +113,9 @@ class EvaluationOutput:
 
 def dreambooth_config(segmix: TrainConfig) -> TrainConfig:
     """The DreamBooth baseline's settings: the Seg-Mix LoRA's, exactly, with Seg-Mix off (``segmix_p`` alone
-    differs, so the comparison isolates Seg-Mix)."""
-    return dataclasses.replace(segmix, segmix_p=0.0)
+    differs, so the comparison isolates Seg-Mix). The baseline trains from scratch, so a KL term towards a starting
+    LoRA (a merge's fine-tune has one) has nothing to point at and is off."""
+    return dataclasses.replace(segmix, segmix_p=0.0, kl_weight=0.0)
 
 
 def train_baseline(
@@ -132,6 +137,30 @@ def train_baseline(
     config = dreambooth_config(segmix_lora.train_config())
     run = TrainingRun(Path(out_dir) / BASELINE_DIR, Path(cache_dir), recorder, base_model_id)
     return train_version(pipe=pipe, samples=samples_for(config), config=config, run=run)
+
+
+def modular_variants(
+    names: Sequence[str], modular: dict[str, LoraRecord] | None, pair_lora: LoraRecord, merge_method: str = ""
+) -> tuple[list[Variant], list[str]]:
+    """The ``MODULAR_VARIANTS`` among ``names`` and notes for the report. ``modular``: the lora stage's records
+    of the naive merge and the merge (``pipeline.lora.modular.read_modular``); None for a pair trained from photos,
+    whose modular variants are skipped with a note. ``pair_lora``: the pair's LoRA (the fine-tuned merge)."""
+    wanted = [name for name in names if name in MODULAR_VARIANTS]
+    if not wanted:
+        return [], []
+    if modular is None:
+        return [], [f"{', '.join(wanted)}: skipped (only for pairs given as character LoRA files)"]
+    method = f" ({merge_method})" if merge_method else ""
+    made = {
+        "naive_merge": Variant(
+            "naive_merge", modular["naive_merge"], None, "naive_merge: both character LoRAs loaded at once"
+        ),
+        "merged": Variant("merged", modular["merged"], None, f"merged: the character LoRAs merged{method}"),
+        "merged_segmix": Variant(
+            "merged_segmix", pair_lora, None, "merged_segmix: the merge fine-tuned with Seg-Mix and KL towards it"
+        ),
+    }
+    return [made[name] for name in wanted], []
 
 
 def _setting(value: Any) -> str:
@@ -291,7 +320,7 @@ def run_evaluation(
     and annotated grids into ``out_dir``. The report's training table compares each variant's settings with
     ``report.segmix_lora``'s and names each variant's ``family`` and base model (``base_model_id``)."""
     if not variants:
-        raise CastloraError("Evaluation needs at least one variant (dreambooth, segmix, segmix_init, iterative).")
+        raise CastloraError(f"Evaluation needs at least one variant ({', '.join(VARIANTS)}).")
     if not generation.prompts or not seeds:
         raise CastloraError("Evaluation needs at least one prompt and one seed for its grid.")
     training = training_settings(

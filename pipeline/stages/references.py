@@ -24,10 +24,26 @@ class ReferencesOutput:
 
 
 def run_references(
-    *, spec: PairSpec, out_dir: Path, config: IntakeConfig, recorder: LineageRecorder
+    *,
+    spec: PairSpec,
+    out_dir: Path,
+    config: IntakeConfig,
+    recorder: LineageRecorder,
+    generated: pd.DataFrame | None = None,
 ) -> ReferencesOutput:
-    """Validate every character's photos; fail (writing nothing) if any character has too few usable ones."""
-    intakes = {character.id: intake_photos(character.photos, config) for character in spec.characters}
+    """Validate every character's photos; fail (writing nothing) if any character has too few usable ones.
+
+    ``generated``: the ``character_images`` manifest; those images (rendered with a character's own LoRA) are
+    taken in after the character's photos, and their rows say ``origin = generated``."""
+    rendered: dict[str, list[str]] = {}
+    if generated is not None:
+        for row in generated.itertuples():
+            rendered.setdefault(str(row.character_id), []).append(str(row.path))
+    generated_paths = {p for paths in rendered.values() for p in paths}
+    intakes = {
+        character.id: intake_photos([*character.photos, *rendered.get(character.id, [])], config)
+        for character in spec.characters
+    }
     short = [cid for cid, result in intakes.items() if len(result.accepted) < config.min_photos]
     if short:
         details = []
@@ -38,7 +54,8 @@ def run_references(
         raise NotEnoughReferencesError(
             f"Pair {spec.pair!r}: at least {config.min_photos} usable photos are needed per character. "
             + "; ".join(details)
-            + ". Fix or add photos (see the spec's 'photos' folders) or lower min_photos."
+            + ". Fix or add photos (see the spec's 'photos' folders), render more character_images for a "
+            "character given as a LoRA, or lower min_photos."
         )
 
     rows, rejected_rows, written = [], [], set()
@@ -57,6 +74,7 @@ def run_references(
                     "sha256": sha,
                     "pixel_sha256": photo.pixel_sha256,
                     "source": photo.source,
+                    "origin": "generated" if photo.source in generated_paths else "photo",
                     "source_sha256": photo.source_sha256,
                     "width": photo.image.width,
                     "height": photo.image.height,
@@ -68,7 +86,12 @@ def run_references(
                 path,
                 sha,
                 parent_sha256s=[photo.source_sha256],
-                params={"source": photo.source, "character_id": character.id, **asdict(config)},
+                params={
+                    "source": photo.source,
+                    "character_id": character.id,
+                    "generated": photo.source in generated_paths,
+                    **asdict(config),
+                },
             )
         rejected_rows.extend(
             {"character_id": character.id, "source": r.source, "reason": r.reason} for r in result.rejected

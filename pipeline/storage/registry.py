@@ -49,7 +49,7 @@ def references_fingerprint(spec: PairSpec) -> str:
     """
     folders = [Path(d) for c in spec.characters for d in (c.masks_dir, c.captions_dir) if d]
     folders += [Path(f) for f in spec.class_images.values()]
-    files = [Path(p) for c in spec.characters for p in c.photos]
+    files = [Path(p) for c in spec.characters for p in (*c.photos, *([c.lora] if c.lora else []))]
     files += [f for folder in folders if folder.is_dir() for f in sorted(folder.iterdir()) if f.is_file()]
     contents = {str(f): sha256_file(f) if f.is_file() else "missing" for f in files}
     return sha256_json({"spec": _fingerprinted(spec).to_json(), "files": contents})[:16]
@@ -89,6 +89,7 @@ def _with_paths(spec: PairSpec, convert: Callable[[str], str]) -> PairSpec:
             photos=tuple(map(convert, c.photos)),
             masks_dir=convert(c.masks_dir) if c.masks_dir else None,
             captions_dir=convert(c.captions_dir) if c.captions_dir else None,
+            lora=convert(c.lora) if c.lora else None,
         )
         for c in spec.characters
     )

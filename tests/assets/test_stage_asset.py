@@ -62,7 +62,8 @@ def registered(make_pair):
 def test_every_stage_asset_is_declared_the_same_way():
     specs = {spec.key.to_user_string(): spec for asset in PAIR_ASSETS for spec in asset.specs}
     assert set(specs) == {stage.value for stage in Stage}
-    gpu = {Stage.SEGMENTS, Stage.CLASS_IMAGES, Stage.LORA, Stage.SAMPLES, Stage.ITERATION, Stage.EVALUATION}
+    gpu = {Stage.CHARACTER_IMAGES, Stage.SEGMENTS, Stage.CLASS_IMAGES, Stage.LORA, Stage.SAMPLES, Stage.ITERATION}
+    gpu.add(Stage.EVALUATION)
     for asset in PAIR_ASSETS:
         (name,) = [key.to_user_string() for key in asset.keys]
         assert asset.partitions_def == character_pairs and asset.group_names_by_key[asset.key] == GROUP
