@@ -20,7 +20,7 @@ def test_unknown_preset_is_refused_with_the_presets():
     """``preset`` is a config enum: a misspelt name is refused when the resource is built, listing every preset."""
     from pydantic import ValidationError
 
-    with pytest.raises(ValidationError, match=r"preset\n.*'tiny', 'sdxl', 'tiny-flux' or 'flux'"):
+    with pytest.raises(ValidationError, match=r"preset\n.*'tiny', 'sdxl', 'tiny-flux', 'flux' or 'flux-schnell'"):
         ModelResource(preset="sdxl-turbo")
 
 
