@@ -114,3 +114,14 @@ def demo_home(tmp_path_factory) -> DemoHome:
     if result.returncode != 0:
         pytest.fail(f"castlora demo exited with {result.returncode}:\n{result.stderr[-3000:]}")
     return DemoHome(data_home=data_home, dagster_home=data_home / "dagster_home", stdout=result.stdout)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for the module: tiny models are faster on one, and the test machine is shared."""
+    import torch  # not at import time: most test modules never load torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

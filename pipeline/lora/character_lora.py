@@ -314,6 +314,15 @@ def attach_lora_modules(
     denoiser.requires_grad_(False)
     inject_adapter_in_model(config, denoiser, adapter_name=adapter_name)
     denoiser._hf_peft_config_loaded = True
+    write_lora_modules(denoiser, modules, adapter_name)
+    for name, lora in modules.items():
+        denoiser.get_submodule(name).scaling[adapter_name] = lora.scale * scale
+    activate_adapter(denoiser, adapter_name)
+
+
+def write_lora_modules(denoiser: torch.nn.Module, modules: Mapping[str, LoraModule], adapter_name: str) -> None:
+    """Copy each module's down/up weights into the existing PEFT adapter ``adapter_name`` of its layer; an adapter
+    of a higher rank keeps zeros in the rows/columns beyond the module's rank (the same delta)."""
     with torch.no_grad():
         for name, lora in modules.items():
             layer = denoiser.get_submodule(name)
@@ -322,8 +331,6 @@ def attach_lora_modules(
             b.zero_()
             a[: lora.rank].copy_(lora.down.reshape(lora.rank, *a.shape[1:]).to(a.dtype))
             b[:, : lora.rank].copy_(lora.up.reshape(b.shape[0], lora.rank, *b.shape[2:]).to(b.dtype))
-            layer.scaling[adapter_name] = lora.scale * scale
-    activate_adapter(denoiser, adapter_name)
 
 
 def activate_adapters(denoiser: torch.nn.Module, adapter_names: Sequence[str]) -> None:

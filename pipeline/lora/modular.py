@@ -20,7 +20,7 @@ from pipeline.errors import CastloraError
 from pipeline.families import family_for
 from pipeline.families.base import ImageGeometry
 from pipeline.lora.adapters import LoraSpec, remove_adapter
-from pipeline.lora.character_lora import CharacterLora, load_character_lora
+from pipeline.lora.character_lora import CharacterLora, load_character_lora, write_lora_modules
 from pipeline.lora.merge import MERGE_METHODS, MergedLora, capture_grams, concat_merge, merge
 from pipeline.lora.record import LoraRecord
 from pipeline.lora.versions import LoraOutput, TrainingRun, train_version
@@ -165,14 +165,7 @@ def put_on_pipe(pipe: Any, merged: MergedLora, adapter_name: str = MERGE_ADAPTER
     rank = merged.rank
     spec = LoraSpec(rank=rank, alpha=float(rank), target_modules=short_targets(list(merged.modules), denoiser))
     family.add_lora(family.denoiser, denoiser, spec, adapter_name)
-    with torch.no_grad():
-        for name, module in merged.modules.items():
-            layer = denoiser.get_submodule(name)
-            a, b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
-            a.zero_()
-            b.zero_()
-            a[: module.rank].copy_(module.down.reshape(module.rank, *a.shape[1:]).to(a.dtype))
-            b[:, : module.rank].copy_(module.up.reshape(b.shape[0], module.rank, *b.shape[2:]).to(b.dtype))
+    write_lora_modules(denoiser, merged.modules, adapter_name)
     return spec
 
 

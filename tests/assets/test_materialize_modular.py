@@ -5,26 +5,19 @@ fine-tuned with KL; the evaluation shows naive_merge, merged and merged_segmix."
 import json
 from pathlib import Path
 
-import dagster as dg
 import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from assets.definitions import build_resources, defs
-from assets.jobs import pair_job
-from assets.partitions import character_pairs
 from pipeline.images import mask_to_image
 from pipeline.lora import LoraSpec, add_unet_lora, export_lora, lora_parameters
 from pipeline.lora.modular import read_modular
 from pipeline.lora.record import read_current
 from pipeline.models.tiny_sdxl import build_tiny_sdxl
-from pipeline.spec import load_spec
 from pipeline.storage.hashing import sha256_file
 from pipeline.storage.lineage import read_lineage
 from pipeline.storage.manifest import read_manifest
-from pipeline.storage.paths import DataLayout
-from pipeline.storage.registry import register_pair
 
 KEY = "zorp__quix"
 IMAGES = 3
@@ -81,26 +74,9 @@ def _lora_pair(root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def materialized(tmp_path_factory):
-    root = tmp_path_factory.mktemp("modular_e2e")
-    home = root / "home"
-    layout = DataLayout.at(home)
-    folder = _lora_pair(root)
-    register_pair(layout, load_spec(folder, confine=True))
-    job = defs.resolve_job_def(pair_job.name)
-    with dg.instance_for_test() as instance:
-        instance.add_dynamic_partitions(character_pairs.name, [KEY])
-        result = job.execute_in_process(
-            run_config=RUN_CONFIG,
-            instance=instance,
-            partition_key=KEY,
-            resources=build_resources({"CASTLORA_HOME": str(home)}),
-            raise_on_error=False,
-        )
-        materializations = {
-            e.asset_key.to_user_string(): e.materialization for e in result.get_asset_materialization_events()
-        }
-        yield layout, folder, result, materializations
+def materialized(materialize_pair):
+    with materialize_pair("modular_e2e", RUN_CONFIG, pair=_lora_pair) as (layout, result, materializations, _):
+        yield layout, layout.home.parent / "src", result, materializations
 
 
 def test_a_pair_of_two_lora_files_materializes_end_to_end(materialized):

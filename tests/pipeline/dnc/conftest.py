@@ -6,7 +6,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 
@@ -23,12 +22,8 @@ def tiny_dirs(tmp_path_factory) -> SimpleNamespace:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models are faster on one thread, and the test machine is shared.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _every_dnc_test_on_one_thread(one_thread):
     yield
-    torch.set_num_threads(previous)
 
 
 def noisy_colour(colour: tuple[int, int, int], size: tuple[int, int], seed: int) -> Image.Image:

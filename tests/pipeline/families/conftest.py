@@ -1,4 +1,4 @@
-"""Fixtures shared by the family tests: one CPU thread (as the training tests) and two small training samples."""
+"""Fixtures shared by the family tests: two small training samples."""
 
 from __future__ import annotations
 
@@ -6,9 +6,7 @@ import pytest
 
 from pipeline.train import TrainingSample
 from pipeline.train.data import INSTANCE, SEGMIX
-from tests.pipeline.train.conftest import one_thread, write_image, write_mask
-
-__all__ = ["one_thread", "samples"]
+from tests.pipeline.train.conftest import write_image, write_mask
 
 
 @pytest.fixture(scope="module")

@@ -58,14 +58,6 @@ RANK = 4
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("tiny_sdxl")
     build_tiny_sdxl(directory)

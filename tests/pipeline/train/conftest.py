@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from pipeline.images import mask_to_image
@@ -25,14 +24,6 @@ def tiny_sdxl_dir(tmp_path_factory) -> Path:
     target = tmp_path_factory.mktemp("train_sdxl")
     build_tiny_sdxl(target)
     return target
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
