@@ -489,7 +489,7 @@ def run_benchmark(args: argparse.Namespace) -> None:
 def write_results(args: argparse.Namespace, results: Path, name: str, script: Path, rows: list[dict]) -> None:
     payload = {
         "benchmark": name,
-        "command": " ".join(sys.argv),
+        "command": " ".join(["python -m benchmarks.bench_train", *sys.argv[1:]]),
         "diffusers_script": str(script),
         "settings": {
             "models": args.models,

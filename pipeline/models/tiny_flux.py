@@ -112,8 +112,8 @@ def tiny_transformer_config(
     *, double_blocks: int = 1, single_blocks: int = 1, heads: int = 2, head_dim: int = 16
 ) -> dict[str, Any]:
     """The tiny transformer's config with another depth or width (width = ``heads`` x ``head_dim``): the defaults are
-    the ``tiny-flux`` preset's; a wider one makes a compute-bound model for benchmarks (benchmarks/README.md)
-    that loads with the same text encoders, VAE and tokenizers."""
+    the ``tiny-flux`` preset's; a wider one makes a compute-bound model that loads with the same text encoders, VAE
+    and tokenizers (the training benchmark's ``wide-flux``: docs/design.md#flux1-training-benchmark)."""
     if min(double_blocks, single_blocks, heads) < 1:
         raise CastloraError(
             f"double_blocks={double_blocks}, single_blocks={single_blocks}, heads={heads}: each must be >= 1."
