@@ -14,6 +14,7 @@ Unigram T5 tokenizer made from a small vocabulary through the ``tokenizers`` lib
 from __future__ import annotations
 
 import string
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
 
+from pipeline.errors import CastloraError
 from pipeline.models.tokenizers import write_tiny_clip_tokenizer
 
 SEED = 0
@@ -99,18 +101,40 @@ def t5_config(config: dict[str, Any], tokenizer: T5Tokenizer) -> T5Config:
     )
 
 
-TRANSFORMER_CONFIG: dict[str, Any] = {
-    "patch_size": 1,
-    "in_channels": LATENT_CHANNELS * 4,
-    "num_layers": 1,
-    "num_single_layers": 1,
-    "attention_head_dim": 16,
-    "num_attention_heads": 2,
-    "joint_attention_dim": T5_HIDDEN,
-    "pooled_projection_dim": CLIP_HIDDEN,
-    "guidance_embeds": True,
-    "axes_dims_rope": (4, 6, 6),  # sums to attention_head_dim, as (16, 56, 56) sums to FLUX's 128
-}
+def rope_axes(head_dim: int) -> tuple[int, int, int]:
+    """Rotary axes (index, row, column) that sum to ``head_dim``, each even as rotary embeddings need: 3/8 of the
+    width to each spatial axis, the rest to the index axis ((4, 6, 6) for 16; FLUX.1 splits 128 as (16, 56, 56))."""
+    if head_dim < 16 or head_dim % 16:
+        raise CastloraError(f"attention_head_dim={head_dim}: the tiny FLUX transformer needs a multiple of 16.")
+    side = 6 * (head_dim // 16)
+    return (head_dim - 2 * side, side, side)
+
+
+def tiny_transformer_config(
+    *, double_blocks: int = 1, single_blocks: int = 1, heads: int = 2, head_dim: int = 16
+) -> dict[str, Any]:
+    """The tiny transformer's config with another depth or width (width = ``heads`` x ``head_dim``): the defaults are
+    the ``tiny-flux`` preset's; a wider one makes a compute-bound model that loads with the same text encoders, VAE
+    and tokenizers (the training benchmark's ``wide-flux``: docs/design.md#flux1-training-benchmark)."""
+    if min(double_blocks, single_blocks, heads) < 1:
+        raise CastloraError(
+            f"double_blocks={double_blocks}, single_blocks={single_blocks}, heads={heads}: each must be >= 1."
+        )
+    return {
+        "patch_size": 1,
+        "in_channels": LATENT_CHANNELS * 4,
+        "num_layers": double_blocks,
+        "num_single_layers": single_blocks,
+        "attention_head_dim": head_dim,
+        "num_attention_heads": heads,
+        "joint_attention_dim": T5_HIDDEN,
+        "pooled_projection_dim": CLIP_HIDDEN,
+        "guidance_embeds": True,
+        "axes_dims_rope": rope_axes(head_dim),
+    }
+
+
+TRANSFORMER_CONFIG: dict[str, Any] = tiny_transformer_config()
 CLIP_CONFIG: dict[str, Any] = {
     "hidden_size": CLIP_HIDDEN,
     "intermediate_size": 2 * CLIP_HIDDEN,
@@ -168,9 +192,12 @@ def build_tiny_flux_schnell(target_dir: Path) -> None:
     build_tiny_flux(target_dir, schnell=True)
 
 
-def build_tiny_flux(target_dir: Path, schnell: bool = False) -> None:
+def build_tiny_flux(
+    target_dir: Path, schnell: bool = False, transformer_config: Mapping[str, Any] | None = None
+) -> None:
     """Build the tiny FLUX.1 pipeline (FLUX.1-dev-shaped; ``schnell``: FLUX.1-schnell-shaped) and save it as a
-    standard diffusers directory (safetensors)."""
+    standard diffusers directory (safetensors); ``transformer_config`` (from ``tiny_transformer_config``) replaces
+    the preset's transformer shape."""
     target_dir = Path(target_dir)
     clip, t5 = write_flux_tokenizers(target_dir)
     with torch.random.fork_rng(devices=[]):
@@ -178,7 +205,9 @@ def build_tiny_flux(target_dir: Path, schnell: bool = False) -> None:
         components = {
             "text_encoder": CLIPTextModel(clip_text_config({**CLIP_CONFIG, "vocab_size": len(clip)}, clip)),
             "text_encoder_2": T5EncoderModel(t5_config({**T5_CONFIG, "vocab_size": len(t5)}, t5)),
-            "transformer": FluxTransformer2DModel(**{**TRANSFORMER_CONFIG, "guidance_embeds": not schnell}),
+            "transformer": FluxTransformer2DModel(
+                **{**(transformer_config or TRANSFORMER_CONFIG), "guidance_embeds": not schnell}
+            ),
             "vae": AutoencoderKL(**VAE_CONFIG),
         }
     save_flux_pipeline(target_dir, components, (clip, t5), schnell)
