@@ -35,7 +35,7 @@ def pg_url(postgres_database: str) -> str:
     return postgres_database.replace("postgresql://", "postgresql+psycopg2://", 1)
 
 
-GPU_ASSETS = {"segments", "class_images", "lora", "samples", "iteration", "evaluation"}
+GPU_ASSETS = {"character_images", "segments", "class_images", "lora", "samples", "iteration", "evaluation"}
 
 
 def test_settings_from_env_defaults_and_errors():
