@@ -54,9 +54,8 @@ def write_example_lora_pair(
         mask[8:56, 12:52] = True  # any size: a user mask is resized to its image
         for k in range(images_per_character):
             mask_to_image(mask).save(masks / f"{cid}_{k:04d}.png")
-        lines.append(
-            f"  - {{id: {cid}, class_noun: ball, token_phrase: {cid} ball, lora: {cid}.safetensors, masks: {cid}_masks}}"
-        )
+        fields = f"id: {cid}, class_noun: ball, token_phrase: {cid} ball, lora: {cid}.safetensors, masks: {cid}_masks"
+        lines.append(f"  - {{{fields}}}")
     spec_file = destination / "pair.yaml"
     spec_file.write_text("\n".join(lines) + "\n")
     return spec_file

@@ -56,8 +56,8 @@ SMALL = {
         "references": {"config": {"min_side": 64}},
         "class_images": {"config": {"count": 2, "resolution": 64, "steps": 1}},
         "segmix_bank": {"config": {"n_instance": 4, "n_prior": 0, "canvas_width": 64, "canvas_height": 64}},
-        "lora": {"config": {"steps": 2, "rank": 4, "alpha": 4.0, "resolution": 64, "merge_method": "concat",
-                            "finetune_steps": 2}},
+        # For a pair of LoRA files, finetune_steps replaces steps (rank and alpha are the merge's).
+        "lora": {"config": {"resolution": 64, "merge_method": "concat", "finetune_steps": 2}},
         "samples": {"config": {"prompts": [PROMPT], "seeds": [0], "steps": 1, "resolution": 64}},
         "iteration": {"config": {"images_per_round": 2, "keep_top": 2, "train_steps": 1, "max_rounds": 1,
                                  "inference_steps": 1, "resolution": 64, "prompts": [PROMPT]}},
@@ -116,7 +116,7 @@ def test_launchpad_pair_of_two_lora_files_materializes(modular_ui, browser, scre
 
         # The pair's LoRA is the concat merge fine-tuned with Seg-Mix: its metadata says so, in the UI too.
         lora = metadata["lora"]
-        assert lora["merge_method"] == "concat", lora
+        assert lora["merge_method"] == "concat" and lora["steps"] == "2", lora  # the fine-tune's finetune_steps
         page.goto(f"{server.url}/assets/lora?view=partitions&partition={EXAMPLE_PAIR}")
         page.get_by_text("merge_method", exact=True).first.wait_for()
         assert "concat" in page.inner_text("body")
@@ -128,6 +128,10 @@ def test_launchpad_pair_of_two_lora_files_materializes(modular_ui, browser, scre
         report = metadata["evaluation"]["report"]
         for variant in MODULAR_VARIANTS:
             assert variant in report, report[:3000]
+        training = metadata["evaluation"]["training_settings"]
+        rows = [line for line in training.splitlines() if line.startswith("| ")]
+        merges = [row for row in rows if row.split("|")[1].strip() in ("naive_merge", "merged")]
+        assert len(merges) == 2 and all("not trained: the character LoRA files merged" in m for m in merges), training
         page.goto(f"{server.url}/assets/evaluation?view=partitions&partition={EXAMPLE_PAIR}")
         page.get_by_text("report", exact=True).first.wait_for()
         save(page, screenshots, "modular_evaluation", record_property)
