@@ -134,6 +134,16 @@ def import_mudi_folder(source: Path, destination: Path, pair: str | None, class_
     return spec_file
 
 
+def write_example_pair(destination: Path, layout: DataLayout) -> Path:
+    from pipeline.lora.example_pair import write_example_lora_pair
+    from pipeline.models.loading import ensure_tiny
+
+    # The tiny SDXL the `tiny` preset loads (built into the data home's model cache on first use).
+    spec_file = write_example_lora_pair(destination, ensure_tiny("sdxl", layout.models))
+    print(f"wrote {spec_file}; register it with `castlora register {destination}` or drop it into the inbox")
+    return spec_file
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="castlora", description=__doc__)
     parser.add_argument("--home", help="data home (default $CASTLORA_HOME or ./castlora_data)")
@@ -156,6 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     mudi.add_argument(
         "--class-noun", action="append", default=[], metavar="ID=NOUN", help="class noun of a character (repeatable)"
     )
+    example = sub.add_parser(
+        "example-lora-pair",
+        help="write a pair folder made only of two (random) character LoRA files for the tiny preset, to try "
+        "modular customization",
+    )
+    example.add_argument("destination", type=Path, help="a new folder for the pair (pair.yaml, two LoRA files)")
     args = parser.parse_args(argv)
 
     layout = DataLayout(resolve_home(args.home))
@@ -183,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if ok else 1
         elif args.command == "import-mudi":
             import_mudi_folder(args.source, args.destination, args.pair, args.class_noun)
+        elif args.command == "example-lora-pair":
+            write_example_pair(args.destination, layout)
         elif args.command == "pairs":
             from pipeline.storage.registry import registered_pairs
 

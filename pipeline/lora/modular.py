@@ -47,8 +47,9 @@ class ModularConfig:
     """How a pair made of character LoRAs becomes the pair's LoRA: merge, then a short Seg-Mix fine-tune."""
 
     merge_method: str = "gradient_fusion"
-    """sum (deltas added, stored at the characters' rank by SVD), concat (ranks stacked: the exact sum) or
-    gradient_fusion (Mix-of-Show: per layer least squares on each character's own features; MuDI's choice)."""
+    """Only for a pair whose characters are all given as LoRA files (else unused): sum (deltas added, stored at
+    the characters' rank by SVD), concat (ranks stacked: the exact sum) or gradient_fusion (Mix-of-Show: per layer
+    least squares on each character's own features; MuDI's choice)."""
     merge_rank: int | None = None
     """Rank the merge is stored at; not set: sum keeps the characters' rank, gradient_fusion their total."""
     fusion_ridge: float = 1e-4
@@ -56,7 +57,8 @@ class ModularConfig:
     fusion_timesteps: int = 3
     """Timesteps per prompt at which each character's layer inputs are captured for gradient fusion."""
     finetune_steps: int = 250
-    """Seg-Mix fine-tuning steps of the merge (MuDI: 200-300)."""
+    """Seg-Mix fine-tuning steps of the merge (MuDI: 200-300). For a pair given as character LoRA files this
+    replaces ``steps``; ``rank``/``alpha`` are the merge's and ``kl_weight`` is ``finetune_kl_weight``."""
     finetune_kl_weight: float = 1.0
     """Weight of the KL term towards the merged model during the fine-tune (keeps it from saturating)."""
 

@@ -46,6 +46,9 @@ OK, UNAVAILABLE, UNDEFINED = "ok", "unavailable", "undefined"
 TRAINED_VARIANTS = ("dreambooth", "segmix", "segmix_init", "iterative")
 """The comparison the MuDI paper makes: DreamBooth (no Seg-Mix), Seg-Mix, + MuDI init, + iterative training."""
 MODULAR_VARIANTS = ("naive_merge", "merged", "merged_segmix")
+MERGE_ONLY_VARIANTS = ("naive_merge", "merged")
+"""Modular variants that are merges of the character LoRA files, never trained: the training table says so."""
+MERGE_NOT_TRAINED = "not trained: the character LoRA files merged"
 """For a pair given as character LoRA files (MuDI §5.4, docs/design.md#modular-customization): both LoRAs loaded
 together, their merge, and the merge fine-tuned with Seg-Mix and KL (the pair's LoRA)."""
 VARIANTS = TRAINED_VARIANTS + MODULAR_VARIANTS
@@ -183,6 +186,9 @@ def training_settings(
         row: dict[str, Any] = {"variant": variant.name, "family": family, "base_model": base_model}
         row |= {"lora": "base model (no LoRA)", "steps": None}
         row |= {"segmix_p": None, "differs_from_segmix": "—"}
+        if variant.name in MERGE_ONLY_VARIANTS:  # a merge of LoRA files: nothing trained, nothing to compare
+            rows.append({**row, "lora": variant.lora.version, "differs_from_segmix": MERGE_NOT_TRAINED})
+            continue
         if variant.lora is not None:
             try:
                 config = variant.lora.train_config()

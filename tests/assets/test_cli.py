@@ -160,3 +160,23 @@ def test_demo_unknown_preset_is_refused(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("CASTLORA_PRESET", raising=False)
     assert cli.main(["--home", str(tmp_path / "home"), "demo", "--preset", "nope"]) == 2
     assert "Unknown model preset 'nope'" in capsys.readouterr().err
+
+
+def test_example_lora_pair_is_a_valid_pair_of_two_lora_files(tmp_path, monkeypatch, capsys):
+    """`castlora example-lora-pair` writes a pair a new user can register at once: two LoRA files (one per
+    format), no photos; a second call into the same folder is refused rather than overwriting it."""
+    from pipeline.lora.character_lora import check_lora_file
+    from pipeline.spec import load_spec
+
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    home, folder = tmp_path / "home", tmp_path / "example"
+    assert cli.main(["--home", str(home), "example-lora-pair", str(folder)]) == 0
+    assert "castlora register" in capsys.readouterr().out
+    spec = load_spec(folder)
+    assert [c.id for c in spec.characters] == ["zorp", "quix"]
+    assert all(c.lora and not c.photos for c in spec.characters)
+    assert [check_lora_file(c.lora).file_format for c in spec.characters] == ["diffusers", "kohya"]
+    assert len(list((folder / "zorp_masks").glob("zorp_*.png"))) == 5
+    assert cli.main(["--home", str(home), "example-lora-pair", str(folder)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert cli.main(["--home", str(home), "register", str(folder)]) == 0

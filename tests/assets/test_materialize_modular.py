@@ -5,13 +5,9 @@ fine-tuned with KL; the evaluation shows naive_merge, merged and merged_segmix."
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
-from diffusers import UNet2DConditionModel
 
-from pipeline.images import mask_to_image
-from pipeline.lora import LoraSpec, add_unet_lora, export_lora, lora_parameters
+from pipeline.lora.example_pair import write_example_lora_pair
 from pipeline.lora.modular import read_modular
 from pipeline.lora.record import read_current
 from pipeline.models.tiny_sdxl import build_tiny_sdxl
@@ -46,30 +42,13 @@ RUN_CONFIG = {
 
 
 def _lora_pair(root: Path) -> Path:
-    """A pair folder with two random character LoRAs for the tiny SDXL (built the same, seeded, as the tiny preset's)
-    and user masks named like the images ``character_images`` renders (so no segmenter judges random renders)."""
+    """The example pair a user gets from ``castlora example-lora-pair``: two random character LoRAs for the tiny
+    SDXL (one diffusers, one kohya file) and user masks named like the images ``character_images`` renders (so no
+    segmenter judges random renders)."""
     tiny = root / "tiny"
     build_tiny_sdxl(tiny)
     folder = root / "src"
-    folder.mkdir()
-    for seed, cid in enumerate(("zorp", "quix"), start=1):
-        unet = UNet2DConditionModel.from_pretrained(tiny, subfolder="unet")
-        add_unet_lora(unet, LoraSpec(rank=4, alpha=4.0))
-        generator = torch.Generator().manual_seed(seed)
-        for param in lora_parameters(unet):
-            param.data = torch.randn(param.shape, generator=generator) * 0.05
-        files = export_lora(root / cid, unet, LoraSpec(rank=4, alpha=4.0))
-        (folder / f"{cid}.safetensors").write_bytes(files["diffusers" if seed == 1 else "kohya"].read_bytes())
-        (folder / f"{cid}_masks").mkdir()
-        for k in range(IMAGES):
-            mask = np.zeros((64, 64), bool)
-            mask[8:56, 12:52] = True
-            mask_to_image(mask).save(folder / f"{cid}_masks" / f"{cid}_{k:04d}.png")
-    (folder / "pair.yaml").write_text(
-        f"pair: {KEY}\ncharacters:\n"
-        "  - {id: zorp, class_noun: ball, token_phrase: zorp ball, lora: zorp.safetensors, masks: zorp_masks}\n"
-        "  - {id: quix, class_noun: ball, token_phrase: quix ball, lora: quix.safetensors, masks: quix_masks}\n"
-    )
+    write_example_lora_pair(folder, tiny, images_per_character=IMAGES)
     return folder
 
 

@@ -5,33 +5,40 @@ asset materializes for FLUX.1 (docs/design.md#flux1).
 Slow (minutes on an idle 2-core machine; 18 minutes when six jobs shared those cores): its own data home and
 ``dagster dev`` (not the shared demo's), so it needs no SDXL demo run. The run uses the launchpad's defaults, as a
 user's first run would, on the in-process executor: on a small CPU machine the default multiprocess executor starts
-one Python process per step (16 here: 9 assets, 7 checks), which costs more than the tiny models' work.
+one Python process per step (one per asset and check here), which costs more than the tiny models' work.
 Screenshots go where tests/ui/conftest.py says.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from safetensors import safe_open
 
-from assets.instance import InstanceSettings, ensure_instance
 from tests.ui.conftest import open_page
-from tests.ui.dagster_dev import REPO, DagsterDev, start_dagster_dev
+from tests.ui.dagster_dev import REPO, DagsterDev
+from tests.ui.launchpad import (
+    castlora_cli,
+    editor_text,
+    latest_metadata,
+    launch,
+    open_launchpad,
+    save,
+    served_home,
+    wait_for_run,
+)
 
 pytestmark = pytest.mark.slow
 
 PAIR = "dog6__dog2"
 SAMPLE = REPO / "samples" / PAIR
+# Every asset of the castlora_pair job; character_images materializes an empty manifest for a pair of photos.
 ASSETS = (
+    "character_images",
     "references",
     "segments",
     "captions",
@@ -43,24 +50,7 @@ ASSETS = (
     "evaluation",
 )
 VARIANTS = ("dreambooth", "segmix", "segmix_init", "iterative")
-TERMINAL_RUN = {"SUCCESS", "FAILURE", "CANCELED"}
 RUN_TIMEOUT_S = 1800  # about 3 minutes on an idle 2-core machine; shared CI machines are far slower
-
-RUN_QUERY = """
-query Run($id: ID!) {
-  runOrError(runId: $id) { __typename ... on Run { runId status runConfigYaml tags { key value } } }
-}
-"""
-MATERIALIZATIONS = """
-query Materializations($key: AssetKeyInput!, $partitions: [String!]) {
-  assetOrError(assetKey: $key) { ... on Asset { assetMaterializations(partitions: $partitions, limit: 1) {
-    runId partition
-    metadataEntries { label __typename
-      ... on TextMetadataEntry { text }
-      ... on MarkdownMetadataEntry { mdStr }
-      ... on PathMetadataEntry { path } } } } }
-}
-"""
 
 
 @pytest.fixture(scope="module")
@@ -68,53 +58,9 @@ def flux_ui(tmp_path_factory) -> Iterator[tuple[DagsterDev, Path]]:
     """A fresh data home with the sample pair registered the documented way (``castlora register``), served by
     ``dagster dev``; yields the server and the data home."""
     data_home = tmp_path_factory.mktemp("flux_ui") / "home"
-    dagster_home = data_home / "dagster_home"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DAGSTER_", "CASTLORA_"))}
-    env.update(CASTLORA_HOME=str(data_home), DAGSTER_HOME=str(dagster_home))
-    registered = subprocess.run(
-        [sys.executable, "-m", "assets.cli", "register", str(SAMPLE)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert registered.returncode == 0, registered.stderr[-2000:]
-    ensure_instance(dagster_home, InstanceSettings(gpu_slots=1))
-    log = tmp_path_factory.mktemp("dagster_dev_flux") / "dagster_dev.log"
-    server = start_dagster_dev(dagster_home, data_home, log, extra_env={"CASTLORA_EXECUTOR": "in_process"})
-    yield server, data_home
-    server.stop()
-
-
-def save(page, folder: Path, name: str, record_property) -> None:
-    path = folder / f"{name}.png"
-    page.screenshot(path=str(path), full_page=True)
-    print(f"screenshot {name}: {path}")
-    record_property(f"screenshot_{name}", str(path))
-
-
-def wait_for_run(server: DagsterDev, run_id: str, timeout: float) -> dict:
-    deadline = time.monotonic() + timeout
-    run: dict = {}
-    while time.monotonic() < deadline:
-        run = server.graphql(RUN_QUERY, {"id": run_id})["runOrError"]
-        if run.get("status") in TERMINAL_RUN:
-            return run
-        time.sleep(5)
-    raise AssertionError(f"run {run_id} not finished after {timeout:.0f} s (last seen: {run.get('status')})")
-
-
-def latest_metadata(server: DagsterDev, asset: str) -> tuple[str, dict[str, str]]:
-    """The run id of ``asset``'s latest materialization of the pair, and its metadata entries as text."""
-    found = server.graphql(MATERIALIZATIONS, {"key": {"path": [asset]}, "partitions": [PAIR]})
-    events = found["assetOrError"]["assetMaterializations"]
-    assert events, f"{asset} has no materialization for {PAIR}"
-    entries = {
-        entry["label"]: entry.get("text") or entry.get("mdStr") or entry.get("path") or ""
-        for entry in events[0]["metadataEntries"]
-    }
-    return events[0]["runId"], entries
+    castlora_cli(data_home, "register", str(SAMPLE))
+    with served_home(data_home, tmp_path_factory.mktemp("dagster_dev_flux") / "dagster_dev.log") as server:
+        yield server, data_home
 
 
 def set_preset_in_editor(page, preset: str) -> str:
@@ -127,31 +73,20 @@ def set_preset_in_editor(page, preset: str) -> str:
     line = page.locator(".CodeMirror-line").filter(has_text=re.compile(r"^\s*preset: '?tiny'?\s*$"))
     line.get_by_text(re.compile(r"^'?tiny'?$")).dblclick()  # a double-click selects the word, not the quotes
     page.keyboard.type(preset)
-    return editor.evaluate("element => element.CodeMirror.getValue()")
+    return editor_text(page)
 
 
 def test_launchpad_tiny_flux_materializes(flux_ui, browser, screenshots, record_property):
     server, data_home = flux_ui
     with open_page(browser, server.url) as page:
-        # Jobs → castlora_pair → the launchpad ("New Run"), as the job page's tab offers it.
-        page.goto(f"{server.url}/locations/castlora/jobs/castlora_pair/playground")
-        page.locator(".CodeMirror").first.wait_for()
-
-        # The job is partitioned by pair: pick the registered one (it reloads the config for that partition).
-        picker = page.get_by_placeholder("Partition")
-        picker.click()
-        picker.fill(PAIR)
-        page.get_by_role("menuitem", name=PAIR).click()
-        page.get_by_text(f"partition: {PAIR}").first.wait_for()
+        # Jobs → castlora_pair → the launchpad, with the registered pair picked as the partition.
+        open_launchpad(page, server, PAIR)
 
         config = set_preset_in_editor(page, "tiny-flux")
         assert re.search(r"^      preset: '?tiny-flux'?$", config, re.MULTILINE), config[-1500:]
         page.get_by_text("No errors").wait_for()
         save(page, screenshots, "launchpad_tiny_flux", record_property)
-
-        page.get_by_role("button", name="Launch Run").click()
-        page.wait_for_url(re.compile(r"/runs/[0-9a-f-]{36}"), timeout=120_000)
-        run_id = re.search(r"/runs/([0-9a-f-]{36})", page.url).group(1)
+        run_id = launch(page)
 
         run = wait_for_run(server, run_id, RUN_TIMEOUT_S)
         assert run["status"] == "SUCCESS", f"run {run_id} ended {run['status']}:\n{server.log_tail()}"
@@ -164,7 +99,7 @@ def test_launchpad_tiny_flux_materializes(flux_ui, browser, screenshots, record_
         # Every asset of the job materialized for the pair in this run.
         metadata = {}
         for asset in ASSETS:
-            materialized_in, metadata[asset] = latest_metadata(server, asset)
+            materialized_in, metadata[asset] = latest_metadata(server, asset, PAIR)
             assert materialized_in == run_id, f"{asset}: latest materialization from run {materialized_in}"
 
         # The LoRA is a FLUX.1 LoRA: the asset says so in the UI, and its files are FLUX's.

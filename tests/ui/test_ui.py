@@ -22,7 +22,17 @@ pytestmark = pytest.mark.slow
 
 UI_PAIR = "uia__uib"
 BACKFILL_PAIRS = ["bfa__bfb", "bfc__bfd"]  # two pairs already show whether their GPU steps overlap
-ASSETS = ("references", "segments", "captions", "class_images", "segmix_bank", "lora", "samples", "iteration")
+ASSETS = (
+    "character_images",
+    "references",
+    "segments",
+    "captions",
+    "class_images",
+    "segmix_bank",
+    "lora",
+    "samples",
+    "iteration",
+)
 TERMINAL_RUN = {"SUCCESS", "FAILURE", "CANCELED"}
 
 
