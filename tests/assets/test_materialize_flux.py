@@ -38,7 +38,7 @@ def test_every_asset_materializes_on_flux(materialized):
     _, result, materializations, checks = materialized
     failures = [e.step_failure_data.error.message for e in result.all_events if e.is_step_failure]
     assert result.success, failures
-    assert set(materializations) == TRAINED
+    assert set(materializations) == TRAINED | {"character_images"}  # nothing to render for a pair of photos
     assert all(check.passed for check in checks.values()), {k: c.description for k, c in checks.items()}
     assert checks["lora_file_loads"].passed
 
