@@ -16,6 +16,20 @@ from pathlib import Path
 from assets.instance import InstanceSettings, ensure_instance
 from tests.ui.dagster_dev import REPO, DagsterDev, start_dagster_dev
 
+JOB_ASSETS = (
+    "character_images",
+    "references",
+    "segments",
+    "captions",
+    "class_images",
+    "segmix_bank",
+    "lora",
+    "samples",
+    "iteration",
+    "evaluation",
+)
+"""Every asset of the castlora_pair job, in graph order (character_images has nothing to render for photo pairs)."""
+
 TERMINAL_RUN = {"SUCCESS", "FAILURE", "CANCELED"}
 RUN_QUERY = """
 query Run($id: ID!) {

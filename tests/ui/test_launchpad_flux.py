@@ -22,6 +22,7 @@ from safetensors import safe_open
 from tests.ui.conftest import open_page
 from tests.ui.dagster_dev import REPO, DagsterDev
 from tests.ui.launchpad import (
+    JOB_ASSETS,
     castlora_cli,
     editor_text,
     latest_metadata,
@@ -36,19 +37,6 @@ pytestmark = pytest.mark.slow
 
 PAIR = "dog6__dog2"
 SAMPLE = REPO / "samples" / PAIR
-# Every asset of the castlora_pair job; character_images materializes an empty manifest for a pair of photos.
-ASSETS = (
-    "character_images",
-    "references",
-    "segments",
-    "captions",
-    "class_images",
-    "segmix_bank",
-    "lora",
-    "samples",
-    "iteration",
-    "evaluation",
-)
 VARIANTS = ("dreambooth", "segmix", "segmix_init", "iterative")
 RUN_TIMEOUT_S = 1800  # about 3 minutes on an idle 2-core machine; shared CI machines are far slower
 
@@ -98,7 +86,7 @@ def test_launchpad_tiny_flux_materializes(flux_ui, browser, screenshots, record_
 
         # Every asset of the job materialized for the pair in this run.
         metadata = {}
-        for asset in ASSETS:
+        for asset in JOB_ASSETS:
             materialized_in, metadata[asset] = latest_metadata(server, asset, PAIR)
             assert materialized_in == run_id, f"{asset}: latest materialization from run {materialized_in}"
 

@@ -22,6 +22,7 @@ from pipeline.lora.example_pair import EXAMPLE_PAIR
 from tests.ui.conftest import open_page
 from tests.ui.dagster_dev import DagsterDev
 from tests.ui.launchpad import (
+    JOB_ASSETS,
     castlora_cli,
     editor_text,
     latest_metadata,
@@ -34,18 +35,6 @@ from tests.ui.launchpad import (
 
 pytestmark = pytest.mark.slow
 
-ASSETS = (
-    "character_images",
-    "references",
-    "segments",
-    "captions",
-    "class_images",
-    "segmix_bank",
-    "lora",
-    "samples",
-    "iteration",
-    "evaluation",
-)
 MODULAR_VARIANTS = ("naive_merge", "merged", "merged_segmix")
 RUN_TIMEOUT_S = 1800
 PROMPT = "zorp ball and quix ball on a beach"
@@ -109,7 +98,7 @@ def test_launchpad_pair_of_two_lora_files_materializes(modular_ui, browser, scre
         save(page, screenshots, "modular_run_succeeded", record_property)
 
         metadata = {}
-        for asset in ASSETS:
+        for asset in JOB_ASSETS:
             materialized_in, metadata[asset] = latest_metadata(server, asset, EXAMPLE_PAIR)
             assert materialized_in == run_id, f"{asset}: latest materialization from run {materialized_in}"
         assert metadata["character_images"]["images"] == "6"  # 3 rendered per character LoRA
