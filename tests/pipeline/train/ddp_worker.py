@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionXLPipeline
+from diffusers import DiffusionPipeline
 from safetensors.torch import save_file
 
 from pipeline.train import TrainConfig, TrainingSample, train_lora
@@ -17,7 +17,7 @@ from pipeline.train import TrainConfig, TrainingSample, train_lora
 def main(job_file: str) -> None:
     job = json.loads(Path(job_file).read_text())
     torch.set_num_threads(1)
-    pipe = StableDiffusionXLPipeline.from_pretrained(job["model_dir"])
+    pipe = DiffusionPipeline.from_pretrained(job["model_dir"])  # the folder's own class: SDXL or FLUX.1
     pipe.set_progress_bar_config(disable=True)
     samples = [TrainingSample(**s) for s in job["samples"]]
     out = Path(job["out_dir"])
