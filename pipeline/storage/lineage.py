@@ -118,22 +118,30 @@ def read_lineage(root: Path) -> pa.Table:
 
 
 def ancestors(table: pa.Table, artifact_sha256: str) -> list[dict[str, Any]]:
-    """Rows of every artifact that ``artifact_sha256`` derives from, nearest first (breadth-first)."""
-    by_sha: dict[str, dict[str, Any]] = {}
+    """Rows of every artifact that ``artifact_sha256`` derives from, nearest first (breadth-first).
+
+    Artifacts are identified by their bytes, so one sha256 can have several records: a stage that takes a file in
+    unchanged (``references`` copying a ``character_images`` render) records the same bytes with the earlier
+    record's sha as parent. Every record of a sha is followed, so such a copy does not end the walk."""
+    by_sha: dict[str, list[dict[str, Any]]] = {}
     for row in table.to_pylist():
-        by_sha.setdefault(row["artifact_sha256"], row)
+        by_sha.setdefault(row["artifact_sha256"], []).append(row)
+
+    def parents(sha: str) -> list[str]:
+        return [p for row in by_sha.get(sha, []) for p in row["parent_sha256s"] or [] if p != sha]
+
     found: list[dict[str, Any]] = []
     seen = {artifact_sha256}
-    frontier = list(by_sha.get(artifact_sha256, {}).get("parent_sha256s") or [])
+    frontier = parents(artifact_sha256)
     while frontier:
         sha = frontier.pop(0)
         if sha in seen:
             continue
         seen.add(sha)
-        row = by_sha.get(sha)
-        if row is None:
+        rows = by_sha.get(sha)
+        if rows is None:
             found.append({"artifact_sha256": sha, "asset_key": None, "artifact_uri": None})
             continue
-        found.append(row)
-        frontier.extend(row["parent_sha256s"] or [])
+        found.extend(rows)
+        frontier.extend(parents(sha))
     return found

@@ -34,6 +34,19 @@ def test_ancestors_walk_back_to_sources(tmp_path):
     assert {row["artifact_sha256"] for row in unknown} == {"src1", "src2"}
 
 
+def test_a_file_taken_in_unchanged_does_not_end_the_walk(tmp_path):
+    """references records a character_images render with the same bytes (same sha) and that sha as parent."""
+    _write(tmp_path, "character_images", [("img", ["lora"])])
+    _write(tmp_path, "references", [("img", ["img"])])
+    _write(tmp_path, "segments", [("cut", ["img"])])
+    chain = ancestors(read_lineage(tmp_path), "cut")
+    assert [(row["artifact_sha256"], row["asset_key"]) for row in chain] == [
+        ("img", "character_images"),
+        ("img", "references"),
+        ("lora", None),
+    ]
+
+
 def test_empty_recorder_writes_nothing(tmp_path):
     assert LineageRecorder(tmp_path, "r", "a", "p", "v").flush() is None
     assert read_lineage(tmp_path).num_rows == 0
