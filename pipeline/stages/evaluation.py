@@ -207,7 +207,8 @@ def training_settings(
                     "; ".join(f"{k}: {_setting(a)} → {_setting(b)}" for k, (a, b) in differences.items()) or "nothing"
                 )
         rows.append(row)
-    return pd.DataFrame(rows, columns=list(TRAINING_COLUMNS))
+    # object dtype: a merge row has no steps, and a float column would show every step count as "250.000"
+    return pd.DataFrame(rows, columns=list(TRAINING_COLUMNS), dtype=object)
 
 
 def clip_text(prompt: str, subjects: Sequence[Subject]) -> str:

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from pipeline.errors import CastloraError
+from pipeline.evaluation.report import training_markdown
 from pipeline.rendering import GenerationSettings
 from pipeline.stages.evaluation import (
     BASELINE_DIR,
@@ -156,6 +157,9 @@ def test_dreambooth_baseline_is_a_recorded_output_trained_like_the_segmix_lora(q
     assert rows.loc["dreambooth", "steps"] == rows.loc["segmix", "steps"] == 2
     assert rows.loc["dreambooth", "segmix_p"] == 0.0 and rows.loc["segmix", "segmix_p"] == 0.3
     assert rows.loc["base", "lora"] == "base model (no LoRA)"
+    # The base row has no steps; the others still read as whole numbers in the report, not "2.000".
+    dreambooth_line = next(line for line in training_markdown(training).splitlines() if line.startswith("| dreambooth"))
+    assert "| 2 |" in dreambooth_line, dreambooth_line
 
 
 def test_report_states_the_training_settings_of_each_variant(evaluated):
