@@ -5,16 +5,11 @@ docs/design.md#multi-process-training)."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from pipeline.families import load_base_pipeline
 from pipeline.models.base_model import BaseModelSpec
@@ -23,9 +18,8 @@ from pipeline.models.presets import get_preset
 from pipeline.train import TrainConfig, train_lora
 from pipeline.train.checkpoint import list_checkpoints
 from tests.pipeline.train.conftest import sample_set  # noqa: F401 (fixture: instance, Seg-Mix and prior images)
-from tests.pipeline.train.test_train_ddp import WORKER, free_port
+from tests.pipeline.train.test_train_ddp import train_two_ranks
 
-REPO = Path(__file__).resolve().parents[3]
 CONFIG = TrainConfig(
     steps=4,
     resolution=64,
@@ -89,25 +83,7 @@ def test_flux_resume_after_kill_equals_uninterrupted(pipe, sample_set, uninterru
 
 
 def test_two_flux_ranks_agree_on_the_final_lora(flux_dir, pipe, sample_set, uninterrupted, tmp_path):  # noqa: F811
-    job = {
-        "model_dir": str(flux_dir),
-        "samples": [dataclasses.asdict(s) for s in sample_set],
-        "config": dataclasses.asdict(CONFIG),
-        "out_dir": str(tmp_path / "out"),
-        "cache_dir": str(tmp_path / "cache"),
-    }
-    job_file = tmp_path / "job.json"
-    job_file.write_text(json.dumps(job))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}", str(WORKER), str(job_file),
-    ]  # fmt: skip
-    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-
-    out = tmp_path / "out"
-    rank0, rank1 = load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors"))
+    rank0, rank1, out = train_two_ranks(flux_dir, sample_set, CONFIG, tmp_path, timeout_s=600)
     assert rank0.keys() == rank1.keys() and any(k.startswith("transformer") for k in rank0)
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key

@@ -28,11 +28,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_two_ranks_agree_on_the_final_lora(tiny_sdxl_dir, tiny_pipe, sample_set, tmp_path):
+def train_two_ranks(
+    model_dir: Path, samples, config: TrainConfig, tmp_path: Path, timeout_s: int
+) -> tuple[dict, dict, Path]:
+    """Train with two CPU processes (torchrun, gloo) on ``model_dir``; returns rank 0's and rank 1's final LoRA
+    and the output folder (``rank<k>.json`` holds each rank's metrics)."""
     job = {
-        "model_dir": str(tiny_sdxl_dir),
-        "samples": [dataclasses.asdict(s) for s in sample_set],
-        "config": dataclasses.asdict(CONFIG),
+        "model_dir": str(model_dir),
+        "samples": [dataclasses.asdict(s) for s in samples],
+        "config": dataclasses.asdict(config),
         "out_dir": str(tmp_path / "out"),
         "cache_dir": str(tmp_path / "cache"),
     }
@@ -49,11 +53,14 @@ def test_two_ranks_agree_on_the_final_lora(tiny_sdxl_dir, tiny_pipe, sample_set,
         str(WORKER),
         str(job_file),
     ]
-    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
     assert done.returncode == 0, done.stderr[-4000:]
-
     out = tmp_path / "out"
-    rank0, rank1 = load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors"))
+    return load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors")), out
+
+
+def test_two_ranks_agree_on_the_final_lora(tiny_sdxl_dir, tiny_pipe, sample_set, tmp_path):
+    rank0, rank1, out = train_two_ranks(tiny_sdxl_dir, sample_set, CONFIG, tmp_path, timeout_s=300)
     assert rank0.keys() == rank1.keys()
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
